@@ -1,0 +1,171 @@
+"""Typed configuration: pydantic models read from YAML, with `--set a.b=c` overrides.
+
+Every command takes its settings from one of the models below. A YAML file gives the
+starting values, `--set` lines override single keys, and the resolved model is written
+into the run directory so a result can always be traced to the exact settings.
+Unknown keys and wrong types are errors that name the key and the file they came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used as given."""
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are checked."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CameraConfig(Strict):
+    """Appearance of the simulated camera; shift these to make an external-looking set."""
+
+    tint: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    blur_max: float = Field(1.0, ge=0, description="max Gaussian blur radius, px at 256 px")
+    noise_max: float = Field(0.025, ge=0, description="max Gaussian noise sigma (0-1 scale)")
+    vignetting: float = Field(0.35, ge=0, le=1)
+    gamma_jitter: float = Field(0.15, ge=0, le=1)
+
+
+class SynthConfig(Strict):
+    """Procedural fundus data set (`fundusfm synth`)."""
+
+    n: int = Field(200, ge=1, description="number of images (two eyes per patient)")
+    size: int = Field(256, ge=32, le=4096, description="image side in pixels")
+    seed: int = 0
+    format: Literal["jpg", "png"] = "jpg"
+    jpeg_quality: int = Field(92, ge=50, le=100)
+    prevalence: dict[str, float] = Field(
+        default_factory=lambda: {
+            "normal": 0.40,
+            "dr": 0.20,
+            "amd": 0.10,
+            "glaucoma": 0.10,
+            "myopia": 0.10,
+            "rvo": 0.10,
+        },
+        description="patient-level share of each primary diagnosis",
+    )
+    comorbidity: float = Field(0.1, ge=0, le=1, description="chance of a second disease")
+    subtle: float = Field(0.35, ge=0, le=1, description="share of diseased eyes drawn mildly")
+    camera: CameraConfig = CameraConfig()
+    workers: int = Field(0, ge=0, description="processes; 0 = all cores")
+
+
+class PreprocessConfig(Strict):
+    """Field-of-view crop, square padding and resize (`fundusfm preprocess`)."""
+
+    resolution: int = Field(512, ge=16, le=4096)
+    fov_threshold: float = Field(
+        0.06, gt=0, lt=1, description="FOV = pixels brighter than this share of the 99th pct"
+    )
+    fov_min_fraction: float = Field(
+        0.02, gt=0, lt=1, description="a row/column belongs to the FOV if this share is bright"
+    )
+    margin: float = Field(0.0, ge=0, le=0.5, description="extra border around the FOV box")
+    interpolation: Literal["lanczos", "bicubic", "bilinear", "area"] = "area"
+    jpeg_draft: bool = Field(True, description="decode JPEGs at reduced size when it is enough")
+    workers: int = Field(0, ge=0, description="threads; 0 = all cores")
+
+
+class SplitConfig(Strict):
+    """Patient-grouped stratified k-fold with nested labelled fractions (`fundusfm split`)."""
+
+    folds: int = Field(5, ge=2, le=50)
+    fractions: list[float] = Field(default_factory=lambda: [0.01, 0.05, 0.1, 0.25, 0.5, 1.0])
+    val_fraction: float = Field(0.1, ge=0, lt=0.5, description="of each fold's training part")
+    test_fraction: float = Field(0.0, ge=0, lt=0.9, description="held out from every fold")
+    seed: int = 0
+    task: str | None = Field(None, description="task to stratify on; default: the first declared")
+
+
+class DemoConfig(Strict):
+    """What `fundusfm demo` generates and runs."""
+
+    synth: SynthConfig = SynthConfig(n=240, size=256)
+    preprocess: PreprocessConfig = PreprocessConfig(resolution=128)
+    split: SplitConfig = SplitConfig(fractions=[0.1, 0.25, 0.5, 1.0])
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_value(text: str) -> Any:
+    """Read the right-hand side of `--set key=value` as YAML (numbers, lists, booleans)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Set `a.b.c=value` inside nested dicts, creating sections as needed."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set split.folds=5")
+    key, _, value = assignment.partition("=")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = parse_value(value)
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(
+    model: type[M],
+    path: Path | None = None,
+    overrides: list[str] | None = None,
+) -> M:
+    """Build `model` from a YAML file (optional) and `--set` overrides, in that order."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+        data = loaded
+        source = str(path)
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    if overrides:
+        source += " + --set " + " ".join(overrides)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from exc
+
+
+def dump_config(config: BaseModel, path: Path) -> Path:
+    """Write the resolved configuration as YAML (the record of what a run used)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    path.write_text(text, encoding="utf-8")
+    return path

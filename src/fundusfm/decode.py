@@ -1,0 +1,124 @@
+"""Decode any supported image file into an 8-bit RGB array, the one way the project reads images.
+
+Handles JPEG, PNG, TIFF, BMP and GIF (first frame) in every mode Pillow produces:
+grayscale, 1-bit, palette (with or without transparency), RGBA/LA (composited on black,
+the colour outside a fundus field of view), CMYK, YCbCr, LAB, and 16/32-bit integer or
+float images, which are scaled from their full bit depth to 0-255 rather than clipped.
+EXIF orientation is applied so that a rotated camera file comes out upright.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SUPPORTED_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif")
+
+# Refuse images that would take more than this many pixels to decode (decompression bombs).
+MAX_PIXELS = 200_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+class ImageDecodeError(ValueError):
+    """An image file that cannot be turned into pixels; the message says why."""
+
+
+def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a high-bit-depth array to 0-255 by its type's range, not by clipping."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if mode.startswith("I;16") or arr.dtype == np.uint16:
+        return (arr.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+    if mode == "F" or np.issubdtype(arr.dtype, np.floating):
+        finite = np.nan_to_num(arr.astype(np.float64))
+        top = 1.0 if finite.max(initial=0) <= 1.0 else 65535.0 if finite.max() > 255 else 255.0
+        return np.clip(np.round(finite / top * 255), 0, 255).astype(np.uint8)
+    # Mode "I" (32-bit int): Pillow uses it for 16-bit PNG/TIFF greyscale.
+    top = 65535 if arr.max(initial=0) > 255 else 255
+    return (np.clip(arr.astype(np.int64), 0, top) * 255 // top).astype(np.uint8)
+
+
+def to_rgb_array(img: Image.Image) -> np.ndarray:
+    """Convert a loaded Pillow image of any mode to an HxWx3 uint8 RGB array."""
+    mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    elif mode == "PA":
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "RGBa", "La"):
+        arr = np.asarray(img.convert("RGBA"), dtype=np.uint16)
+        rgb = arr[..., :3] * arr[..., 3:4] // 255  # composite on black
+        return rgb.astype(np.uint8)
+    if mode in ("RGB",):
+        return np.asarray(img, dtype=np.uint8).copy()
+    if mode in ("CMYK", "YCbCr", "LAB", "HSV", "1", "L"):
+        return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    # high bit depth, single channel (I;16*, I, F) or unusual multi-band modes
+    arr = np.asarray(img)
+    arr = _to_uint8(arr, mode)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    elif arr.shape[2] >= 3:
+        arr = arr[..., :3]
+    return np.ascontiguousarray(arr)
+
+
+def open_image(path: Path, draft_size: int | None = None) -> Image.Image:
+    """Open, fully decode and orient an image; `draft_size` lets JPEGs decode at reduced size.
+
+    With `draft_size`, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps
+    both sides at least `draft_size` pixels, which is several times faster for large photos.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageDecodeError("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageDecodeError(
+                    f"image claims {img.width}x{img.height} pixels, over the "
+                    f"{MAX_PIXELS:,}-pixel safety limit (possible decompression bomb)"
+                )
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+        return ImageOps.exif_transpose(img)
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError as exc:
+        raise ImageDecodeError("file not found") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError("not a recognised image format (JPEG/PNG/TIFF/BMP/GIF)") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"decompression bomb refused: {exc}") from exc
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot decode ({exc}); the file may be truncated") from exc
+    except (ValueError, SyntaxError, MemoryError) as exc:
+        raise ImageDecodeError(f"cannot decode ({exc})") from exc
+
+
+def read_rgb(path: Path, draft_size: int | None = None) -> np.ndarray:
+    """Read an image file as an HxWx3 uint8 RGB array (see module docstring)."""
+    img = open_image(path, draft_size=draft_size)
+    try:
+        return to_rgb_array(img)
+    except (OSError, ValueError) as exc:
+        raise ImageDecodeError(f"cannot convert mode {img.mode!r} to RGB ({exc})") from exc
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Read a mask image (vessels, FOV, lesion) as a boolean HxW array: any non-zero is True."""
+    img = open_image(path)
+    arr = np.asarray(img if img.mode in ("1", "L", "P", "I", "I;16") else img.convert("L"))
+    if arr.ndim == 3:
+        arr = arr.max(axis=2)
+    return arr > 0

@@ -1,0 +1,375 @@
+"""Draw one procedural fundus photograph with its vessel, field-of-view and lesion masks.
+
+Anatomy is laid out in a right-eye frame in units of the field-of-view radius (origin at the
+FOV centre, x to the right, y down), then mirrored for left eyes, rotated slightly and scaled
+to pixels. Layers are drawn with Pillow (fast C line and ellipse drawing) and composited in
+NumPy. Sizes of lesions and vessels are given in pixels at 256 px and scale with the image.
+`synthetic.py` decides which diseases an eye has; this module only draws them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from .config import CameraConfig
+
+LESION_TYPES = (
+    "microaneurysm",
+    "haemorrhage",
+    "hard_exudate",
+    "cotton_wool_spot",
+    "neovascularisation",
+    "drusen",
+    "enlarged_cup",
+    "tessellation",
+    "peripapillary_atrophy",
+    "vein_occlusion",
+)
+
+
+@dataclass
+class EyeCase:
+    """What to draw: the eye, its diseases with severities in (0, 1], the patient's looks."""
+
+    eye: str
+    diseases: dict[str, float]
+    pigment: float
+    tint: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    dr_grade: int = 0
+
+
+@dataclass
+class Rendered:
+    image: np.ndarray  # HxWx3 uint8
+    vessels: np.ndarray  # HxW bool
+    fov: np.ndarray  # HxW bool
+    lesions: dict[str, np.ndarray] = field(default_factory=dict)  # type -> HxW bool
+
+
+def dr_grade(severity: float) -> int:
+    """DR grade 1-4 from severity: mild (microaneurysms only) to proliferative."""
+    return 1 if severity < 0.3 else 2 if severity < 0.6 else 3 if severity < 0.85 else 4
+
+
+class _Canvas:
+    """Frame transform plus helpers to draw shapes into named L-mode layers."""
+
+    def __init__(self, size: int, eye: str, rng: np.random.Generator):
+        self.size = size
+        self.k = size / 256.0
+        self.cx = size / 2 + rng.normal(0, 0.01) * size
+        self.cy = size / 2 + rng.normal(0, 0.01) * size
+        self.radius = size * rng.uniform(0.45, 0.48)
+        self.mirror = -1.0 if eye == "left" else 1.0
+        theta = math.radians(rng.uniform(-10, 10))
+        self.cos, self.sin = math.cos(theta), math.sin(theta)
+        self.layers: dict[str, Image.Image] = {}
+        self.draws: dict[str, ImageDraw.ImageDraw] = {}
+
+    def px(self, u: float, v: float) -> tuple[float, float]:
+        u *= self.mirror
+        x = u * self.cos - v * self.sin
+        y = u * self.sin + v * self.cos
+        return self.cx + x * self.radius, self.cy + y * self.radius
+
+    def layer(self, name: str) -> ImageDraw.ImageDraw:
+        if name not in self.draws:
+            self.layers[name] = Image.new("L", (self.size, self.size), 0)
+            self.draws[name] = ImageDraw.Draw(self.layers[name])
+        return self.draws[name]
+
+    def ellipse(self, name: str, u: float, v: float, ru: float, rv: float, angle=0.0, fill=255):
+        """Rotated ellipse; radii in frame units; drawn as a polygon so it can be rotated."""
+        n = 16 if max(ru, rv) * self.radius < 8 else 40
+        t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+        ca, sa = math.cos(angle), math.sin(angle)
+        pu, pv = ru * np.cos(t), rv * np.sin(t)
+        pts = [self.px(u + a * ca - b * sa, v + a * sa + b * ca) for a, b in zip(pu, pv, strict=True)]
+        self.layer(name).polygon(pts, fill=fill)
+
+    def dot(self, name: str, u: float, v: float, r_px: float, fill=255):
+        """Small disc with radius in pixels at 256 px (at least one pixel is always drawn)."""
+        x, y = self.px(u, v)
+        r = max(0.5, r_px * self.k)
+        self.layer(name).ellipse([x - r, y - r, x + r, y + r], fill=fill)
+
+    def mask(self, name: str) -> np.ndarray:
+        return np.asarray(self.layers[name]) > 0
+
+    def blend(self, img: np.ndarray, name: str, colour, alpha: float, blur: float = 0.0) -> None:
+        """Paint `colour` into `img` where layer `name` is drawn, only inside its bounding box."""
+        layer = self.layers.get(name)
+        box = layer.getbbox() if layer is not None else None
+        if box is None:
+            return
+        pad = int(3 * blur * self.k) + 2
+        x0, y0 = max(0, box[0] - pad), max(0, box[1] - pad)
+        x1, y1 = min(self.size, box[2] + pad), min(self.size, box[3] + pad)
+        crop = layer.crop((x0, y0, x1, y1))
+        if blur > 0:
+            crop = crop.filter(ImageFilter.GaussianBlur(blur * self.k))
+        a = np.asarray(crop, dtype=np.float32)[..., None] * np.float32(alpha / 255.0)
+        region = img[y0:y1, x0:x1]
+        region += (np.asarray(colour, np.float32) - region) * a
+
+    def array(self, name: str, blur: float = 0.0) -> np.ndarray:
+        img = self.layers.get(name)
+        if img is None:
+            return np.zeros((self.size, self.size), np.float32)
+        if blur > 0:
+            img = img.filter(ImageFilter.GaussianBlur(blur * self.k))
+        return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def _grow_vessels(rng: np.random.Generator, disc: tuple[float, float], fovea: tuple[float, float]):
+    """Branching arcades from the disc: segments (u0, v0, u1, v1, width_px256, kind, trunk).
+
+    Trunks 0 and 1 are the temporal arcades that bend around the macula, 2 and 3 the nasal
+    vessels. Widths taper along each branch and at every bifurcation.
+    """
+    du, dv = disc
+    trunks = []  # (heading, curvature, kind, trunk id, width)
+    for t_id, (heading, curv) in enumerate(
+        [(-2.0, -0.028), (2.0, 0.028), (-0.9, 0.0), (0.9, 0.0)]  # ST, IT, SN, IN
+    ):
+        main = 1.0 if t_id < 2 else 0.7
+        trunks.append((heading + rng.normal(0, 0.1), curv, "vein", t_id, 3.6 * main))
+        trunks.append((heading + rng.normal(0, 0.1) + 0.15, curv, "artery", t_id, 2.8 * main))
+    # breadth first, so that the segment cap trims the finest branches, never a trunk
+    stack = deque((du, dv, h, c, kind, t, w, 0) for h, c, kind, t, w in trunks)
+    segs: list[tuple] = []
+    step = 0.03
+    while stack and len(segs) < 1500:
+        u, v, h, c, kind, trunk, w, depth = stack.popleft()
+        for _ in range(60):
+            h += c + rng.normal(0, 0.06)
+            c *= 0.97
+            nu, nv = u + step * math.cos(h), v + step * math.sin(h)
+            if nu * nu + nv * nv > 0.97 or math.hypot(nu - fovea[0], nv - fovea[1]) < 0.08:
+                break
+            segs.append((u, v, nu, nv, w, kind, trunk))
+            u, v = nu, nv
+            w *= 0.99
+            if w > 0.9 and depth < 6 and rng.random() < 0.11:
+                side = rng.choice([-1.0, 1.0])
+                stack.append(
+                    (u, v, h + side * rng.uniform(0.5, 1.1), rng.normal(0, 0.015), kind, trunk,
+                     w * rng.uniform(0.55, 0.75), depth + 1)
+                )
+                w *= 0.93
+            if w < 0.55:
+                break
+    return segs
+
+
+# Lesion colour (RGB 0-1), opacity and blur (px at 256 px) when painted into the image.
+LOOK = {
+    "microaneurysm": ((0.42, 0.03, 0.03), 0.9, 0.3),
+    "haemorrhage": ((0.40, 0.04, 0.03), 0.85, 0.6),
+    "vein_occlusion": ((0.40, 0.04, 0.03), 0.9, 0.5),
+    "hard_exudate": ((1.0, 0.92, 0.45), 0.85, 0.4),
+    "cotton_wool_spot": ((0.95, 0.92, 0.85), 0.6, 2.0),
+    "neovascularisation": ((0.70, 0.12, 0.10), 0.8, 0.3),
+    "drusen": ((0.96, 0.86, 0.52), 0.7, 0.8),
+}
+
+
+def _draw_lesions(cv: _Canvas, d: dict[str, float], segs, occluded, disc, fovea, rd, rng):
+    """Draw the lesions of each disease into their own layers (painted later, masks kept)."""
+
+    def posterior(spread=0.3):
+        while True:
+            u, v = fovea[0] + rng.normal(0, spread), fovea[1] + rng.normal(0, spread * 0.8)
+            if u * u + v * v < 0.8 and math.hypot(u - disc[0], v - disc[1]) > rd * 1.3:
+                return u, v
+
+    if "dr" in d:
+        s = d["dr"]
+        grade = dr_grade(s)
+        for _ in range(1 + int(s * 25) if grade > 1 else int(rng.integers(1, 6))):
+            cv.dot("microaneurysm", *posterior(), rng.uniform(0.6, 1.3))
+        if grade >= 2:
+            for _ in range(2 + int(s * 12)):
+                u, v = posterior(0.35)
+                for _ in range(int(rng.integers(1, 4))):
+                    cv.dot("haemorrhage", u + rng.normal(0, 0.01), v + rng.normal(0, 0.01),
+                           rng.uniform(1.5, 4.5))
+            for _ in range(1 + int(s * 4)):
+                cu, cw = posterior(0.2)
+                for _ in range(int(rng.integers(3, 14))):
+                    cv.dot("hard_exudate", cu + rng.normal(0, 0.04), cw + rng.normal(0, 0.04),
+                           rng.uniform(0.7, 2.2))
+        if grade >= 3:
+            for _ in range(1 + int(s * 4)):
+                cv.dot("cotton_wool_spot", *posterior(0.3), rng.uniform(3, 6))
+        if grade == 4:  # new vessels on the disc: fine tangles
+            for _ in range(int(rng.integers(2, 5))):
+                u, v = disc[0] + rng.normal(0, rd), disc[1] + rng.normal(0, rd)
+                pts = [cv.px(u + rng.normal(0, 0.03), v + rng.normal(0, 0.03)) for _ in range(8)]
+                cv.layer("neovascularisation").line(pts, fill=255, width=max(1, round(cv.k)))
+    if "amd" in d:
+        s = d["amd"]
+        for _ in range(3 + int(s * 40)):
+            cv.dot("drusen", fovea[0] + rng.normal(0, 0.1), fovea[1] + rng.normal(0, 0.08),
+                   rng.uniform(0.8, 1.5 + 2.0 * s))
+    if "rvo" in d:  # flame haemorrhages along the occluded veins, some cotton-wool spots
+        s = d["rvo"]
+        veins = [sg for sg in segs if sg[5] == "vein" and sg[6] in occluded]
+        for idx in rng.choice(len(veins), size=min(len(veins), 8 + int(s * 45)), replace=False):
+            u0, v0, u1, v1, *_ = veins[idx]
+            ang = math.atan2(v1 - v0, u1 - u0)
+            cv.ellipse("vein_occlusion", u0 + rng.normal(0, 0.02), v0 + rng.normal(0, 0.02),
+                       rng.uniform(0.015, 0.035), rng.uniform(0.005, 0.01), angle=ang)
+        for _ in range(int(s * 4)):
+            u0, v0, *_ = veins[int(rng.integers(len(veins)))]
+            cv.dot("cotton_wool_spot", u0, v0, rng.uniform(2.5, 5))
+
+
+def _draw_vessels(cv: _Canvas, segs, occluded: set[int]) -> None:
+    """Draw vessel segments as polylines, one call per run of equal width on a branch."""
+    seg = np.array([sg[:5] for sg in segs], dtype=np.float64)
+    scale = np.array(
+        [1.4 if kind == "vein" and trunk in occluded else 1.0 for *_, kind, trunk in segs]
+    )
+    wp = seg[:, 4] * cv.k * scale
+    width = np.maximum(1, np.round(wp)).astype(int)
+    fill = (255 * np.minimum(1, wp)).astype(int)
+    u = np.concatenate([seg[:, 0], seg[:, 2]]) * cv.mirror
+    v = np.concatenate([seg[:, 1], seg[:, 3]])
+    x = cv.cx + (u * cv.cos - v * cv.sin) * cv.radius
+    y = cv.cy + (u * cv.sin + v * cv.cos) * cv.radius
+    n = len(segs)
+    start = np.stack([x[:n], y[:n]], 1).tolist()
+    end = np.stack([x[n:], y[n:]], 1).tolist()
+    run: list = []
+    for i in range(n):
+        run.append(tuple(start[i]))
+        last = i == n - 1 or (
+            segs[i + 1][0] != segs[i][2] or segs[i + 1][1] != segs[i][3]
+            or width[i + 1] != width[i] or fill[i + 1] != fill[i] or segs[i + 1][5] != segs[i][5]
+        )
+        if last:
+            run.append(tuple(end[i]))
+            cv.layer(segs[i][5]).line(run, fill=int(fill[i]), width=int(width[i]), joint="curve")
+            run = []
+
+
+def _shading(cv: _Canvas, fovea, camera: CameraConfig, rng: np.random.Generator) -> np.ndarray:
+    """Smooth brightness field: choroidal texture, illumination gradient, vignetting, macula.
+
+    Everything here varies slowly, so it is computed on a coarse grid and upsampled.
+    """
+    g = min(cv.size, 96)
+    step = cv.size / g
+    coords = (np.arange(g, dtype=np.float32) + 0.5) * step - 0.5
+    dx = (coords[None, :] - cv.cx) / cv.radius
+    dy = (coords[:, None] - cv.cy) / cv.radius
+    rr = np.sqrt(dx * dx + dy * dy)
+    low = rng.normal(0, 1, (6, 6)).astype(np.float32)
+    low = np.asarray(Image.fromarray(low, "F").resize((g, g), Image.BICUBIC))
+    g_dir = rng.uniform(0, 2 * np.pi)
+    grad = dx * math.cos(g_dir) + dy * math.sin(g_dir)
+    shade = (1 + 0.05 * low + rng.uniform(0.0, 0.12) * grad) * (1 - camera.vignetting * rr**2.5)
+    fx, fy = cv.px(*fovea)
+    d2 = ((coords[None, :] - fx) ** 2 + (coords[:, None] - fy) ** 2) / cv.radius**2
+    shade *= 1 - 0.3 * np.exp(-d2 / (2 * 0.12**2)) - 0.12 * np.exp(-d2 / (2 * 0.025**2))
+    shade = shade.astype(np.float32)
+    if g == cv.size:
+        return shade
+    return np.asarray(Image.fromarray(shade, "F").resize((cv.size, cv.size), Image.BICUBIC))
+
+
+def render_eye(size: int, case: EyeCase, camera: CameraConfig, rng: np.random.Generator) -> Rendered:
+    """Draw one eye: background, disc and cup, macula, vessels, lesions, then the camera."""
+    cv = _Canvas(size, case.eye, rng)
+    d = case.diseases
+    f32 = np.float32
+    yy, xx = np.ogrid[0:size, 0:size]
+    dx, dy = (xx - cv.cx).astype(f32), (yy - cv.cy).astype(f32)
+    rr = np.sqrt(dx * dx + dy * dy) / f32(cv.radius)
+    fov_soft = np.clip((1.0 - rr) * f32(cv.radius / 1.5), 0, 1)
+    light = np.array([0.86, 0.46, 0.22], f32)
+    dark = np.array([0.52, 0.22, 0.10], f32)
+    base = light + (dark - light) * f32(case.pigment)
+    disc = (rng.normal(0.46, 0.02), rng.normal(-0.03, 0.02))
+    fovea = (disc[0] - rng.normal(0.50, 0.02), disc[1] + rng.normal(0.05, 0.015))
+    img = base[None, None, :] * _shading(cv, fovea, camera, rng)[..., None]
+
+    rd = rng.normal(0.10, 0.007)
+    tilt = 0.8 if "myopia" in d else 1.0
+    lesions: dict[str, np.ndarray] = {}
+    if "myopia" in d:  # tessellation: choroidal vessels seen through a thin pigment epithelium
+        s = d["myopia"]
+        for _ in range(40):
+            a, r0 = rng.uniform(0, 2 * np.pi), rng.uniform(0.05, 0.3)
+            pts = []
+            for j in range(12):
+                a += rng.normal(0, 0.12)
+                pts.append(cv.px(fovea[0] + (r0 + j * 0.08) * math.cos(a),
+                                 fovea[1] + (r0 + j * 0.08) * math.sin(a)))
+            cv.layer("tess").line(pts, fill=255, width=int(rng.uniform(5, 10) * cv.k))
+        gaps = 1 - cv.array("tess", blur=2.0)
+        img *= (1 - f32(0.18 + 0.35 * s) * gaps * np.clip(1.2 - rr, 0, 1))[..., None]
+        lesions["tessellation"] = (gaps > 0.6) & (rr < 0.95)
+        if s > 0.25:  # peripapillary atrophy: pale crescent on the temporal side of the disc
+            w = 0.5 + 0.9 * s
+            cv.ellipse("ppa", disc[0] - rd * w * 0.6, disc[1], rd * (1 + w * 0.55), rd * 1.2)
+            cv.blend(img, "ppa", (0.95, 0.84, 0.68), 0.85, blur=0.8)
+    cv.ellipse("disc", disc[0], disc[1], rd * tilt, rd * 1.1)
+    cdr = 0.6 + 0.32 * d["glaucoma"] if "glaucoma" in d else rng.uniform(0.2, 0.5)
+    cv.ellipse("cup", disc[0], disc[1], rd * tilt * cdr, rd * 1.1 * cdr * (1.08 if cdr > 0.6 else 1))
+    cv.blend(img, "disc", (0.93, 0.62, 0.40), 0.85, blur=1.2)
+    cv.blend(img, "cup", (1.0, 0.93, 0.80), 0.85, blur=0.8)
+    if "ppa" in cv.layers:
+        lesions["peripapillary_atrophy"] = cv.mask("ppa") & ~cv.mask("disc")
+    if "glaucoma" in d:
+        lesions["enlarged_cup"] = cv.mask("cup")
+
+    # Vessels; a vein occlusion widens and darkens the veins of the occluded trunks.
+    segs = _grow_vessels(rng, disc, fovea)
+    occluded: set[int] = set()
+    if "rvo" in d:
+        occluded = set(range(4)) if d["rvo"] > 0.7 else {int(rng.integers(0, 2))}
+    _draw_vessels(cv, segs, occluded)
+    vessels = cv.mask("vein") | cv.mask("artery")
+    cv.blend(img, "vein", (0.38, 0.06, 0.05) if occluded else (0.42, 0.08, 0.06), 0.8, 0.45)
+    cv.blend(img, "artery", (0.62, 0.16, 0.10), 0.65, 0.45)
+
+    _draw_lesions(cv, d, segs, occluded, disc, fovea, rd, rng)
+    # Harmless look-alikes that healthy eyes have too: camera dust, nerve-fibre sheen.
+    if rng.random() < 0.2:
+        for _ in range(int(rng.integers(1, 4))):
+            cv.dot("dust", rng.uniform(-0.6, 0.6), rng.uniform(-0.6, 0.6), rng.uniform(1.5, 3))
+        cv.blend(img, "dust", (0.0, 0.0, 0.0), 0.25, 1.0)
+    if rng.random() < 0.3:
+        for sg in segs[:200:3]:
+            cv.dot("sheen", sg[0], sg[1], 2.5, fill=60)
+        cv.blend(img, "sheen", (0.9, 0.9, 0.9), 0.25, 2.0)
+    for name, (colour, alpha, blur) in LOOK.items():
+        if name in cv.layers:
+            lesions[name] = cv.mask(name)
+            cv.blend(img, name, colour, alpha, blur)
+
+    # Camera: tint, gamma, exposure, blur, noise; black outside the field of view.
+    tint = np.array(camera.tint, f32) * np.array(case.tint, f32) * f32(rng.uniform(0.85, 1.1))
+    gamma = math.exp(rng.normal(0, camera.gamma_jitter))
+    lut = np.round(255 * (np.arange(256) / 255.0) ** gamma).astype(np.uint8)
+    img *= (tint * 255)[None, None, :]
+    img *= fov_soft[..., None]
+    out = Image.fromarray(lut[np.clip(img + 0.5, 0, 255).astype(np.uint8)], "RGB")
+    blur = rng.uniform(0, camera.blur_max) * cv.k
+    if blur > 0.2:
+        out = out.filter(ImageFilter.GaussianBlur(blur))
+    arr = np.asarray(out, dtype=f32)
+    sigma = f32(rng.uniform(0.003, max(camera.noise_max, 0.003)) * 255)
+    noise = rng.standard_normal(arr.shape, dtype=f32) * sigma
+    image = np.clip(arr + noise * fov_soft[..., None] + 0.5, 0, 255).astype(np.uint8)
+    fov = rr <= 1.0
+    masks = {k: v & fov for k, v in lesions.items()}
+    return Rendered(image=image, vessels=vessels & fov, fov=fov,
+                    lesions={k: v for k, v in masks.items() if v.any()})
