@@ -161,6 +161,26 @@ def save_manifest(table: pd.DataFrame, spec: DatasetSpec, path: Path) -> Path:
     return path
 
 
+def scan_folder(root: Path, pattern: str = "**/*") -> pd.DataFrame:
+    """A label-free manifest of every supported image under `root` matching a glob pattern.
+
+    image_id is the relative path without suffix; without patient information every image is
+    its own patient (say so in a paper: grouped splits need real patient ids).
+    """
+    from .decode import SUPPORTED_SUFFIXES
+
+    root = Path(root)
+    files = sorted(
+        p for p in root.glob(pattern) if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
+    )
+    rows = []
+    for p in files:
+        rel = p.relative_to(root).as_posix()
+        iid = rel.rsplit(".", 1)[0]
+        rows.append({"image_id": iid, "path": rel, "patient_id": iid, "eye": "unknown"})
+    return pd.DataFrame(rows, columns=list(REQUIRED_COLUMNS))
+
+
 def encode_labels(manifest: Manifest, task: TaskSpec) -> np.ndarray:
     """Labels as integers: (N,) class indices for binary/multiclass, (N, C) 0/1 for multilabel.
 
@@ -173,7 +193,9 @@ def encode_labels(manifest: Manifest, task: TaskSpec) -> np.ndarray:
             bad = ~t[col].isin(["0", "1"])
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
-                raise ConfigError(f"{manifest.path} line {i + 2}: {col}={t[col].iat[i]!r}, need 0/1")
+                raise ConfigError(
+                    f"{manifest.path} line {i + 2}: {col}={t[col].iat[i]!r}, need 0/1"
+                )
             out[:, j] = t[col].astype(int).to_numpy()
         return out
     col = task.columns[0]
@@ -290,7 +312,9 @@ def check_manifest(
             report.problems.append(Problem(line, "", "image_id", "empty image_id"))
         elif iid in first_row:
             report.problems.append(
-                Problem(line, iid, "image_id", f"duplicate image_id (first on line {first_row[iid]})")
+                Problem(
+                    line, iid, "image_id", f"duplicate image_id (first on line {first_row[iid]})"
+                )
             )
         else:
             first_row[iid] = line

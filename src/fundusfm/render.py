@@ -89,7 +89,9 @@ class _Canvas:
         t = np.linspace(0, 2 * np.pi, n, endpoint=False)
         ca, sa = math.cos(angle), math.sin(angle)
         pu, pv = ru * np.cos(t), rv * np.sin(t)
-        pts = [self.px(u + a * ca - b * sa, v + a * sa + b * ca) for a, b in zip(pu, pv, strict=True)]
+        pts = [
+            self.px(u + a * ca - b * sa, v + a * sa + b * ca) for a, b in zip(pu, pv, strict=True)
+        ]
         self.layer(name).polygon(pts, fill=fill)
 
     def dot(self, name: str, u: float, v: float, r_px: float, fill=255):
@@ -158,8 +160,16 @@ def _grow_vessels(rng: np.random.Generator, disc: tuple[float, float], fovea: tu
             if w > 0.9 and depth < 6 and rng.random() < 0.11:
                 side = rng.choice([-1.0, 1.0])
                 stack.append(
-                    (u, v, h + side * rng.uniform(0.5, 1.1), rng.normal(0, 0.015), kind, trunk,
-                     w * rng.uniform(0.55, 0.75), depth + 1)
+                    (
+                        u,
+                        v,
+                        h + side * rng.uniform(0.5, 1.1),
+                        rng.normal(0, 0.015),
+                        kind,
+                        trunk,
+                        w * rng.uniform(0.55, 0.75),
+                        depth + 1,
+                    )
                 )
                 w *= 0.93
             if w < 0.55:
@@ -197,13 +207,21 @@ def _draw_lesions(cv: _Canvas, d: dict[str, float], segs, occluded, disc, fovea,
             for _ in range(2 + int(s * 12)):
                 u, v = posterior(0.35)
                 for _ in range(int(rng.integers(1, 4))):
-                    cv.dot("haemorrhage", u + rng.normal(0, 0.01), v + rng.normal(0, 0.01),
-                           rng.uniform(1.5, 4.5))
+                    cv.dot(
+                        "haemorrhage",
+                        u + rng.normal(0, 0.01),
+                        v + rng.normal(0, 0.01),
+                        rng.uniform(1.5, 4.5),
+                    )
             for _ in range(1 + int(s * 4)):
                 cu, cw = posterior(0.2)
                 for _ in range(int(rng.integers(3, 14))):
-                    cv.dot("hard_exudate", cu + rng.normal(0, 0.04), cw + rng.normal(0, 0.04),
-                           rng.uniform(0.7, 2.2))
+                    cv.dot(
+                        "hard_exudate",
+                        cu + rng.normal(0, 0.04),
+                        cw + rng.normal(0, 0.04),
+                        rng.uniform(0.7, 2.2),
+                    )
         if grade >= 3:
             for _ in range(1 + int(s * 4)):
                 cv.dot("cotton_wool_spot", *posterior(0.3), rng.uniform(3, 6))
@@ -215,16 +233,26 @@ def _draw_lesions(cv: _Canvas, d: dict[str, float], segs, occluded, disc, fovea,
     if "amd" in d:
         s = d["amd"]
         for _ in range(3 + int(s * 40)):
-            cv.dot("drusen", fovea[0] + rng.normal(0, 0.1), fovea[1] + rng.normal(0, 0.08),
-                   rng.uniform(0.8, 1.5 + 2.0 * s))
+            cv.dot(
+                "drusen",
+                fovea[0] + rng.normal(0, 0.1),
+                fovea[1] + rng.normal(0, 0.08),
+                rng.uniform(0.8, 1.5 + 2.0 * s),
+            )
     if "rvo" in d:  # flame haemorrhages along the occluded veins, some cotton-wool spots
         s = d["rvo"]
         veins = [sg for sg in segs if sg[5] == "vein" and sg[6] in occluded]
         for idx in rng.choice(len(veins), size=min(len(veins), 8 + int(s * 45)), replace=False):
             u0, v0, u1, v1, *_ = veins[idx]
             ang = math.atan2(v1 - v0, u1 - u0)
-            cv.ellipse("vein_occlusion", u0 + rng.normal(0, 0.02), v0 + rng.normal(0, 0.02),
-                       rng.uniform(0.015, 0.035), rng.uniform(0.005, 0.01), angle=ang)
+            cv.ellipse(
+                "vein_occlusion",
+                u0 + rng.normal(0, 0.02),
+                v0 + rng.normal(0, 0.02),
+                rng.uniform(0.015, 0.035),
+                rng.uniform(0.005, 0.01),
+                angle=ang,
+            )
         for _ in range(int(s * 4)):
             u0, v0, *_ = veins[int(rng.integers(len(veins)))]
             cv.dot("cotton_wool_spot", u0, v0, rng.uniform(2.5, 5))
@@ -250,8 +278,11 @@ def _draw_vessels(cv: _Canvas, segs, occluded: set[int]) -> None:
     for i in range(n):
         run.append(tuple(start[i]))
         last = i == n - 1 or (
-            segs[i + 1][0] != segs[i][2] or segs[i + 1][1] != segs[i][3]
-            or width[i + 1] != width[i] or fill[i + 1] != fill[i] or segs[i + 1][5] != segs[i][5]
+            segs[i + 1][0] != segs[i][2]
+            or segs[i + 1][1] != segs[i][3]
+            or width[i + 1] != width[i]
+            or fill[i + 1] != fill[i]
+            or segs[i + 1][5] != segs[i][5]
         )
         if last:
             run.append(tuple(end[i]))
@@ -284,7 +315,9 @@ def _shading(cv: _Canvas, fovea, camera: CameraConfig, rng: np.random.Generator)
     return np.asarray(Image.fromarray(shade, "F").resize((cv.size, cv.size), Image.BICUBIC))
 
 
-def render_eye(size: int, case: EyeCase, camera: CameraConfig, rng: np.random.Generator) -> Rendered:
+def render_eye(
+    size: int, case: EyeCase, camera: CameraConfig, rng: np.random.Generator
+) -> Rendered:
     """Draw one eye: background, disc and cup, macula, vessels, lesions, then the camera."""
     cv = _Canvas(size, case.eye, rng)
     d = case.diseases
@@ -300,7 +333,7 @@ def render_eye(size: int, case: EyeCase, camera: CameraConfig, rng: np.random.Ge
     fovea = (disc[0] - rng.normal(0.50, 0.02), disc[1] + rng.normal(0.05, 0.015))
     img = base[None, None, :] * _shading(cv, fovea, camera, rng)[..., None]
 
-    rd = rng.normal(0.10, 0.007)
+    rd = rng.normal(0.115, 0.008)
     tilt = 0.8 if "myopia" in d else 1.0
     lesions: dict[str, np.ndarray] = {}
     if "myopia" in d:  # tessellation: choroidal vessels seen through a thin pigment epithelium
@@ -310,8 +343,12 @@ def render_eye(size: int, case: EyeCase, camera: CameraConfig, rng: np.random.Ge
             pts = []
             for j in range(12):
                 a += rng.normal(0, 0.12)
-                pts.append(cv.px(fovea[0] + (r0 + j * 0.08) * math.cos(a),
-                                 fovea[1] + (r0 + j * 0.08) * math.sin(a)))
+                pts.append(
+                    cv.px(
+                        fovea[0] + (r0 + j * 0.08) * math.cos(a),
+                        fovea[1] + (r0 + j * 0.08) * math.sin(a),
+                    )
+                )
             cv.layer("tess").line(pts, fill=255, width=int(rng.uniform(5, 10) * cv.k))
         gaps = 1 - cv.array("tess", blur=2.0)
         img *= (1 - f32(0.18 + 0.35 * s) * gaps * np.clip(1.2 - rr, 0, 1))[..., None]
@@ -322,7 +359,9 @@ def render_eye(size: int, case: EyeCase, camera: CameraConfig, rng: np.random.Ge
             cv.blend(img, "ppa", (0.95, 0.84, 0.68), 0.85, blur=0.8)
     cv.ellipse("disc", disc[0], disc[1], rd * tilt, rd * 1.1)
     cdr = 0.6 + 0.32 * d["glaucoma"] if "glaucoma" in d else rng.uniform(0.2, 0.5)
-    cv.ellipse("cup", disc[0], disc[1], rd * tilt * cdr, rd * 1.1 * cdr * (1.08 if cdr > 0.6 else 1))
+    cv.ellipse(
+        "cup", disc[0], disc[1], rd * tilt * cdr, rd * 1.1 * cdr * (1.08 if cdr > 0.6 else 1)
+    )
     cv.blend(img, "disc", (0.93, 0.62, 0.40), 0.85, blur=1.2)
     cv.blend(img, "cup", (1.0, 0.93, 0.80), 0.85, blur=0.8)
     if "ppa" in cv.layers:
@@ -371,5 +410,9 @@ def render_eye(size: int, case: EyeCase, camera: CameraConfig, rng: np.random.Ge
     image = np.clip(arr + noise * fov_soft[..., None] + 0.5, 0, 255).astype(np.uint8)
     fov = rr <= 1.0
     masks = {k: v & fov for k, v in lesions.items()}
-    return Rendered(image=image, vessels=vessels & fov, fov=fov,
-                    lesions={k: v for k, v in masks.items() if v.any()})
+    return Rendered(
+        image=image,
+        vessels=vessels & fov,
+        fov=fov,
+        lesions={k: v for k, v in masks.items() if v.any()},
+    )

@@ -1,0 +1,3 @@
+from fundusfm.cli import run
+
+run()

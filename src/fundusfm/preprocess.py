@@ -1,0 +1,278 @@
+"""Field-of-view crop, square padding and resize, stored once per resolution in an image cache.
+
+Every source image is decoded once (JPEGs at reduced size when that still leaves enough
+pixels), its circular field of view (FOV) is found, the black border is cropped, the crop is
+centred in a black square and resized to the target resolution. The result is stored as an
+uncompressed `.npy` array so that training reads it with a memory copy, not a decode.
+
+Cache layout (`<cache_root>/<R>px-<key>/`):
+    settings.json   the preprocessing settings; `key` is a hash of them, so changing any
+                    setting that affects pixels gives a new directory, never stale images
+    index.csv       one row per source file: its size and mtime when cached, the square crop
+                    box in source pixels (to map masks or CAMs back), and the array file
+    arrays/*.npy    RxRx3 uint8 images, named by a hash of the source path
+    errors.csv      files that could not be cached and why (rewritten on every build)
+
+Rebuilding is incremental: a source whose path, size and modification time match its index
+row is skipped; new or changed files are (re)processed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from .config import PreprocessConfig
+from .decode import ImageDecodeError, open_image, to_rgb_array
+from .manifest import Manifest
+
+CACHE_FORMAT = 1
+INDEX_COLUMNS = [
+    "source",
+    "size",
+    "mtime_ns",
+    "file",
+    "box_x",
+    "box_y",
+    "box_side",
+    "width",
+    "height",
+]
+_RESAMPLE = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "area": Image.Resampling.BOX,
+}
+
+
+class NoFieldOfView(ImageDecodeError):
+    """The image has no bright region that could be a fundus field of view."""
+
+
+def cache_key(cfg: PreprocessConfig) -> str:
+    """Hash of every setting that changes the cached pixels (not of `workers`)."""
+    settings = cfg.model_dump(exclude={"workers"})
+    settings["format"] = CACHE_FORMAT
+    blob = json.dumps(settings, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def cache_dir(cache_root: Path, cfg: PreprocessConfig) -> Path:
+    return Path(cache_root) / f"{cfg.resolution}px-{cache_key(cfg)}"
+
+
+def fov_box(rgb: np.ndarray, threshold: float, min_fraction: float) -> tuple[int, int, int, int]:
+    """Bounding box (x0, y0, x1, y1) of the bright field of view, robust to stray pixels.
+
+    A pixel is bright when its strongest channel exceeds `threshold` times the image's
+    99th percentile; a row or column belongs to the FOV when at least `min_fraction` of it
+    is bright. Works on a subsampled copy: the box only needs to be accurate to a pixel or two.
+    """
+    h, w = rgb.shape[:2]
+    step = max(1, min(h, w) // 384)
+    small = rgb[::step, ::step].max(axis=2)
+    top = np.percentile(small, 99)
+    if top < 8:
+        raise NoFieldOfView("no field of view found: the image is (nearly) black")
+    bright = small > threshold * top
+    rows = np.flatnonzero(bright.mean(axis=1) >= min_fraction)
+    cols = np.flatnonzero(bright.mean(axis=0) >= min_fraction)
+    if len(rows) == 0 or len(cols) == 0:
+        raise NoFieldOfView("no field of view found: no region is bright enough")
+    return (
+        int(cols[0] * step),
+        int(rows[0] * step),
+        min(w, int((cols[-1] + 1) * step)),
+        min(h, int((rows[-1] + 1) * step)),
+    )
+
+
+def square_box(box: tuple[int, int, int, int], margin: float) -> tuple[float, float, float]:
+    """The square (x, y, side) centred on `box`, large enough to hold it plus a margin."""
+    x0, y0, x1, y1 = box
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    return (x0 + x1) / 2 - side / 2, (y0 + y1) / 2 - side / 2, side
+
+
+def preprocess_image(path: Path, cfg: PreprocessConfig) -> tuple[np.ndarray, dict]:
+    """Decode, crop to the FOV, pad to a square and resize one file; also return the crop box.
+
+    The box is in the source file's own pixel coordinates (after EXIF rotation), so masks of
+    the same image can be cropped identically.
+    """
+    img = open_image(path, draft_size=int(cfg.resolution * 1.25) if cfg.jpeg_draft else None)
+    with Image.open(path) as probe:  # size before any draft reduction (header only)
+        full_side = max(probe.size)
+    scale = full_side / max(img.size)  # > 1 after a reduced-size JPEG decode
+    rgb = to_rgb_array(img)
+    x, y, side = square_box(fov_box(rgb, cfg.fov_threshold, cfg.fov_min_fraction), cfg.margin)
+    crop = Image.fromarray(rgb).crop((round(x), round(y), round(x + side), round(y + side)))
+    out = crop.resize(
+        (cfg.resolution, cfg.resolution), _RESAMPLE[cfg.interpolation], reducing_gap=3.0
+    )
+    info = {
+        "box_x": x * scale,
+        "box_y": y * scale,
+        "box_side": side * scale,
+        "width": rgb.shape[1] * scale,
+        "height": rgb.shape[0] * scale,
+    }
+    return np.asarray(out, dtype=np.uint8), info
+
+
+def _array_name(source: str) -> str:
+    return hashlib.sha1(source.encode()).hexdigest()[:24] + ".npy"
+
+
+def _save_atomic(arr: np.ndarray, path: Path) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.save(fh, arr)
+    os.replace(tmp, path)
+
+
+class ImageCache:
+    """Read access to one built cache directory."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        settings = self.dir / "settings.json"
+        if not settings.is_file():
+            raise FileNotFoundError(
+                f"{self.dir} is not an image cache (no settings.json); run `fundusfm preprocess`"
+            )
+        self.settings = json.loads(settings.read_text())
+        index = self.dir / "index.csv"
+        table = pd.read_csv(index) if index.is_file() else pd.DataFrame(columns=INDEX_COLUMNS)
+        self.index: dict[str, dict] = {r["source"]: r for r in table.to_dict("records")}
+
+    @property
+    def resolution(self) -> int:
+        return int(self.settings["resolution"])
+
+    def is_fresh(self, source: Path) -> bool:
+        """True when `source` is cached and unchanged since (same size and mtime)."""
+        row = self.index.get(str(source))
+        if row is None or not (self.dir / "arrays" / row["file"]).is_file():
+            return False
+        st = source.stat()
+        return int(row["size"]) == st.st_size and int(row["mtime_ns"]) == st.st_mtime_ns
+
+    def path_of(self, source: Path) -> Path:
+        row = self.index.get(str(source))
+        if row is None:
+            raise KeyError(f"{source} is not in the cache {self.dir}; run `fundusfm preprocess`")
+        return self.dir / "arrays" / row["file"]
+
+    def read(self, source: Path) -> np.ndarray:
+        """The cached RxRx3 uint8 image of a source file."""
+        return np.load(self.path_of(source))
+
+
+@dataclass
+class BuildReport:
+    directory: Path
+    built: int = 0
+    skipped: int = 0
+    errors: list[tuple[str, str, str]] = field(default_factory=list)  # image_id, path, reason
+    seconds: float = 0.0
+
+
+def _write_index(directory: Path, index: dict[str, dict]) -> None:
+    table = pd.DataFrame(list(index.values()), columns=INDEX_COLUMNS)
+    tmp = directory / "index.csv.tmp"
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, directory / "index.csv")
+
+
+def build_cache(
+    manifest: Manifest, cfg: PreprocessConfig, cache_root: Path, progress: bool = True
+) -> BuildReport:
+    """Bring the cache for `cfg` up to date with every image in the manifest."""
+    directory = cache_dir(cache_root, cfg)
+    (directory / "arrays").mkdir(parents=True, exist_ok=True)
+    settings = {**cfg.model_dump(exclude={"workers"}), "format": CACHE_FORMAT}
+    (directory / "settings.json").write_text(json.dumps(settings, indent=2))
+    cache = ImageCache(directory)
+    report = BuildReport(directory=directory)
+    todo: list[tuple[str, Path]] = []
+    for iid, rel in zip(manifest.table["image_id"], manifest.table["path"], strict=True):
+        source = manifest.image_path(rel).resolve()
+        if not source.is_file():
+            report.errors.append((iid, str(source), "file not found"))
+        elif cache.is_fresh(source):
+            report.skipped += 1
+        else:
+            todo.append((iid, source))
+
+    def work(item: tuple[str, Path]):
+        iid, source = item
+        try:
+            arr, info = preprocess_image(source, cfg)
+        except ImageDecodeError as exc:
+            return iid, source, None, str(exc)
+        st = source.stat()
+        name = _array_name(str(source))
+        _save_atomic(arr, directory / "arrays" / name)
+        row = {
+            "source": str(source),
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "file": name,
+            **info,
+        }
+        return iid, source, row, None
+
+    start = time.perf_counter()
+    workers = cfg.workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(work, todo)
+        for k, (iid, source, row, error) in enumerate(
+            tqdm(
+                results,
+                total=len(todo),
+                desc=f"cache {cfg.resolution}px",
+                unit="img",
+                disable=not progress,
+            )
+        ):
+            if error:
+                report.errors.append((iid, str(source), error))
+                continue
+            cache.index[str(source)] = row
+            report.built += 1
+            if k % 500 == 499:  # keep what is done if the run is interrupted
+                _write_index(directory, cache.index)
+    report.seconds = time.perf_counter() - start
+    _write_index(directory, cache.index)
+    pd.DataFrame(report.errors, columns=["image_id", "path", "reason"]).to_csv(
+        directory / "errors.csv", index=False
+    )
+    return report
+
+
+def open_cache(manifest: Manifest, cfg: PreprocessConfig, cache_root: Path) -> ImageCache:
+    """The cache for these settings; fails with a clear message if images are missing or stale."""
+    cache = ImageCache(cache_dir(cache_root, cfg))
+    stale = [
+        rel
+        for rel in manifest.table["path"]
+        if not cache.is_fresh(manifest.image_path(rel).resolve())
+    ]
+    if stale:
+        raise FileNotFoundError(
+            f"{len(stale)} images are missing or out of date in {cache.dir} (first: {stale[0]}); "
+            f"run `fundusfm preprocess {manifest.path} --resolution {cfg.resolution}`"
+        )
+    return cache
