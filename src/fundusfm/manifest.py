@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 from tqdm import tqdm
 
 from .config import ConfigError, Strict
@@ -79,7 +79,7 @@ class DatasetSpec(Strict):
 
     name: str = ""
     root: str = "."
-    tasks: dict[str, TaskSpec] = {}
+    tasks: dict[str, TaskSpec] = Field(default_factory=dict)
 
 
 @dataclass

@@ -175,7 +175,7 @@ def fold_sets(splits: pd.DataFrame, fold: int, fraction: float = 1.0) -> dict[st
 
 def summarise(splits: pd.DataFrame, manifest: Manifest, task_name: str | None) -> pd.DataFrame:
     """Per fold and fraction: part sizes and the smallest class count in the training part."""
-    name, task = manifest.task(task_name)
+    _, task = manifest.task(task_name)
     y = label_matrix(manifest, task)[:, : len(task.class_names)]
     row_of = {iid: i for i, iid in enumerate(manifest.table["image_id"])}
     fractions = [float(c.removeprefix("frac_")) for c in splits.columns if c.startswith("frac_")]
