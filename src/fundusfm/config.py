@@ -65,13 +65,13 @@ class PreprocessConfig(Strict):
 
     resolution: int = Field(512, ge=16, le=4096)
     fov_threshold: float = Field(
-        0.06, gt=0, lt=1, description="FOV = pixels brighter than this share of the 99th pct"
+        0.06, gt=0, lt=1, description="FOV pixels lie this far from background to 99th percentile"
     )
     fov_min_fraction: float = Field(
         0.02, gt=0, lt=1, description="a row/column belongs to the FOV if this share is bright"
     )
     margin: float = Field(0.0, ge=0, le=0.5, description="extra border around the FOV box")
-    interpolation: Literal["lanczos", "bicubic", "bilinear", "area"] = "area"
+    interpolation: Literal["lanczos", "bicubic", "bilinear", "area"] = "lanczos"
     jpeg_draft: bool = Field(True, description="decode JPEGs at reduced size when it is enough")
     workers: int = Field(0, ge=0, description="threads; 0 = all cores")
 

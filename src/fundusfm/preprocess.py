@@ -72,29 +72,43 @@ def cache_dir(cache_root: Path, cfg: PreprocessConfig) -> Path:
     return Path(cache_root) / f"{cfg.resolution}px-{cache_key(cfg)}"
 
 
+def _longest_run(flags: np.ndarray) -> tuple[int, int] | None:
+    """First and last index of the longest run of True values (None when there is none)."""
+    idx = np.flatnonzero(flags)
+    if len(idx) == 0:
+        return None
+    breaks = np.flatnonzero(np.diff(idx) > 1)
+    starts = np.concatenate([[0], breaks + 1])
+    ends = np.concatenate([breaks, [len(idx) - 1]])
+    k = int(np.argmax(ends - starts))
+    return int(idx[starts[k]]), int(idx[ends[k]])
+
+
 def fov_box(rgb: np.ndarray, threshold: float, min_fraction: float) -> tuple[int, int, int, int]:
     """Bounding box (x0, y0, x1, y1) of the bright field of view, robust to stray pixels.
 
-    A pixel is bright when its strongest channel exceeds `threshold` times the image's
-    99th percentile; a row or column belongs to the FOV when at least `min_fraction` of it
-    is bright. Works on a subsampled copy: the box only needs to be accurate to a pixel or two.
+    A pixel is bright when its strongest channel lies more than `threshold` of the way from
+    the background level (1st percentile) to the 99th percentile; a row or column belongs to
+    the FOV when at least `min_fraction` of it is bright, and the box spans the longest
+    unbroken run of such rows and columns (so edge artefacts and text labels do not count).
+    Works on a subsampled copy: the box only needs to be accurate to a pixel or two.
     """
     h, w = rgb.shape[:2]
     step = max(1, min(h, w) // 384)
     small = rgb[::step, ::step].max(axis=2)
-    top = np.percentile(small, 99)
-    if top < 8:
-        raise NoFieldOfView("no field of view found: the image is (nearly) black")
-    bright = small > threshold * top
-    rows = np.flatnonzero(bright.mean(axis=1) >= min_fraction)
-    cols = np.flatnonzero(bright.mean(axis=0) >= min_fraction)
-    if len(rows) == 0 or len(cols) == 0:
+    low, top = np.percentile(small, [1, 99])
+    if top < 8 or top - low < 8:
+        raise NoFieldOfView("no field of view found: the image is (nearly) black or flat")
+    bright = small > low + threshold * (top - low)
+    rows = _longest_run(bright.mean(axis=1) >= min_fraction)
+    cols = _longest_run(bright.mean(axis=0) >= min_fraction)
+    if rows is None or cols is None:
         raise NoFieldOfView("no field of view found: no region is bright enough")
     return (
-        int(cols[0] * step),
-        int(rows[0] * step),
-        min(w, int((cols[-1] + 1) * step)),
-        min(h, int((rows[-1] + 1) * step)),
+        cols[0] * step,
+        rows[0] * step,
+        min(w, (cols[1] + 1) * step),
+        min(h, (rows[1] + 1) * step),
     )
 
 

@@ -1,0 +1,26 @@
+"""Shared fixtures: small generated data sets, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fundusfm.config import SynthConfig
+from fundusfm.synthetic import generate
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def synth_set(tmp_path_factory) -> Path:
+    """40 generated images at 128 px; returns the manifest path. Treat as read-only."""
+    out = tmp_path_factory.mktemp("synth")
+    return generate(SynthConfig(n=40, size=128, seed=7, workers=1), out, progress=False)
+
+
+@pytest.fixture(scope="session")
+def synth_large(tmp_path_factory) -> Path:
+    """300 generated images at 96 px for split statistics. Treat as read-only."""
+    out = tmp_path_factory.mktemp("synth_large")
+    return generate(SynthConfig(n=300, size=96, seed=3, workers=2), out, progress=False)

@@ -1,0 +1,126 @@
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from typer.testing import CliRunner
+
+from fundusfm import __version__
+from fundusfm.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_help_lists_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ["synth", "preprocess", "split", "demo", "data", "bench"]:
+        assert command in result.output
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_synth_writes_set_and_config(tmp_path: Path):
+    out = tmp_path / "s"
+    result = invoke("synth", out, "--n", 4, "--size", 64, "--seed", 5, "-q")
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_csv(out / "manifest.csv")) == 4
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 5
+    again = invoke("synth", out, "--n", 4, "-q")
+    assert again.exit_code == 2 and "already holds" in again.output
+
+
+def test_bad_override_is_clear_error(tmp_path: Path):
+    result = invoke("synth", tmp_path / "s", "--set", "camera.blurr=1")
+    assert result.exit_code == 2
+    assert "camera.blurr" in result.output and "unknown key" in result.output
+
+
+def test_data_check_exit_codes(synth_set: Path, tmp_path: Path):
+    ok = invoke("data", "check", synth_set, "-q")
+    assert ok.exit_code in (0, 1)
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    table = pd.read_csv(synth_set).head(4)
+    table["path"] = [str(synth_set.parent / p) for p in table["path"]]  # outside the new root
+    table.loc[1, "image_id"] = table.loc[0, "image_id"]
+    table.to_csv(bad_dir / "manifest.csv", index=False)
+    result = invoke(
+        "data", "check", bad_dir / "manifest.csv", "-q", "--report", tmp_path / "problems.csv"
+    )
+    assert result.exit_code == 1
+    assert "duplicate image_id" in result.output and "outside the data root" in result.output
+    assert len(pd.read_csv(tmp_path / "problems.csv")) >= 5
+    missing = invoke("data", "check", tmp_path / "nope.csv")
+    assert missing.exit_code == 2 and "manifest not found" in missing.output
+
+
+def test_preprocess_and_split(synth_set: Path, tmp_path: Path):
+    cache = tmp_path / "cache"
+    first = invoke("preprocess", synth_set, "--resolution", 32, "--cache", cache, "-q")
+    assert first.exit_code == 0 and "40 built" in first.output
+    second = invoke("preprocess", synth_set, "--resolution", 32, "--cache", cache, "-q")
+    assert "0 built" in second.output and "40 unchanged" in second.output
+    (written,) = cache.glob("32px-*")
+    assert yaml.safe_load((written / "config.yaml").read_text())["resolution"] == 32
+
+    out = tmp_path / "splits.csv"
+    result = invoke(
+        "split",
+        synth_set,
+        "--folds",
+        4,
+        "--fractions",
+        "0.25,0.5,1",
+        "--seed",
+        2,
+        "--out",
+        out,
+        "--task",
+        "abnormal",
+    )
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out)
+    assert set(table.fold) == {0, 1, 2, 3}
+    assert {"frac_0.25", "frac_0.5", "frac_1"} <= set(table.columns)
+    assert yaml.safe_load(out.with_suffix(".config.yaml").read_text())["seed"] == 2
+    bad = invoke("split", synth_set, "--fractions", "a,b")
+    assert bad.exit_code == 2 and "--fractions" in bad.output
+
+
+def test_scan_folder(synth_set: Path, tmp_path: Path):
+    out = tmp_path / "m" / "scan.csv"
+    result = invoke("data", "scan", synth_set.parent, "--pattern", "images/*", "--out", out)
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out)
+    assert len(table) == 40 and (table.eye == "unknown").all()
+    assert invoke("data", "check", out, "-q").exit_code == 0
+
+
+def test_demo_runs_end_to_end(tmp_path: Path):
+    out = tmp_path / "demo"
+    result = invoke(
+        "demo",
+        "--out",
+        out,
+        "-q",
+        "--set",
+        "synth.n=30",
+        "--set",
+        "synth.size=64",
+        "--set",
+        "preprocess.resolution=32",
+        "--set",
+        "split.folds=3",
+    )
+    assert result.exit_code == 0, result.output
+    for rel in ["config.yaml", "data/manifest.csv", "splits.csv", "splits_summary.csv"]:
+        assert (out / rel).is_file(), rel
+    assert len(list(out.glob("cache/32px-*/arrays/*.npy"))) == 30
+    assert yaml.safe_load((out / "config.yaml").read_text())["split"]["folds"] == 3

@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fundusfm.config import ConfigError, DemoConfig, SplitConfig, dump_config, load_config
+
+
+def test_yaml_then_overrides(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("folds: 3\nfractions: [0.5, 1.0]\nseed: 4\n")
+    cfg = load_config(SplitConfig, path, ["seed=9", "fractions=[0.1,1]"])
+    assert cfg.folds == 3
+    assert cfg.seed == 9
+    assert cfg.fractions == [0.1, 1.0]
+
+
+def test_nested_override():
+    cfg = load_config(DemoConfig, None, ["synth.n=12", "synth.camera.blur_max=0.5"])
+    assert cfg.synth.n == 12
+    assert cfg.synth.camera.blur_max == 0.5
+
+
+def test_unknown_key_names_key_and_file(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("folds: 3\nfoldz: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(SplitConfig, path)
+    assert "foldz" in str(err.value)
+    assert str(path) in str(err.value)
+    assert "unknown key" in str(err.value)
+
+
+def test_wrong_type_names_key(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("synth:\n  n: many\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(DemoConfig, path)
+    assert "synth.n" in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_override_unknown_key_is_error():
+    with pytest.raises(ConfigError, match=r"split\.fold"):
+        load_config(DemoConfig, None, ["split.fold=3"])
+
+
+def test_override_needs_equals():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(SplitConfig, None, ["folds"])
+
+
+def test_dump_round_trip(tmp_path: Path):
+    cfg = load_config(DemoConfig, None, ["split.folds=4"])
+    path = dump_config(cfg, tmp_path / "run" / "config.yaml")
+    assert yaml.safe_load(path.read_text())["split"]["folds"] == 4
+    assert load_config(DemoConfig, path) == cfg
+
+
+@pytest.mark.parametrize("name", ["synth", "preprocess", "split", "demo"])
+def test_shipped_configs_load_and_match_defaults(name: str):
+    from fundusfm import config as c
+
+    model = {
+        "synth": c.SynthConfig,
+        "preprocess": c.PreprocessConfig,
+        "split": c.SplitConfig,
+        "demo": c.DemoConfig,
+    }[name]
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    assert load_config(model, path) == model()

@@ -1,0 +1,112 @@
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fundusfm.config import ConfigError, SplitConfig
+from fundusfm.manifest import load_manifest
+from fundusfm.splits import fold_sets, make_splits, summarise
+
+FRACTIONS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0]
+
+
+@pytest.fixture(scope="module")
+def manifest(synth_large: Path):
+    return load_manifest(synth_large)
+
+
+@pytest.fixture(scope="module")
+def splits(manifest) -> pd.DataFrame:
+    return make_splits(manifest, SplitConfig(folds=5, fractions=FRACTIONS, task="disease"))
+
+
+def test_no_patient_in_two_folds(splits):
+    assert splits.groupby("patient_id")["fold"].nunique().max() == 1
+    assert splits.groupby("patient_id")["val_fold"].nunique().max() == 1
+    assert set(splits["fold"]) == {0, 1, 2, 3, 4}
+
+
+def test_folds_balanced_and_stratified(splits, manifest):
+    sizes = splits["fold"].value_counts()
+    assert sizes.max() - sizes.min() <= 0.25 * sizes.mean()
+    disease = manifest.table.set_index("image_id").loc[splits.image_id, "disease"].to_numpy()
+    overall = pd.Series(disease).value_counts(normalize=True)
+    for k in range(5):
+        share = pd.Series(disease[splits["fold"].to_numpy() == k]).value_counts(normalize=True)
+        for cls, p in overall.items():
+            assert abs(share.get(cls, 0) - p) < 0.08, (k, cls)
+
+
+def test_fold_parts_disjoint_and_patient_clean(splits):
+    patient = dict(zip(splits.image_id, splits.patient_id, strict=True))
+    for k in range(5):
+        parts = fold_sets(splits, k, 1.0)
+        train, val, test = (set(parts[p]) for p in ("train", "val", "test"))
+        assert not (train & val) and not (train & test) and not (val & test)
+        assert len(train) + len(val) + len(test) == len(splits)
+        train_p = {patient[i] for i in train}
+        assert not train_p & {patient[i] for i in val | test}
+        assert 0.05 <= len(val) / (len(train) + len(val)) <= 0.16
+
+
+def test_fractions_nested_stratified_with_every_class(splits, manifest):
+    for k in range(5):
+        previous: set[str] = set()
+        full = len(fold_sets(splits, k, 1.0)["train"])
+        for f in FRACTIONS:
+            train = set(fold_sets(splits, k, f)["train"])
+            assert previous <= train
+            previous = train
+            if f == 0.5:
+                assert abs(len(train) / full - 0.5) < 0.12
+    summary = summarise(splits, manifest, "disease")
+    assert (summary["min_class_train"] >= 1).all()
+    assert (summary["classes_missing"] == "").all()
+
+
+def test_deterministic_for_seed(manifest, splits):
+    cfg = SplitConfig(folds=5, fractions=FRACTIONS, task="disease")
+    again = make_splits(manifest, cfg)
+    pd.testing.assert_frame_equal(splits, again)
+    other = make_splits(manifest, cfg.model_copy(update={"seed": 1}))
+    assert not other["fold"].equals(splits["fold"])
+
+
+def test_holdout_part(manifest):
+    s = make_splits(manifest, SplitConfig(folds=3, fractions=[0.5, 1], test_fraction=0.2))
+    held = s[s.holdout == 1]
+    assert 0.12 < len(held) / len(s) < 0.28
+    assert (held["fold"] == -1).all() and (held["val_fold"] == -1).all()
+    assert not set(held.patient_id) & set(s[s.holdout == 0].patient_id)
+    for k in range(3):
+        parts = fold_sets(s, k, 1.0)
+        assert not set(parts["train"]) & set(held.image_id)
+        assert set(parts["holdout"]) == set(held.image_id)
+
+
+def test_multilabel_task(manifest):
+    s = make_splits(manifest, SplitConfig(folds=4, fractions=[0.1, 1], task="diseases"))
+    assert s.groupby("patient_id")["fold"].nunique().max() == 1
+    labels = manifest.table.set_index("image_id").loc[s.image_id, ["dr", "amd"]].astype(int)
+    for k in range(4):
+        in_fold = labels[s["fold"].to_numpy() == k]
+        assert in_fold["dr"].sum() > 0 and in_fold["amd"].sum() > 0
+
+
+def test_errors(manifest, splits):
+    with pytest.raises(ConfigError, match="too large"):
+        make_splits(manifest, SplitConfig(folds=5, val_fraction=0.3))
+    with pytest.raises(ConfigError, match=r"fraction 0\.3 is not in the splits"):
+        fold_sets(splits, 0, 0.3)
+    with pytest.raises(ConfigError, match="task 'nope'"):
+        make_splits(manifest, SplitConfig(task="nope"))
+    small = manifest.table.head(6)
+    m = type(manifest)(manifest.path, small, manifest.spec, manifest.root)
+    with pytest.raises(ConfigError, match="cannot fill"):
+        make_splits(m, SplitConfig(folds=5, task="abnormal"))
+
+
+def test_rows_follow_manifest_order(manifest, splits):
+    assert list(splits.image_id) == list(manifest.table.image_id)
+    assert np.isin(splits["val_fold"], [-1, 0, 1, 2, 3, 4]).all()

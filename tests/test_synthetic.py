@@ -1,0 +1,108 @@
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fundusfm.config import SynthConfig
+from fundusfm.manifest import check_manifest, load_manifest
+from fundusfm.synthetic import DISEASES, generate
+
+LESIONS_OF = {
+    "microaneurysm": "dr",
+    "haemorrhage": "dr",
+    "hard_exudate": "dr",
+    "drusen": "amd",
+    "enlarged_cup": "glaucoma",
+    "tessellation": "myopia",
+    "peripapillary_atrophy": "myopia",
+    "vein_occlusion": "rvo",
+}
+
+
+def test_manifest_shape_and_labels(synth_set: Path):
+    df = pd.read_csv(synth_set)
+    assert len(df) == 40
+    for col in ["image_id", "path", "patient_id", "eye", "abnormal", "disease", *DISEASES]:
+        assert col in df.columns
+    # two eyes per patient, one of each side
+    per_patient = df.groupby("patient_id")["eye"].apply(sorted)
+    assert all(eyes == ["left", "right"] for eyes in per_patient)
+    # labels agree with each other
+    assert (df["abnormal"] == (df[list(DISEASES)].sum(axis=1) > 0)).all()
+    assert ((df["disease"] == "normal") == (df["abnormal"] == 0)).all()
+    for _, row in df[df.abnormal == 1].iterrows():
+        assert row[row["disease"]] == 1
+
+
+def test_generated_set_passes_check(synth_set: Path):
+    report = check_manifest(load_manifest(synth_set), progress=False)
+    assert report.problems == [] or all("has no images" in p.message for p in report.problems)
+    assert report.decoded == 40
+
+
+def test_files_and_masks(synth_set: Path):
+    root = synth_set.parent
+    df = pd.read_csv(synth_set)
+    for _, row in df.iterrows():
+        img = np.asarray(Image.open(root / row["path"]))
+        vessels = np.asarray(Image.open(root / row["vessel_path"])) > 0
+        fov = np.asarray(Image.open(root / row["fov_path"])) > 0
+        assert img.shape == (128, 128, 3)
+        assert 0.02 < vessels.mean() < 0.3
+        assert not (vessels & ~fov).any()
+        # black outside the field of view, bright inside
+        assert img[~fov].mean() < 10 and img[fov].mean() > 40
+        types = [] if pd.isna(row["lesion_types"]) else row["lesion_types"].split(";")
+        for lesion in types:
+            mask = np.asarray(Image.open(root / "lesions" / lesion / f"{row['image_id']}.png"))
+            assert mask.any() and not (mask.astype(bool) & ~fov).any()
+            if lesion in LESIONS_OF:
+                assert row[LESIONS_OF[lesion]] == 1, f"{lesion} in an eye without its disease"
+
+
+def test_deterministic_for_seed_and_workers(tmp_path: Path):
+    a = generate(SynthConfig(n=6, size=64, seed=11, workers=1), tmp_path / "a", progress=False)
+    b = generate(SynthConfig(n=6, size=64, seed=11, workers=2), tmp_path / "b", progress=False)
+    c = generate(SynthConfig(n=6, size=64, seed=12, workers=1), tmp_path / "c", progress=False)
+    files_a = sorted(p.relative_to(a.parent) for p in a.parent.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b.parent) for p in b.parent.rglob("*") if p.is_file())
+    assert files_a == files_b
+    for rel in files_a:
+        assert (a.parent / rel).read_bytes() == (b.parent / rel).read_bytes(), rel
+    img_a = (a.parent / "images" / "P00000_right.jpg").read_bytes()
+    assert img_a != (c.parent / "images" / "P00000_right.jpg").read_bytes()
+
+
+def test_odd_count_and_prevalence_validation(tmp_path: Path):
+    m = generate(SynthConfig(n=3, size=64, workers=1), tmp_path / "odd", progress=False)
+    assert len(pd.read_csv(m)) == 3
+    with pytest.raises(ValueError, match="unknown classes"):
+        generate(SynthConfig(n=2, size=64, prevalence={"cataract": 1.0}), tmp_path / "x")
+
+
+def test_every_class_and_subtle_cases(synth_large: Path):
+    df = pd.read_csv(synth_large)
+    assert set(df["disease"]) == {"normal", *DISEASES}
+    sick = df[df.abnormal == 1]
+    subtle = sick[sick.severity < 0.3]
+    assert len(subtle) >= 0.2 * len(sick)
+    # mild DR is a handful of microaneurysms only
+    mild_dr = df[(df.dr_grade == 1)]
+    assert len(mild_dr) > 0
+    assert (mild_dr.lesion_types.fillna("") == "microaneurysm").mean() > 0.7
+    # both eyes of a patient are correlated (shared disease) more often than chance
+    pairs = df.pivot(index="patient_id", columns="eye", values="abnormal")
+    assert (pairs["left"] == pairs["right"]).mean() > 0.7
+
+
+def test_task_not_trivial_after_one_epoch():
+    """A ResNet-18 at 128 px must not separate normal from abnormal perfectly after one epoch."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.synth_learnability import run
+
+    (first_epoch,) = run(n=160, size=128, epochs=1, seed=0, say=lambda _: None)
+    assert 0.0 < first_epoch < 1.0
