@@ -80,7 +80,7 @@ def sample_patient(cfg: SynthConfig, index: int) -> list[EyeCase]:
 
 def _save_mask(mask: np.ndarray, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mask.astype(np.uint8) * 255, "L").save(path, optimize=False)
+    Image.fromarray(mask).save(path, compress_level=1)  # 1-bit PNG, fast to write
     return path.as_posix()
 
 
