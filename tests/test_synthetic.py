@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from fundusfm.config import SynthConfig
+from fundusfm.lesions import LESION_TYPES
 from fundusfm.manifest import check_manifest, load_manifest
 from fundusfm.synthetic import DISEASES, generate
 
@@ -55,6 +56,7 @@ def test_files_and_masks(synth_set: Path):
         # black outside the field of view, bright inside
         assert img[~fov].mean() < 10 and img[fov].mean() > 40
         types = [] if pd.isna(row["lesion_types"]) else row["lesion_types"].split(";")
+        assert set(types) <= set(LESION_TYPES)
         for lesion in types:
             mask = np.asarray(Image.open(root / "lesions" / lesion / f"{row['image_id']}.png"))
             assert mask.any() and not (mask.astype(bool) & ~fov).any()

@@ -4,7 +4,7 @@ Anatomy is laid out in a right-eye frame in units of the field-of-view radius (o
 FOV centre, x to the right, y down), then mirrored for left eyes, rotated slightly and scaled
 to pixels. Layers are drawn with Pillow (fast C line and ellipse drawing) and composited in
 NumPy. Sizes of lesions and vessels are given in pixels at 256 px and scale with the image.
-`synthetic.py` decides which diseases an eye has; this module only draws them.
+`synthetic.py` decides which diseases an eye has; `lesions.py` draws their lesions.
 """
 
 from __future__ import annotations
@@ -17,19 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .config import CameraConfig
-
-LESION_TYPES = (
-    "microaneurysm",
-    "haemorrhage",
-    "hard_exudate",
-    "cotton_wool_spot",
-    "neovascularisation",
-    "drusen",
-    "enlarged_cup",
-    "tessellation",
-    "peripapillary_atrophy",
-    "vein_occlusion",
-)
+from .lesions import LOOK, draw_lesions
 
 
 @dataclass
@@ -51,12 +39,7 @@ class Rendered:
     lesions: dict[str, np.ndarray] = field(default_factory=dict)  # type -> HxW bool
 
 
-def dr_grade(severity: float) -> int:
-    """DR grade 1-4 from severity: mild (microaneurysms only) to proliferative."""
-    return 1 if severity < 0.3 else 2 if severity < 0.6 else 3 if severity < 0.85 else 4
-
-
-class _Canvas:
+class Canvas:
     """Frame transform plus helpers to draw shapes into named L-mode layers."""
 
     def __init__(self, size: int, eye: str, rng: np.random.Generator):
@@ -177,88 +160,7 @@ def _grow_vessels(rng: np.random.Generator, disc: tuple[float, float], fovea: tu
     return segs
 
 
-# Lesion colour (RGB 0-1), opacity and blur (px at 256 px) when painted into the image.
-LOOK = {
-    "microaneurysm": ((0.42, 0.03, 0.03), 0.9, 0.3),
-    "haemorrhage": ((0.40, 0.04, 0.03), 0.85, 0.6),
-    "vein_occlusion": ((0.40, 0.04, 0.03), 0.9, 0.5),
-    "hard_exudate": ((1.0, 0.92, 0.45), 0.85, 0.4),
-    "cotton_wool_spot": ((0.95, 0.92, 0.85), 0.6, 2.0),
-    "neovascularisation": ((0.70, 0.12, 0.10), 0.8, 0.3),
-    "drusen": ((0.96, 0.86, 0.52), 0.7, 0.8),
-}
-
-
-def _draw_lesions(cv: _Canvas, d: dict[str, float], segs, occluded, disc, fovea, rd, rng):
-    """Draw the lesions of each disease into their own layers (painted later, masks kept)."""
-
-    def posterior(spread=0.3):
-        while True:
-            u, v = fovea[0] + rng.normal(0, spread), fovea[1] + rng.normal(0, spread * 0.8)
-            if u * u + v * v < 0.8 and math.hypot(u - disc[0], v - disc[1]) > rd * 1.3:
-                return u, v
-
-    if "dr" in d:
-        s = d["dr"]
-        grade = dr_grade(s)
-        for _ in range(1 + int(s * 25) if grade > 1 else int(rng.integers(1, 6))):
-            cv.dot("microaneurysm", *posterior(), rng.uniform(0.6, 1.3))
-        if grade >= 2:
-            for _ in range(2 + int(s * 12)):
-                u, v = posterior(0.35)
-                for _ in range(int(rng.integers(1, 4))):
-                    cv.dot(
-                        "haemorrhage",
-                        u + rng.normal(0, 0.01),
-                        v + rng.normal(0, 0.01),
-                        rng.uniform(1.5, 4.5),
-                    )
-            for _ in range(1 + int(s * 4)):
-                cu, cw = posterior(0.2)
-                for _ in range(int(rng.integers(3, 14))):
-                    cv.dot(
-                        "hard_exudate",
-                        cu + rng.normal(0, 0.04),
-                        cw + rng.normal(0, 0.04),
-                        rng.uniform(0.7, 2.2),
-                    )
-        if grade >= 3:
-            for _ in range(1 + int(s * 4)):
-                cv.dot("cotton_wool_spot", *posterior(0.3), rng.uniform(3, 6))
-        if grade == 4:  # new vessels on the disc: fine tangles
-            for _ in range(int(rng.integers(2, 5))):
-                u, v = disc[0] + rng.normal(0, rd), disc[1] + rng.normal(0, rd)
-                pts = [cv.px(u + rng.normal(0, 0.03), v + rng.normal(0, 0.03)) for _ in range(8)]
-                cv.layer("neovascularisation").line(pts, fill=255, width=max(1, round(cv.k)))
-    if "amd" in d:
-        s = d["amd"]
-        for _ in range(3 + int(s * 40)):
-            cv.dot(
-                "drusen",
-                fovea[0] + rng.normal(0, 0.1),
-                fovea[1] + rng.normal(0, 0.08),
-                rng.uniform(0.8, 1.5 + 2.0 * s),
-            )
-    if "rvo" in d:  # flame haemorrhages along the occluded veins, some cotton-wool spots
-        s = d["rvo"]
-        veins = [sg for sg in segs if sg[5] == "vein" and sg[6] in occluded]
-        for idx in rng.choice(len(veins), size=min(len(veins), 8 + int(s * 45)), replace=False):
-            u0, v0, u1, v1, *_ = veins[idx]
-            ang = math.atan2(v1 - v0, u1 - u0)
-            cv.ellipse(
-                "vein_occlusion",
-                u0 + rng.normal(0, 0.02),
-                v0 + rng.normal(0, 0.02),
-                rng.uniform(0.015, 0.035),
-                rng.uniform(0.005, 0.01),
-                angle=ang,
-            )
-        for _ in range(int(s * 4)):
-            u0, v0, *_ = veins[int(rng.integers(len(veins)))]
-            cv.dot("cotton_wool_spot", u0, v0, rng.uniform(2.5, 5))
-
-
-def _draw_vessels(cv: _Canvas, segs, occluded: set[int]) -> None:
+def _draw_vessels(cv: Canvas, segs, occluded: set[int]) -> None:
     """Draw vessel segments as polylines, one call per run of equal width on a branch."""
     seg = np.array([sg[:5] for sg in segs], dtype=np.float64)
     scale = np.array(
@@ -290,7 +192,7 @@ def _draw_vessels(cv: _Canvas, segs, occluded: set[int]) -> None:
             run = []
 
 
-def _shading(cv: _Canvas, fovea, camera: CameraConfig, rng: np.random.Generator) -> np.ndarray:
+def _shading(cv: Canvas, fovea, camera: CameraConfig, rng: np.random.Generator) -> np.ndarray:
     """Smooth brightness field: choroidal texture, illumination gradient, vignetting, macula.
 
     Everything here varies slowly, so it is computed on a coarse grid and upsampled.
@@ -319,7 +221,7 @@ def render_eye(
     size: int, case: EyeCase, camera: CameraConfig, rng: np.random.Generator
 ) -> Rendered:
     """Draw one eye: background, disc and cup, macula, vessels, lesions, then the camera."""
-    cv = _Canvas(size, case.eye, rng)
+    cv = Canvas(size, case.eye, rng)
     d = case.diseases
     f32 = np.float32
     yy, xx = np.ogrid[0:size, 0:size]
@@ -379,7 +281,7 @@ def render_eye(
     cv.blend(img, "vein", (0.38, 0.06, 0.05) if occluded else (0.42, 0.08, 0.06), 0.8, 0.45)
     cv.blend(img, "artery", (0.62, 0.16, 0.10), 0.65, 0.45)
 
-    _draw_lesions(cv, d, segs, occluded, disc, fovea, rd, rng)
+    draw_lesions(cv, d, segs, occluded, disc, fovea, rd, rng)
     # Harmless look-alikes that healthy eyes have too: camera dust, nerve-fibre sheen.
     if rng.random() < 0.2:
         for _ in range(int(rng.integers(1, 4))):

@@ -26,8 +26,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from .config import SynthConfig
+from .lesions import dr_grade
 from .manifest import DatasetSpec, TaskSpec, save_manifest
-from .render import EyeCase, dr_grade, render_eye
+from .render import EyeCase, render_eye
 
 DISEASES = ("dr", "amd", "glaucoma", "myopia", "rvo")
 CLASSES = ("normal", *DISEASES)
