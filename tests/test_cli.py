@@ -124,3 +124,21 @@ def test_demo_runs_end_to_end(tmp_path: Path):
         assert (out / rel).is_file(), rel
     assert len(list(out.glob("cache/32px-*/arrays/*.npy"))) == 30
     assert yaml.safe_load((out / "config.yaml").read_text())["split"]["folds"] == 3
+
+
+def test_user_errors_are_one_line_not_tracebacks(synth_set: Path, tmp_path: Path):
+    for args in (
+        ["preprocess", tmp_path / "nope.csv"],
+        ["split", tmp_path / "nope.csv"],
+        ["bench", "cache", tmp_path / "nope.csv"],
+    ):
+        result = invoke(*args)
+        assert result.exit_code == 2 and "manifest not found" in result.output, args
+    table = pd.read_csv(synth_set).drop(columns=["patient_id"])
+    table.to_csv(tmp_path / "m.csv", index=False)
+    (tmp_path / "m.yaml").write_text((synth_set.with_suffix(".yaml")).read_text())
+    result = invoke("split", tmp_path / "m.csv")
+    assert result.exit_code == 2 and "missing column(s) patient_id" in result.output
+    (tmp_path / "afile").write_text("x")
+    result = invoke("preprocess", synth_set, "--cache", tmp_path / "afile", "-q")
+    assert result.exit_code == 2 and "error:" in result.output

@@ -146,3 +146,36 @@ def test_read_mask_palette_zero_one(tmp_path: Path):
     img.save(tmp_path / "m.gif")
     mask = read_mask(tmp_path / "m.gif")
     assert mask.sum() == 4 and mask[2, 2]
+
+
+def test_16bit_tiff_scaled_by_declared_depth(tmp_path: Path):
+    arr = np.array([[0, 257, 65535]], dtype=np.uint16).repeat(2, axis=0)
+    Image.fromarray(arr).save(tmp_path / "d.tif")
+    assert list(read_rgb(tmp_path / "d.tif")[0, :, 1]) == [0, 1, 255]
+
+
+def test_float_image_scale_does_not_depend_on_its_pixels(tmp_path: Path):
+    flat = np.full((4, 4), 0.5, np.float32)
+    spiked = flat.copy()
+    spiked[0, 0] = 1.5  # one out-of-range pixel must not darken the rest
+    Image.fromarray(flat, "F").save(tmp_path / "a.tif")
+    Image.fromarray(spiked, "F").save(tmp_path / "b.tif")
+    assert read_rgb(tmp_path / "a.tif")[2, 2, 0] == read_rgb(tmp_path / "b.tif")[2, 2, 0] == 127
+    assert read_rgb(tmp_path / "b.tif")[0, 0, 0] == 255
+
+
+def test_read_mask_judges_palette_colours_alpha_and_floats(tmp_path: Path):
+    inv = Image.new("P", (4, 4), 0)
+    inv.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)  # index 0 is white, 1 is black
+    inv.putpixel((0, 0), 1)
+    inv.save(tmp_path / "inv.png")
+    mask = read_mask(tmp_path / "inv.png")
+    assert mask.sum() == 15 and not mask[0, 0]
+
+    la = np.zeros((4, 4, 2), np.uint8)
+    la[1:3, 1:3, 1] = 255  # drawn only in the alpha channel
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    assert read_mask(tmp_path / "la.png").sum() == 4
+
+    Image.fromarray(np.full((4, 4), 0.4, np.float32), "F").save(tmp_path / "f.tif")
+    assert read_mask(tmp_path / "f.tif").all()

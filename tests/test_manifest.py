@@ -151,3 +151,36 @@ def test_unknown_task_named(tmp_path: Path):
     m = load_manifest(save_manifest(make_clean(tmp_path), SPEC, tmp_path / "manifest.csv"))
     with pytest.raises(ConfigError, match="declared: grade, abnormal"):
         m.task("severity")
+
+
+def test_whitespace_is_stripped_everywhere(tmp_path: Path):
+    t = make_clean(tmp_path)
+    t.loc[1, "patient_id"] = " p0 "  # same patient as row 0, padded
+    t.loc[2, "grade"] = " c"
+    m = load_manifest(save_manifest(t, SPEC, tmp_path / "manifest.csv"))
+    assert check_manifest(m, progress=False).problems == []
+    assert m.table.loc[1, "patient_id"] == "p0"
+    assert encode_labels(m, SPEC.tasks["grade"])[2] == 2
+
+
+def test_line_numbers_count_blank_lines(tmp_path: Path):
+    t = make_clean(tmp_path)
+    t.loc[3, "eye"] = "middle"
+    path = save_manifest(t, SPEC, tmp_path / "manifest.csv")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines[:2], "", *lines[2:]]) + "\n")  # blank line after row 1
+    found = check_manifest(load_manifest(path), progress=False).problems
+    assert [(p.line, p.column) for p in found] == [(6, "eye")]  # row 4 sits on line 6
+
+
+def test_symlinks_inside_root_are_allowed(tmp_path: Path):
+    data = tmp_path / "data"
+    t = make_clean(data)
+    elsewhere = tmp_path / "disk"
+    (data / "images").rename(elsewhere)
+    (data / "images").symlink_to(elsewhere, target_is_directory=True)
+    alias = tmp_path / "alias"
+    alias.symlink_to(data, target_is_directory=True)
+    t.loc[0, "path"] = str(alias / "images" / "i0.png")  # absolute, through a linked root
+    found = problems_of(data, t)
+    assert found == []

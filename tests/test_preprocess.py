@@ -126,3 +126,58 @@ def test_failures_listed_and_others_kept(tmp_path: Path):
     assert "black" in (report.directory / "errors.csv").read_text()
     with pytest.raises(FileNotFoundError, match="fundusfm preprocess"):
         open_cache(m, cfg, tmp_path / "cache")
+
+
+def test_two_rows_one_file_built_once(tmp_path: Path):
+    m_path = make_set(tmp_path / "data", {"a": fundus_like(60, 60, 30, 30, 25)})
+    m = load_manifest(m_path)
+    m.table = pd.concat([m.table] * 6, ignore_index=True)
+    m.table["image_id"] = [f"id{i}" for i in range(6)]
+    report = build_cache(
+        m, PreprocessConfig(resolution=16, workers=4), tmp_path / "c", progress=False
+    )
+    assert (report.built, report.skipped, report.errors) == (1, 5, [])
+    assert len(list(report.directory.glob("arrays/*"))) == 1  # no temporary files left
+
+
+def test_file_changed_while_processing_is_rebuilt(tmp_path: Path, monkeypatch):
+    import fundusfm.preprocess as pp
+
+    m = load_manifest(make_set(tmp_path / "data", {"a": fundus_like(60, 60, 30, 30, 25)}))
+    source = (tmp_path / "data" / "img" / "a.png").resolve()
+    real = pp.preprocess_image
+
+    def rewrite_meanwhile(path, cfg):
+        out = real(path, cfg)
+        Image.fromarray(fundus_like(60, 60, 30, 30, 10, seed=5)).save(source)
+        os.utime(source, ns=(10**9, 10**9))
+        return out
+
+    monkeypatch.setattr(pp, "preprocess_image", rewrite_meanwhile)
+    cfg = PreprocessConfig(resolution=16)
+    build_cache(m, cfg, tmp_path / "c", progress=False)
+    monkeypatch.setattr(pp, "preprocess_image", real)
+    again = build_cache(m, cfg, tmp_path / "c", progress=False)
+    assert again.built == 1
+
+
+def test_interrupted_build_keeps_its_index(tmp_path: Path, monkeypatch):
+    import fundusfm.preprocess as pp
+
+    images = {f"i{k}": fundus_like(60, 60, 30, 30, 25, seed=k) for k in range(6)}
+    m = load_manifest(make_set(tmp_path / "data", images))
+    real, calls = pp.preprocess_image, []
+
+    def interrupt_on_fourth(path, cfg):
+        calls.append(path)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(path, cfg)
+
+    monkeypatch.setattr(pp, "preprocess_image", interrupt_on_fourth)
+    cfg = PreprocessConfig(resolution=16, workers=1)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(m, cfg, tmp_path / "c", progress=False)
+    monkeypatch.setattr(pp, "preprocess_image", real)
+    resumed = build_cache(m, cfg, tmp_path / "c", progress=False)
+    assert (resumed.built, resumed.skipped) == (3, 3)

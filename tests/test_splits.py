@@ -110,3 +110,19 @@ def test_errors(manifest, splits):
 def test_rows_follow_manifest_order(manifest, splits):
     assert list(splits.image_id) == list(manifest.table.image_id)
     assert np.isin(splits["val_fold"], [-1, 0, 1, 2, 3, 4]).all()
+
+
+def test_small_sets_keep_every_part_filled(manifest):
+    small = manifest.table.head(20)  # 10 patients
+    m = type(manifest)(manifest.path, small, manifest.spec, manifest.root)
+    s = make_splits(m, SplitConfig(folds=5, fractions=[0.5, 1], val_fraction=0.1, task="abnormal"))
+    for k in range(5):
+        parts = fold_sets(s, k, 0.5)
+        assert parts["train"] and parts["val"] and parts["test"]
+
+
+def test_holdout_leaving_too_few_patients_is_an_error(manifest):
+    small = manifest.table.head(10)  # 5 patients
+    m = type(manifest)(manifest.path, small, manifest.spec, manifest.root)
+    with pytest.raises(ConfigError, match="after the held-out part"):
+        make_splits(m, SplitConfig(folds=5, test_fraction=0.2, val_fraction=0, task="abnormal"))

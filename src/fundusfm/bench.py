@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import PreprocessConfig
+from .config import ConfigError, PreprocessConfig
 from .manifest import Manifest
 from .preprocess import ImageCache, build_cache, preprocess_image
 from .transforms import normalise, to_tensor
@@ -37,7 +37,11 @@ def bench_cache(manifest: Manifest, cfg: PreprocessConfig, limit: int | None = N
     with tempfile.TemporaryDirectory() as tmp:
         report = build_cache(sub, cfg, Path(tmp), progress=False)
         if report.errors:
-            raise RuntimeError(f"cache build failed for {report.errors[:3]}")
+            _, path, reason = report.errors[0]
+            raise ConfigError(
+                f"{len(report.errors)} images could not be cached (first: {path}: {reason}); "
+                "run `fundusfm data check` on the manifest"
+            )
         cache = ImageCache(report.directory)
         cached = _rate(lambda s: normalise(to_tensor(cache.read(s))), sources)
         original = _rate(

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -25,6 +28,7 @@ from .config import (
     dump_config,
     load_config,
 )
+from .decode import ImageDecodeError
 from .manifest import load_manifest
 
 app = typer.Typer(
@@ -49,6 +53,17 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.
 def fail(message: str, code: int = 2) -> typer.Exit:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     return typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the errors a user can fix (bad input, paths, permissions) into one clear line."""
+    try:
+        yield
+    except (ConfigError, ImageDecodeError) as exc:
+        raise fail(str(exc)) from exc
+    except OSError as exc:
+        raise fail(f"{exc}") from exc
 
 
 def resolve(model: type[M], config: Path | None, sets: list[str] | None, **flags) -> M:
@@ -99,12 +114,11 @@ def synth(
     cfg = resolve(SynthConfig, config, set_, n=n, size=size, seed=seed, workers=workers)
     if (out / "manifest.csv").exists():
         raise fail(f"{out} already holds a generated set; choose a new folder")
-    import time
-
     start = time.perf_counter()
-    manifest = generate(cfg, out, progress=not quiet)
-    seconds = time.perf_counter() - start
-    dump_config(cfg, out / "config.yaml")
+    with user_errors():
+        manifest = generate(cfg, out, progress=not quiet)
+        seconds = time.perf_counter() - start
+        dump_config(cfg, out / "config.yaml")
     typer.echo(f"wrote {cfg.n} images to {out} in {seconds:.1f} s ({cfg.n / seconds:.1f} img/s)")
     typer.echo(f"manifest: {manifest}")
 
@@ -120,11 +134,9 @@ def data_check(
     """Validate a manifest and list every problem at once (exit 1 if there are any)."""
     from .manifest import check_manifest
 
-    try:
+    with user_errors():
         m = load_manifest(manifest)
-    except ConfigError as exc:
-        raise fail(str(exc)) from exc
-    result = check_manifest(m, decode=decode, workers=workers, progress=not quiet)
+        result = check_manifest(m, decode=decode, workers=workers, progress=not quiet)
     typer.echo(f"{manifest}: {result.rows} rows, {result.decoded} images decoded")
     for task, counts in result.class_counts.items():
         typer.echo(f"  task {task}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
@@ -133,7 +145,8 @@ def data_check(
     if report:
         import pandas as pd
 
-        pd.DataFrame([p.__dict__ for p in result.problems]).to_csv(report, index=False)
+        with user_errors():
+            pd.DataFrame([p.__dict__ for p in result.problems]).to_csv(report, index=False)
     if result.ok:
         typer.secho("OK: no problems found", fg=typer.colors.GREEN)
         return
@@ -156,7 +169,8 @@ def data_scan(
     if table.empty:
         raise fail(f"no JPEG/PNG/TIFF/BMP/GIF images under {root} match {pattern!r}")
     spec = DatasetSpec(name=root.name, root=os.path.relpath(root.resolve(), out.parent.resolve()))
-    save_manifest(table, spec, out)
+    with user_errors():
+        save_manifest(table, spec, out)
     typer.echo(f"wrote {out}: {len(table)} images under {root}")
 
 
@@ -176,16 +190,11 @@ def preprocess(
     from .preprocess import build_cache
 
     cfg = resolve(PreprocessConfig, config, set_, resolution=resolution, workers=workers)
-    try:
-        m = load_manifest(manifest)
-    except ConfigError as exc:
-        raise fail(str(exc)) from exc
     root = cache or manifest.parent / "cache"
-    try:
+    with user_errors():
+        m = load_manifest(manifest)
         result = build_cache(m, cfg, root, progress=not quiet)
-    except PermissionError as exc:
-        raise fail(f"cannot write the cache ({exc}); pass --cache DIR") from exc
-    dump_config(cfg, result.directory / "config.yaml")
+        dump_config(cfg, result.directory / "config.yaml")
     rate = result.built / result.seconds if result.built else 0.0
     typer.echo(
         f"cache {result.directory}: {result.built} built ({rate:.1f} img/s), "
@@ -231,15 +240,13 @@ def split(
         val_fraction=val_fraction,
         test_fraction=test_fraction,
     )
-    try:
+    with user_errors():
         m = load_manifest(manifest)
         table = make_splits(m, cfg)
         summary = summarise(table, m, cfg.task)
-    except ConfigError as exc:
-        raise fail(str(exc)) from exc
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False)
-    dump_config(cfg, out.with_suffix(".config.yaml"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out, index=False)
+        dump_config(cfg, out.with_suffix(".config.yaml"))
     typer.echo(f"wrote {out} ({len(table)} images, {table.patient_id.nunique()} patients)")
     typer.echo(summary.to_string(index=False))
 
@@ -255,7 +262,8 @@ def demo(
     from .demo import run_demo
 
     cfg = resolve(DemoConfig, config, set_)
-    result = run_demo(cfg, out, progress=not quiet, say=typer.echo)
+    with user_errors():
+        result = run_demo(cfg, out, progress=not quiet, say=typer.echo)
     typer.echo(f"\nmanifest  {result.manifest} ({result.problems} problems)")
     typer.echo(f"cache     {result.cache.directory} ({result.cache.built} built)")
     typer.echo(f"splits    {result.splits}")
@@ -273,12 +281,14 @@ def bench_cache_cmd(
     from .bench import bench_cache
 
     cfg = PreprocessConfig(resolution=resolution)
-    figures = bench_cache(load_manifest(manifest), cfg, limit=limit)
+    with user_errors():
+        figures = bench_cache(load_manifest(manifest), cfg, limit=limit)
     figures["build_workers"] = cfg.workers or os.cpu_count()
     for key, value in figures.items():
         typer.echo(f"{key:32s} {value:.1f}" if isinstance(value, float) else f"{key:32s} {value}")
     if json_out:
-        json_out.write_text(json.dumps(figures, indent=2))
+        with user_errors():
+            json_out.write_text(json.dumps(figures, indent=2))
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m fundusfm`

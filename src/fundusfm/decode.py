@@ -9,7 +9,6 @@ EXIF orientation is applied so that a rotated camera file comes out upright.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,29 +17,42 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 SUPPORTED_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif")
 
 # Refuse images that would take more than this many pixels to decode (decompression bombs).
-MAX_PIXELS = 200_000_000
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# Checked from the header, before any pixel is decoded. Pillow's own global limit is left as is.
+MAX_PIXELS = 150_000_000
 
 
 class ImageDecodeError(ValueError):
     """An image file that cannot be turned into pixels; the message says why."""
 
 
-def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
-    """Scale a high-bit-depth array to 0-255 by its type's range, not by clipping."""
+def _bits_per_sample(img: Image.Image) -> int | None:
+    """Bit depth declared by the file (TIFF tag 258), when the format says it."""
+    tags = getattr(img, "tag_v2", None)
+    if tags is not None and 258 in tags:
+        bits = tags[258]
+        return int(bits[0] if isinstance(bits, tuple) else bits)
+    return None
+
+
+def _to_uint8(arr: np.ndarray, mode: str, bits: int | None) -> np.ndarray:
+    """Scale a high-bit-depth array to 0-255 by its declared range, never by its own pixels.
+
+    16-bit modes and 32-bit integer images ("I", how Pillow opens 16-bit PNG and TIFF
+    greyscale) are scaled from 0-65535 unless the file declares another bit depth (TIFF).
+    Floating-point images are taken to lie in 0-1. Values outside the range are clipped.
+    """
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8) * 255
-    if mode.startswith("I;16") or arr.dtype == np.uint16:
-        return (arr.astype(np.uint32) * 255 // 65535).astype(np.uint8)
     if mode == "F" or np.issubdtype(arr.dtype, np.floating):
-        finite = np.nan_to_num(arr.astype(np.float64))
-        top = 1.0 if finite.max(initial=0) <= 1.0 else 65535.0 if finite.max() > 255 else 255.0
-        return np.clip(np.round(finite / top * 255), 0, 255).astype(np.uint8)
-    # Mode "I" (32-bit int): Pillow uses it for 16-bit PNG/TIFF greyscale.
-    top = 65535 if arr.max(initial=0) > 255 else 255
-    return (np.clip(arr.astype(np.int64), 0, top) * 255 // top).astype(np.uint8)
+        top = 1.0
+    elif bits is not None and bits <= 32:
+        top = float(2**bits - 1)
+    else:
+        top = 65535.0
+    scaled = np.nan_to_num(arr.astype(np.float64)) * (255.0 / top)
+    return np.clip(np.floor(scaled), 0, 255).astype(np.uint8)
 
 
 def to_rgb_array(img: Image.Image) -> np.ndarray:
@@ -61,8 +73,7 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
     if mode in ("CMYK", "YCbCr", "LAB", "HSV", "1", "L"):
         return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
     # high bit depth, single channel (I;16*, I, F) or unusual multi-band modes
-    arr = np.asarray(img)
-    arr = _to_uint8(arr, mode)
+    arr = _to_uint8(np.asarray(img), mode, _bits_per_sample(img))
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     elif arr.shape[2] >= 3:
@@ -80,17 +91,15 @@ def open_image(path: Path, draft_size: int | None = None) -> Image.Image:
     try:
         if path.stat().st_size == 0:
             raise ImageDecodeError("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageDecodeError(
-                    f"image claims {img.width}x{img.height} pixels, over the "
-                    f"{MAX_PIXELS:,}-pixel safety limit (possible decompression bomb)"
-                )
-            if draft_size and img.format == "JPEG":
-                img.draft("RGB", (draft_size, draft_size))
-            img.load()
+        img = Image.open(path)
+        if img.width * img.height > MAX_PIXELS:
+            raise ImageDecodeError(
+                f"image claims {img.width}x{img.height} pixels, over the "
+                f"{MAX_PIXELS:,}-pixel safety limit (possible decompression bomb)"
+            )
+        if draft_size and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
         return ImageOps.exif_transpose(img)
     except ImageDecodeError:
         raise
@@ -98,7 +107,7 @@ def open_image(path: Path, draft_size: int | None = None) -> Image.Image:
         raise ImageDecodeError("file not found") from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not a recognised image format (JPEG/PNG/TIFF/BMP/GIF)") from exc
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"decompression bomb refused: {exc}") from exc
     except OSError as exc:
         raise ImageDecodeError(f"cannot decode ({exc}); the file may be truncated") from exc
@@ -116,9 +125,23 @@ def read_rgb(path: Path, draft_size: int | None = None) -> np.ndarray:
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """Read a mask image (vessels, FOV, lesion) as a boolean HxW array: any non-zero is True."""
+    """Read a mask image (vessels, FOV, lesion) as a boolean HxW array.
+
+    A pixel is in the mask when its colour is not black (palette masks are judged by their
+    colours, not their index numbers; float and 16-bit masks by any non-zero value). Where an
+    image has an alpha channel, transparent pixels are outside the mask, and a mask drawn
+    only in the alpha channel (colour all black) is read from the alpha channel.
+    """
     img = open_image(path)
-    arr = np.asarray(img if img.mode in ("1", "L", "P", "I", "I;16") else img.convert("L"))
-    if arr.ndim == 3:
-        arr = arr.max(axis=2)
-    return arr > 0
+    try:
+        if img.mode in ("P", "PA"):
+            img = img.convert("RGBA")
+        if img.mode in ("1", "L", "I", "F") or img.mode.startswith("I;16"):
+            return np.asarray(img) != 0
+        if img.mode in ("LA", "RGBA", "La", "RGBa"):
+            arr = np.asarray(img.convert("RGBA"))
+            colour, alpha = arr[..., :3].max(axis=2) > 0, arr[..., 3] > 0
+            return alpha if not colour.any() else colour & alpha
+        return np.asarray(img.convert("RGB")).max(axis=2) > 0
+    except (OSError, ValueError) as exc:
+        raise ImageDecodeError(f"cannot read mode {img.mode!r} as a mask ({exc})") from exc

@@ -90,6 +90,23 @@ class Manifest:
     table: pd.DataFrame
     spec: DatasetSpec
     root: Path
+    lines: np.ndarray | None = None  # CSV line of each row (header = 1); blank lines skipped
+
+    def __post_init__(self) -> None:
+        if self.lines is None or len(self.lines) != len(self.table):
+            self.lines = np.arange(len(self.table)) + 2
+
+    def line(self, row: int) -> int:
+        return int(self.lines[row])
+
+    def require(self, *columns: str) -> None:
+        """Raise a clear error when the table lacks columns a stage needs."""
+        missing = [c for c in columns if c not in self.table.columns]
+        if missing:
+            raise ConfigError(
+                f"{self.path}: missing column(s) {', '.join(missing)}; "
+                f"run `fundusfm data check {self.path}`"
+            )
 
     def task(self, name: str | None = None) -> tuple[str, TaskSpec]:
         """Return a declared task by name, or the first one when `name` is None."""
@@ -117,29 +134,39 @@ def sidecar_path(manifest_path: Path) -> Path:
     return Path(manifest_path).with_suffix(".yaml")
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read a manifest CSV as strings; tolerates a BOM, `;` or tab delimiters, CRLF endings."""
+def read_table(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """Read a manifest CSV as stripped strings, with the file line of every row.
+
+    Tolerates a BOM, `;` or tab delimiters and CRLF endings; blank lines are skipped but
+    counted, so problems are reported at the line an editor shows (a quoted value that
+    spans lines still shifts the count).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"manifest not found: {path}")
     try:
-        return pd.read_csv(
+        table = pd.read_csv(
             path,
             dtype=str,
             keep_default_na=False,
             sep=None,
             engine="python",
             encoding="utf-8-sig",
+            skip_blank_lines=False,
         )
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise ConfigError(f"{path}: cannot read as CSV ({exc})") from exc
+    table.columns = [str(c).strip() for c in table.columns]
+    table = table.fillna("").apply(lambda col: col.str.strip())  # " P1" is "P1"
+    lines = np.arange(len(table)) + 2
+    keep = (table != "").any(axis=1).to_numpy()
+    return table[keep].reset_index(drop=True), lines[keep]
 
 
 def load_manifest(path: Path) -> Manifest:
     """Load a manifest CSV and its sidecar YAML (which may be absent: no tasks, root = folder)."""
     path = Path(path)
-    table = read_table(path)
-    table.columns = [c.strip() for c in table.columns]
+    table, lines = read_table(path)
     side = sidecar_path(path)
     spec = DatasetSpec()
     if side.is_file():
@@ -148,7 +175,7 @@ def load_manifest(path: Path) -> Manifest:
         except (ValidationError, yaml.YAMLError) as exc:
             raise ConfigError(f"{side}: invalid dataset description:\n{exc}") from exc
     root = (side.parent / spec.root).resolve()
-    return Manifest(path=path, table=table, spec=spec, root=root)
+    return Manifest(path=path, table=table, spec=spec, root=root, lines=lines)
 
 
 def save_manifest(table: pd.DataFrame, spec: DatasetSpec, path: Path) -> Path:
@@ -194,7 +221,7 @@ def encode_labels(manifest: Manifest, task: TaskSpec) -> np.ndarray:
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
                 raise ConfigError(
-                    f"{manifest.path} line {i + 2}: {col}={t[col].iat[i]!r}, need 0/1"
+                    f"{manifest.path} line {manifest.line(i)}: {col}={t[col].iat[i]!r}, need 0/1"
                 )
             out[:, j] = t[col].astype(int).to_numpy()
         return out
@@ -204,7 +231,8 @@ def encode_labels(manifest: Manifest, task: TaskSpec) -> np.ndarray:
     if codes.isna().any():
         i = int(np.flatnonzero(codes.isna().to_numpy())[0])
         raise ConfigError(
-            f"{manifest.path} line {i + 2}: {col}={t[col].iat[i]!r} is not one of {task.classes}"
+            f"{manifest.path} line {manifest.line(i)}: {col}={t[col].iat[i]!r} is not one of "
+            f"{task.classes}"
         )
     return codes.to_numpy(dtype=np.int64)
 
@@ -260,16 +288,18 @@ def _check_labels(m: Manifest, report: CheckReport) -> None:
         allowed = ["0", "1"] if task.kind == "multilabel" else task.class_names
         counts: dict[str, int] = {}
         for col in task.columns:
-            values = t[col].str.strip()
+            values = t[col]
             for i in np.flatnonzero((values == "").to_numpy()):
                 report.problems.append(
-                    Problem(i + 2, t["image_id"].iat[i], col, f"missing label for task {name!r}")
+                    Problem(
+                        m.line(i), t["image_id"].iat[i], col, f"missing label for task {name!r}"
+                    )
                 )
             bad = (values != "") & ~values.isin(allowed)
             for i in np.flatnonzero(bad.to_numpy()):
                 report.problems.append(
                     Problem(
-                        i + 2,
+                        m.line(i),
                         t["image_id"].iat[i],
                         col,
                         f"unknown label {values.iat[i]!r} for task {name!r}; expected one of "
@@ -286,6 +316,24 @@ def _check_labels(m: Manifest, report: CheckReport) -> None:
                     Problem(0, "", name, f"class {cls!r} has no images in task {name!r}")
                 )
         report.class_counts[name] = counts
+
+
+class _RootTest:
+    """Is a path inside the data root? Judged on the path as written (no `..` out of the root,
+    no absolute path elsewhere), where the root may be reached under any alias (symlink).
+    Symlinks below the root may point anywhere, as data folders are often linked in."""
+
+    def __init__(self, m: Manifest):
+        self.root = m.root
+        self.resolved: dict[Path, bool] = {}
+
+    def __call__(self, full: Path) -> bool:
+        for parent in full.parents:
+            if parent not in self.resolved:
+                self.resolved[parent] = parent == self.root or parent.resolve() == self.root
+            if self.resolved[parent]:
+                return True
+        return False
 
 
 def check_manifest(
@@ -305,9 +353,10 @@ def check_manifest(
         return report
 
     first_row: dict[str, int] = {}
-    to_decode: list[tuple[int, Path]] = []
+    to_decode: list[tuple[int, Path]] = []  # (row, file)
+    inside = _RootTest(m)
     for i, row in enumerate(t.itertuples(index=False)):
-        line, iid = i + 2, str(row.image_id).strip()
+        line, iid = m.line(i), str(row.image_id)
         if not iid:
             report.problems.append(Problem(line, "", "image_id", "empty image_id"))
         elif iid in first_row:
@@ -318,7 +367,7 @@ def check_manifest(
             )
         else:
             first_row[iid] = line
-        if not str(row.patient_id).strip():
+        if not str(row.patient_id):
             report.problems.append(
                 Problem(line, iid, "patient_id", "empty patient_id (use the image_id if unknown)")
             )
@@ -326,12 +375,12 @@ def check_manifest(
             report.problems.append(
                 Problem(line, iid, "eye", f"{row.eye!r} is not one of {', '.join(EYES)}")
             )
-        rel = str(row.path).strip()
+        rel = str(row.path)
         if not rel:
             report.problems.append(Problem(line, iid, "path", "empty path"))
             continue
         full = Path(os.path.normpath(m.image_path(rel)))
-        if not full.is_relative_to(m.root):
+        if not inside(full):
             report.problems.append(
                 Problem(line, iid, "path", f"{rel!r} lies outside the data root {m.root}")
             )
@@ -339,7 +388,7 @@ def check_manifest(
         if not full.is_file():
             report.problems.append(Problem(line, iid, "path", f"file not found: {full}"))
             continue
-        to_decode.append((line, full))
+        to_decode.append((i, full))
 
     if decode and to_decode:
         with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
@@ -353,8 +402,8 @@ def check_manifest(
                 )
             )
         seen: dict[str, tuple[int, str]] = {}
-        for (line, full), (digest, error) in zip(to_decode, results, strict=True):
-            iid = str(t["image_id"].iat[line - 2])
+        for (i, full), (digest, error) in zip(to_decode, results, strict=True):
+            line, iid = m.line(i), str(t["image_id"].iat[i])
             if error:
                 report.problems.append(Problem(line, iid, "path", f"{full.name}: {error}"))
                 continue

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -150,10 +151,15 @@ def _array_name(source: str) -> str:
 
 
 def _save_atomic(arr: np.ndarray, path: Path) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.save(fh, arr)
-    os.replace(tmp, path)
+    """Write to a uniquely named temporary file, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, arr)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class ImageCache:
@@ -220,23 +226,26 @@ def build_cache(
     (directory / "settings.json").write_text(json.dumps(settings, indent=2))
     cache = ImageCache(directory)
     report = BuildReport(directory=directory)
+    manifest.require("image_id", "path")
     todo: list[tuple[str, Path]] = []
+    queued: set[Path] = set()  # two rows may name one file: process it once
     for iid, rel in zip(manifest.table["image_id"], manifest.table["path"], strict=True):
         source = manifest.image_path(rel).resolve()
         if not source.is_file():
             report.errors.append((iid, str(source), "file not found"))
-        elif cache.is_fresh(source):
+        elif cache.is_fresh(source) or source in queued:
             report.skipped += 1
         else:
             todo.append((iid, source))
+            queued.add(source)
 
     def work(item: tuple[str, Path]):
         iid, source = item
+        st = source.stat()  # before decoding: a file changed meanwhile looks stale next time
         try:
             arr, info = preprocess_image(source, cfg)
         except ImageDecodeError as exc:
             return iid, source, None, str(exc)
-        st = source.stat()
         name = _array_name(str(source))
         _save_atomic(arr, directory / "arrays" / name)
         row = {
@@ -248,28 +257,31 @@ def build_cache(
         }
         return iid, source, row, None
 
-    start = time.perf_counter()
+    start = last_save = time.perf_counter()
     workers = cfg.workers or os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         results = pool.map(work, todo)
-        for k, (iid, source, row, error) in enumerate(
-            tqdm(
-                results,
-                total=len(todo),
-                desc=f"cache {cfg.resolution}px",
-                unit="img",
-                disable=not progress,
-            )
-        ):
+        bar = tqdm(
+            results,
+            total=len(todo),
+            desc=f"cache {cfg.resolution}px",
+            unit="img",
+            disable=not progress,
+        )
+        for iid, source, row, error in bar:
             if error:
                 report.errors.append((iid, str(source), error))
                 continue
             cache.index[str(source)] = row
             report.built += 1
-            if k % 500 == 499:  # keep what is done if the run is interrupted
+            if time.perf_counter() - last_save > 30:  # keep finished work if interrupted
                 _write_index(directory, cache.index)
-    report.seconds = time.perf_counter() - start
-    _write_index(directory, cache.index)
+                last_save = time.perf_counter()
+    finally:  # on Ctrl-C or a disk error: stop queued work, keep the index of what is done
+        pool.shutdown(wait=True, cancel_futures=True)
+        report.seconds = time.perf_counter() - start
+        _write_index(directory, cache.index)
     pd.DataFrame(report.errors, columns=["image_id", "path", "reason"]).to_csv(
         directory / "errors.csv", index=False
     )

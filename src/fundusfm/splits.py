@@ -19,7 +19,9 @@ How it is made (all assignments are of whole patients, so no patient is ever on 
    that most lacks that label.
 2. Each fold gives `val_fraction` of its patients, stratified the same way, to the validation
    part of each other fold, so every fold's validation part is about `val_fraction` of its
-   training patients and is carved from them.
+   training patients and is carved from them. In very small sets, where that share rounds
+   to nobody, a fold's validation part gets one patient of the commonest class.
+   A fold left with an empty training, validation or test part is an error, not a warning.
 3. Within each fold and stratum (a patient's rarest label) patients are put in a random
    order; fraction f takes the first ceil(f * n) of them. Fractions are therefore nested
    (1% inside 5% inside ...), stratified, and hold at least one patient of every stratum.
@@ -94,13 +96,19 @@ def make_splits(manifest: Manifest, cfg: SplitConfig) -> pd.DataFrame:
     fractions = sorted(set(cfg.fractions))
     if not fractions or fractions[0] <= 0 or fractions[-1] > 1:
         raise ConfigError(f"fractions must lie in (0, 1], got {cfg.fractions}")
+    manifest.require("image_id", "patient_id")
     _, task = manifest.task(cfg.task)
+    manifest.require(*task.columns)
     y = label_matrix(manifest, task)
     t = manifest.table
+    if (t["patient_id"] == "").any():
+        i = int(np.flatnonzero((t["patient_id"] == "").to_numpy())[0])
+        raise ConfigError(
+            f"{manifest.path} line {manifest.line(i)}: empty patient_id; every image needs one "
+            "(use the image_id when the patient is unknown)"
+        )
     patients, group = np.unique(t["patient_id"].to_numpy(), return_inverse=True)
     n_groups = len(patients)
-    if n_groups < k:
-        raise ConfigError(f"{n_groups} patients cannot fill {k} folds")
     counts = np.zeros((n_groups, y.shape[1]), dtype=np.int64)
     np.add.at(counts, group, y)
     sizes = np.bincount(group, minlength=n_groups)
@@ -113,6 +121,8 @@ def make_splits(manifest: Manifest, cfg: SplitConfig) -> pd.DataFrame:
             stratified_assign(counts, sizes, [cfg.test_fraction, 1 - cfg.test_fraction], rng) == 0
         )
     cv = np.flatnonzero(~holdout)
+    if len(cv) < k:
+        raise ConfigError(f"{len(cv)} patients (after the held-out part) cannot fill {k} folds")
     fold[cv] = stratified_assign(counts[cv], sizes[cv], [1.0] * k, rng)
     fold[holdout] = -1
 
@@ -125,6 +135,16 @@ def make_splits(manifest: Manifest, cfg: SplitConfig) -> pd.DataFrame:
             part = stratified_assign(counts[members], sizes[members], props, rng)
             for i, other in enumerate(others):
                 val_fold[members[part == i]] = other
+        # Small sets: a share can round to no patient. Give such a fold one patient of the
+        # commonest class from its training part, so that model selection stays possible.
+        common = counts.sum(axis=0).argmax()
+        for j in range(k):
+            if (val_fold == j).any():
+                continue
+            free = np.flatnonzero((fold != j) & (fold >= 0) & (val_fold == -1))
+            if len(free):
+                best = free[counts[free, common] == counts[free, common].max()]
+                val_fold[rng.choice(best)] = j
 
     # Nested fractions: a random order within each (fold, stratum); f takes the first ceil(f*n).
     frequency = y.sum(axis=0)
@@ -148,6 +168,16 @@ def make_splits(manifest: Manifest, cfg: SplitConfig) -> pd.DataFrame:
     )
     for f in fractions:
         table[fraction_column(f)] = (quantile[group] < f - 1e-12).astype(int)
+    for j in range(k):
+        parts = fold_sets(table, j, fractions[0])
+        empty = [p for p in ("train", "test") if not parts[p]]
+        if cfg.val_fraction > 0 and not parts["val"]:
+            empty.append("validation")
+        if empty:
+            raise ConfigError(
+                f"fold {j} has an empty {' and '.join(empty)} part with {n_groups} patients; "
+                "use fewer folds or smaller val/test fractions"
+            )
     return table
 
 
