@@ -10,11 +10,11 @@ from fundusfm.config import ConfigError
 from fundusfm.manifest import (
     DatasetSpec,
     TaskSpec,
-    check_manifest,
     encode_labels,
     load_manifest,
     save_manifest,
 )
+from fundusfm.validate import check_manifest
 
 SPEC = DatasetSpec(
     name="t",

@@ -7,8 +7,9 @@ from PIL import Image
 
 from fundusfm.config import SynthConfig
 from fundusfm.lesions import LESION_TYPES
-from fundusfm.manifest import check_manifest, load_manifest
+from fundusfm.manifest import load_manifest
 from fundusfm.synthetic import DISEASES, generate
+from fundusfm.validate import check_manifest
 
 LESIONS_OF = {
     "microaneurysm": "dr",

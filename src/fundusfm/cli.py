@@ -132,7 +132,7 @@ def data_check(
     quiet: QuietOpt = False,
 ) -> None:
     """Validate a manifest and list every problem at once (exit 1 if there are any)."""
-    from .manifest import check_manifest
+    from .validate import check_manifest
 
     with user_errors():
         m = load_manifest(manifest)

@@ -13,10 +13,11 @@ from pathlib import Path
 import pandas as pd
 
 from .config import DemoConfig, dump_config
-from .manifest import check_manifest, load_manifest
+from .manifest import load_manifest
 from .preprocess import BuildReport, build_cache
 from .splits import make_splits, summarise
 from .synthetic import generate
+from .validate import check_manifest
 
 
 @dataclass
