@@ -60,10 +60,9 @@ class SynthConfig(Strict):
     workers: int = Field(0, ge=0, description="processes; 0 = all cores")
 
 
-class PreprocessConfig(Strict):
-    """Field-of-view crop, square padding and resize (`fundusfm preprocess`)."""
+class CropConfig(Strict):
+    """How the field of view is found and cropped (everything but the resolution)."""
 
-    resolution: int = Field(512, ge=16, le=4096)
     fov_threshold: float = Field(
         0.06, gt=0, lt=1, description="FOV pixels lie this far from background to 99th percentile"
     )
@@ -73,6 +72,12 @@ class PreprocessConfig(Strict):
     margin: float = Field(0.0, ge=0, le=0.5, description="extra border around the FOV box")
     interpolation: Literal["lanczos", "bicubic", "bilinear", "area"] = "lanczos"
     jpeg_draft: bool = Field(True, description="decode JPEGs at reduced size when it is enough")
+
+
+class PreprocessConfig(CropConfig):
+    """Field-of-view crop, square padding and resize (`fundusfm preprocess`)."""
+
+    resolution: int = Field(512, ge=16, le=4096)
     workers: int = Field(0, ge=0, description="threads; 0 = all cores")
 
 
@@ -93,6 +98,96 @@ class DemoConfig(Strict):
     synth: SynthConfig = SynthConfig(n=240, size=256)
     preprocess: PreprocessConfig = PreprocessConfig(resolution=128)
     split: SplitConfig = SplitConfig(fractions=[0.1, 0.25, 0.5, 1.0])
+
+
+class DataConfig(Strict):
+    """Which images, labels, fold and fraction a training run uses."""
+
+    manifest: Path | None = Field(None, description="manifest.csv (required)")
+    task: str | None = Field(None, description="task declared in the manifest's YAML")
+    splits: Path | None = Field(None, description="splits.csv from `fundusfm split`")
+    fold: int = Field(0, ge=0)
+    fraction: float = Field(1.0, gt=0, le=1)
+    resolution: int = Field(512, ge=16, le=4096)
+    crop: CropConfig = CropConfig()
+    cache: Path | None = Field(None, description="cache root; default: cache/ beside manifest")
+
+    def preprocess(self, workers: int = 0) -> PreprocessConfig:
+        return PreprocessConfig(
+            resolution=self.resolution, workers=workers, **self.crop.model_dump()
+        )
+
+
+class ModelConfig(Strict):
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    init: str = Field(
+        "imagenet", description="scratch | imagenet | fundus | imagenet+fundus | path"
+    )
+    init_bundle: Path | None = Field(None, description="bundle behind fundus / imagenet+fundus")
+    imagenet_version: Literal["IMAGENET1K_V1", "IMAGENET1K_V2"] = "IMAGENET1K_V1"
+    imagenet_file: Path | None = Field(None, description="ImageNet weights file (else hub cache)")
+    head: Literal["linear", "mlp"] = "mlp"
+    hidden: int = Field(512, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class AugmentConfig(Strict):
+    """Training-time augmentation, drawn from a per-image seed (reproducible, resumable)."""
+
+    flip: bool = True
+    rotate: float = Field(15.0, ge=0, le=180, description="max degrees")
+    scale: tuple[float, float] = (0.95, 1.1)
+    brightness: float = Field(0.15, ge=0, le=1)
+    contrast: float = Field(0.15, ge=0, le=1)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    warmup_epochs: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weighted_loss: bool = False
+    balanced_sampler: bool = False
+    grad_accum: int = Field(1, ge=1)
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    select_metric: str = Field("auroc", description="validation metric for model selection")
+    patience: int = Field(0, ge=0, description="early stopping after this many epochs; 0 = off")
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    workers: int = Field(0, ge=0, description="data loader processes")
+    seed: int = 0
+    augment: AugmentConfig = AugmentConfig()
+
+
+class RunConfig(Strict):
+    out: Path = Path("runs/finetune")
+    resume: bool = False
+    progress: bool = True
+
+
+class FinetuneConfig(Strict):
+    """`fundusfm finetune`: one fold, one fraction, one resolution, one init, one method."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    method: Literal["lf", "ff", "partial"] = "ff"
+    partial_stages: int = Field(1, ge=1, le=4, description="stages trained by `partial`")
+    train: TrainConfig = TrainConfig()
+    run: RunConfig = RunConfig()
+
+
+class PretrainConfig(FinetuneConfig):
+    """`fundusfm pretrain`: supervised upstream training that yields a fundus backbone."""
+
+    strategy: Literal["fundus", "imagenet+fundus"] = "imagenet+fundus"
+    val_fraction: float = Field(0.1, gt=0, lt=0.5, description="used when data.splits is unset")
+    method: Literal["ff"] = "ff"
+    run: RunConfig = RunConfig(out=Path("runs/pretrain"))
 
 
 M = TypeVar("M", bound=BaseModel)

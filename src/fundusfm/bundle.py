@@ -1,0 +1,168 @@
+"""Model bundles: a folder with `model.safetensors` and `bundle.json`, no pickle anywhere.
+
+`bundle.json` records what inference needs and where the model came from:
+    architecture   arch, head, hidden units, number of outputs
+    task           name, kind (binary/multiclass/multilabel), class names, thresholds
+    preprocessing  the preprocessing settings (resolution, FOV crop) and normalisation mean/std
+    provenance     resolved config, git commit, manifest sha256, package versions, created
+    weights_sha256 of model.safetensors, verified on every load
+
+`load_bundle(path)` returns a `Bundle` whose `predict` takes images and returns probabilities,
+preprocessed exactly as the bundle says (never guessed).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .backbone import Backbone
+from .heads import Classifier, make_head, scores_from_logits
+from .transforms import normalise, to_tensor
+
+FORMAT_VERSION = 1
+
+
+class BundleError(ValueError):
+    """A bundle folder that is incomplete, altered or of an unknown format."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def git_commit() -> str | None:
+    """The commit of the fundusfm source tree, when it is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(config: dict, manifest: Path | None) -> dict:
+    import torchvision
+
+    return {
+        "config": config,
+        "git_commit": git_commit(),
+        "manifest": str(manifest) if manifest else None,
+        "manifest_sha256": file_sha256(manifest) if manifest else None,
+        "versions": {
+            "fundusfm": __version__,
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "python": platform.python_version(),
+        },
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def save_bundle(model: Classifier, path: Path, meta: dict) -> Path:
+    """Write weights and metadata; `meta` needs architecture, task, preprocessing, provenance."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = path / "model.safetensors"
+    tmp = path / "model.safetensors.tmp"
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp))
+    tmp.replace(weights)
+    meta = {"format_version": FORMAT_VERSION, **meta, "weights_sha256": file_sha256(weights)}
+    (path / "bundle.json").write_text(json.dumps(meta, indent=2, default=str))
+    return path
+
+
+def read_bundle(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Metadata and state dict of a bundle, after checking the weights' sha256."""
+    path = Path(path)
+    meta_file, weights = path / "bundle.json", path / "model.safetensors"
+    if not meta_file.is_file() or not weights.is_file():
+        raise BundleError(f"{path} is not a bundle: it needs bundle.json and model.safetensors")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format {meta.get('format_version')} is not supported")
+    digest = file_sha256(weights)
+    if digest != meta.get("weights_sha256"):
+        raise BundleError(
+            f"{weights}: sha256 {digest[:12]}... does not match bundle.json "
+            f"({str(meta.get('weights_sha256'))[:12]}...); the weights were changed or damaged"
+        )
+    return meta, load_file(weights)
+
+
+def build_model(meta: dict) -> Classifier:
+    """An untrained Classifier with the architecture a bundle describes."""
+    arch = meta["architecture"]
+    backbone = Backbone(arch["arch"])
+    head = make_head(arch["head"], backbone.num_features, arch["outputs"], arch.get("hidden", 512))
+    return Classifier(backbone, head)
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: metadata, the model in eval mode, and prediction."""
+
+    path: Path
+    meta: dict
+    model: Classifier
+
+    @property
+    def kind(self) -> str:
+        return self.meta["task"]["kind"]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["task"]["classes"])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.meta["preprocessing"]["resolution"])
+
+    @torch.no_grad()
+    def predict(self, images, batch_size: int = 32) -> np.ndarray:
+        """Probabilities (N, C) for preprocessed images: RxRx3 uint8 arrays or a uint8 batch."""
+        if isinstance(images, torch.Tensor):
+            batch = images
+        else:
+            batch = torch.stack([to_tensor(np.asarray(a)) for a in images])
+        if batch.shape[-1] != self.resolution or batch.shape[-2] != self.resolution:
+            raise ValueError(
+                f"images are {tuple(batch.shape[-2:])}, the bundle expects "
+                f"{self.resolution}x{self.resolution} (preprocess them with its settings)"
+            )
+        device = next(self.model.parameters()).device
+        mean, std = self.meta["preprocessing"]["mean"], self.meta["preprocessing"]["std"]
+        out = []
+        for i in range(0, len(batch), batch_size):
+            x = normalise(batch[i : i + batch_size].to(device), mean, std)
+            out.append(scores_from_logits(self.model(x), self.kind).float().cpu())
+        return torch.cat(out).numpy()
+
+
+def load_bundle(path: Path, device: str = "cpu") -> Bundle:
+    """Load a bundle for inference (weights verified, model in eval mode on `device`)."""
+    meta, state = read_bundle(path)
+    model = build_model(meta)
+    model.load_state_dict(state)
+    model.eval().to(device)
+    return Bundle(Path(path), meta, model)

@@ -1,0 +1,245 @@
+"""The three model commands: `pretrain`, `finetune` and `evaluate` (external validation).
+
+A run directory holds `config.yaml` (the resolved settings), `checkpoint.pt` and
+`best.safetensors` while training, then `predictions.csv` (one row per validation and test
+image: image_id, fold, split, y_true, one score column per class), `metrics.json` (every
+metric of every part, per-class tables, the training history) and `bundle/`.
+Every figure is recomputable from `predictions.csv`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from .backbone import create_backbone
+from .bundle import load_bundle, provenance, save_bundle
+from .config import ConfigError, FinetuneConfig, PreprocessConfig, PretrainConfig, dump_config
+from .datasets import CachedImages, FoldData, load_fold
+from .heads import Classifier, make_head
+from .manifest import encode_labels, load_manifest
+from .metrics import choose_thresholds, classification_metrics, per_class_table
+from .preprocess import build_cache, open_cache
+from .train import amp_dtype, fit, predict, resolve_device
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+STRATEGY_INIT = {"fundus": "scratch", "imagenet+fundus": "imagenet"}
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(obj: dict, path: Path) -> None:
+    Path(path).write_text(json.dumps(_json_safe(obj), indent=2))
+
+
+def prediction_frame(ids, fold: int, split: str, kind: str, classes, labels, scores):
+    """Rows of predictions.csv: y_true is a class index (multilabel: one y_ column per class)."""
+    frame = pd.DataFrame({"image_id": ids, "fold": fold, "split": split})
+    if kind == "multilabel":
+        for j, c in enumerate(classes):
+            frame[f"y_{c}"] = labels[:, j]
+    else:
+        frame["y_true"] = labels
+    for j, c in enumerate(classes):
+        frame[f"score_{c}"] = scores[:, j]
+    return frame
+
+
+def _prepare_run(cfg: FinetuneConfig) -> Path:
+    out = Path(cfg.run.out)
+    if (out / "metrics.json").exists() and not cfg.run.resume:
+        raise ConfigError(f"{out} already holds a finished run; choose another run.out")
+    if (out / "checkpoint.pt").exists() and not cfg.run.resume:
+        raise ConfigError(
+            f"{out} holds an unfinished run: add --resume to continue it, or choose another run.out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    return out
+
+
+def _build_model(cfg: FinetuneConfig, init: str, n_classes: int) -> Classifier:
+    torch.manual_seed(cfg.train.seed)
+    m = cfg.model
+    backbone = create_backbone(m.arch, init, m.imagenet_version, m.imagenet_file, m.init_bundle)
+    head = make_head(m.head, backbone.num_features, n_classes, m.hidden, m.dropout)
+    return Classifier(backbone, head)
+
+
+def _bundle_meta(cfg: FinetuneConfig, data: FoldData, thresholds, extra: dict) -> dict:
+    return {
+        "architecture": {
+            "arch": cfg.model.arch,
+            "head": cfg.model.head,
+            "hidden": cfg.model.hidden,
+            "outputs": len(data.task.class_names),
+        },
+        "task": {
+            "name": data.task_name,
+            "kind": data.task.kind,
+            "classes": data.task.class_names,
+            "thresholds": thresholds,
+        },
+        "preprocessing": {
+            "resolution": cfg.data.resolution,
+            "crop": cfg.data.crop.model_dump(),
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        },
+        "provenance": provenance(cfg.model_dump(mode="json"), Path(cfg.data.manifest)),
+        **extra,
+    }
+
+
+def train_and_report(
+    cfg: FinetuneConfig, init: str, val_fraction: float | None, extra: dict, on_epoch_end=None
+) -> Path:
+    """Shared body of pretrain and finetune: train, predict, score, bundle."""
+    out = _prepare_run(cfg)
+    data = load_fold(cfg.data, val_fraction=val_fraction, progress=cfg.run.progress)
+    kind, classes = data.task.kind, data.task.class_names
+    model = _build_model(cfg, init, len(classes))
+    result = fit(
+        model,
+        data,
+        cfg.train,
+        out,
+        cfg.method,
+        cfg.partial_stages,
+        cfg.run.resume,
+        cfg.run.progress,
+        on_epoch_end,
+    )
+    device = resolve_device(cfg.train.device)
+    amp = amp_dtype(cfg.train.amp, device)
+    ids = data.manifest.table["image_id"].to_numpy()
+    frames, metrics = [], {"best_epoch": result.best_epoch, "history": result.history}
+    thresholds: list[float] = []
+    for part in ("val", "test"):
+        if len(data.parts[part]) == 0:
+            continue
+        scores, labels, index = predict(
+            model, data.dataset(part), cfg.train.batch_size, device, kind, amp
+        )
+        if part == "val":
+            thresholds = choose_thresholds(kind, labels, scores)
+        rows = data.parts[part][index]
+        frames.append(
+            prediction_frame(ids[rows], cfg.data.fold, part, kind, classes, labels, scores)
+        )
+        metrics[part] = classification_metrics(kind, labels, scores, thresholds)
+        metrics[f"{part}_per_class"] = per_class_table(
+            kind, labels, scores, classes, thresholds
+        ).to_dict("records")
+    pd.concat(frames).to_csv(out / "predictions.csv", index=False)
+    save_bundle(model, out / "bundle", _bundle_meta(cfg, data, thresholds, extra))
+    write_json(metrics, out / "metrics.json")
+    return out
+
+
+def finetune(cfg: FinetuneConfig, on_epoch_end=None) -> Path:
+    """Downstream training on one fold and fraction from any init; returns the run folder."""
+    return train_and_report(cfg, cfg.model.init, None, {"method": cfg.method}, on_epoch_end)
+
+
+def pretrain(cfg: PretrainConfig, on_epoch_end=None) -> Path:
+    """Upstream supervised pretraining; `strategy` decides the starting weights."""
+    init = STRATEGY_INIT[cfg.strategy]
+    if "init" in cfg.model.model_fields_set and cfg.model.init != init:
+        raise ConfigError(
+            f"strategy={cfg.strategy} starts from {init!r}; "
+            f"model.init={cfg.model.init!r} contradicts it (leave it unset)"
+        )
+    val_fraction = None if cfg.data.splits else cfg.val_fraction
+    return train_and_report(
+        cfg, init, val_fraction, {"pretraining": {"strategy": cfg.strategy}}, on_epoch_end
+    )
+
+
+def _external_labels(manifest, bundle, task_name: str | None, label_map: Path | None):
+    """Labels of an external manifest in the bundle's classes, and the rows that have one."""
+    kind, classes = bundle.kind, bundle.classes
+    if label_map is None:
+        name, task = manifest.task(task_name)
+        if task.kind != kind or task.class_names != classes:
+            raise ConfigError(
+                f"task {name!r} ({task.kind}, {task.class_names}) differs from the bundle's "
+                f"({kind}, {classes}); pass --label-map FILE to map one onto the other"
+            )
+        return encode_labels(manifest, task), np.arange(len(manifest.table))
+    spec = yaml.safe_load(Path(label_map).read_text()) or {}
+    column = spec.get("column")
+    mapping = {str(k): None if v is None else str(v) for k, v in (spec.get("map") or {}).items()}
+    if kind == "multilabel":
+        raise ConfigError("label maps are for binary and multiclass bundles")
+    if column not in manifest.table.columns:
+        raise ConfigError(f"{label_map}: column {column!r} is not in {manifest.path}")
+    bad = sorted({str(v) for v in mapping.values() if v is not None} - set(classes))
+    if bad:
+        raise ConfigError(f"{label_map}: {bad} are not classes of the bundle {classes}")
+    target = manifest.table[column].map(lambda v: mapping.get(v))
+    keep = np.flatnonzero(target.notna().to_numpy())
+    lookup = {c: i for i, c in enumerate(classes)}
+    return target.map(lambda v: lookup.get(v, -1)).to_numpy(), keep
+
+
+def evaluate(
+    bundle_path: Path,
+    manifest_path: Path,
+    out: Path,
+    label_map: Path | None = None,
+    task: str | None = None,
+    cache: Path | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """External validation: score a bundle on another manifest with its own thresholds."""
+    dev = resolve_device(device)
+    bundle = load_bundle(bundle_path, device=str(dev))
+    manifest = load_manifest(manifest_path)
+    manifest.require("image_id", "path")
+    labels, keep = _external_labels(manifest, bundle, task, label_map)
+    pre_meta = bundle.meta["preprocessing"]
+    pre = PreprocessConfig(resolution=pre_meta["resolution"], **pre_meta["crop"])
+    cache_root = cache or Path(manifest_path).parent / "cache"
+    report = build_cache(manifest, pre, cache_root, progress=progress)
+    failed = {e[0] for e in report.errors}
+    keep = np.array([i for i in keep if manifest.table["image_id"].iat[i] not in failed], int)
+    kept = type(manifest)(manifest.path, manifest.table.iloc[keep], manifest.spec, manifest.root)
+    image_cache = open_cache(kept, pre, cache_root)
+    sources = [manifest.image_path(p).resolve() for p in manifest.table["path"].iloc[keep]]
+    dataset = CachedImages(image_cache, sources, labels[keep])
+    scores, y, index = predict(bundle.model, dataset, 32, dev, bundle.kind)
+    thresholds = bundle.meta["task"].get("thresholds") or None
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = manifest.table["image_id"].to_numpy()[keep][index]
+    prediction_frame(ids, -1, "external", bundle.kind, bundle.classes, y, scores).to_csv(
+        out / "predictions.csv", index=False
+    )
+    metrics = {
+        "external": classification_metrics(bundle.kind, y, scores, thresholds),
+        "external_per_class": per_class_table(
+            bundle.kind, y, scores, bundle.classes, thresholds
+        ).to_dict("records"),
+        "images": len(y),
+        "unmapped_or_unreadable": int(len(manifest.table) - len(y)),
+        "bundle": str(bundle_path),
+        "manifest": str(manifest_path),
+    }
+    write_json(metrics, out / "metrics.json")
+    return metrics

@@ -1,0 +1,155 @@
+"""Classification metrics as pure functions of labels and scores (on scikit-learn).
+
+Scores are class probabilities: (N, C) for every task kind (binary tasks have C = 2 and the
+positive class in column 1). Labels are class indices (N,) for binary and multiclass tasks,
+and a 0/1 matrix (N, C) for multilabel tasks.
+
+Thresholds for the threshold-dependent figures (sensitivity, specificity, PPV, NPV, F1) are
+chosen on the validation part by Youden's J and applied unchanged to the test part, as a
+clinical study would; `choose_thresholds` picks them and `classification_metrics` applies them.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+from sklearn import metrics as skm
+
+
+def youden_threshold(y: np.ndarray, score: np.ndarray) -> float:
+    """The score threshold that maximises sensitivity + specificity - 1 on (y, score)."""
+    if len(np.unique(y)) < 2:
+        return 0.5
+    fpr, tpr, thr = skm.roc_curve(y, score)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(thr[best], 1.0))
+
+
+def choose_thresholds(kind: str, y: np.ndarray, scores: np.ndarray) -> list[float]:
+    """Per-class decision thresholds from validation data (one for binary: the positive class)."""
+    if kind == "binary":
+        return [youden_threshold(y, scores[:, 1])]
+    if kind == "multilabel":
+        return [youden_threshold(y[:, j], scores[:, j]) for j in range(scores.shape[1])]
+    return []  # multiclass decisions are the argmax
+
+
+def binary_counts(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Sensitivity, specificity, PPV and NPV of 0/1 predictions (NaN where undefined)."""
+    tp = float(np.sum((pred == 1) & (y == 1)))
+    tn = float(np.sum((pred == 0) & (y == 0)))
+    fp = float(np.sum((pred == 1) & (y == 0)))
+    fn = float(np.sum((pred == 0) & (y == 1)))
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
+    return {
+        "sensitivity": ratio(tp, tp + fn),
+        "specificity": ratio(tn, tn + fp),
+        "ppv": ratio(tp, tp + fp),
+        "npv": ratio(tn, tn + fn),
+    }
+
+
+def _safe(fn, *args, **kwargs) -> float:
+    """A metric that is undefined on this data (one class only) is NaN, not an exception."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(fn(*args, **kwargs))
+    except ValueError:
+        return float("nan")
+
+
+def _binary(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    pred = (p >= threshold).astype(int)
+    return {
+        "auroc": _safe(skm.roc_auc_score, y, p),
+        "auprc": _safe(skm.average_precision_score, y, p),
+        "accuracy": _safe(skm.accuracy_score, y, pred),
+        "balanced_accuracy": _safe(skm.balanced_accuracy_score, y, pred),
+        "f1": _safe(skm.f1_score, y, pred, zero_division=0),
+        **binary_counts(y, pred),
+        "kappa": _safe(skm.cohen_kappa_score, y, pred),
+        "brier": _safe(skm.brier_score_loss, y, p),
+        "threshold": threshold,
+    }
+
+
+def classification_metrics(
+    kind: str, y: np.ndarray, scores: np.ndarray, thresholds: list[float] | None = None
+) -> dict[str, float]:
+    """Every summary metric of one task kind; see the module docstring for the conventions."""
+    y, scores = np.asarray(y), np.asarray(scores, dtype=float)
+    n_classes = scores.shape[1]
+    if kind == "binary":
+        return _binary(y, scores[:, 1], (thresholds or [0.5])[0])
+    if kind == "multiclass":
+        pred = scores.argmax(axis=1)
+        onehot = np.eye(n_classes)[y]
+        labels = list(range(n_classes))
+        return {
+            "auroc": _safe(
+                skm.roc_auc_score, y, scores, multi_class="ovr", average="macro", labels=labels
+            ),
+            "auroc_weighted": _safe(
+                skm.roc_auc_score, y, scores, multi_class="ovr", average="weighted", labels=labels
+            ),
+            "auprc": _safe(skm.average_precision_score, onehot, scores, average="macro"),
+            "accuracy": _safe(skm.accuracy_score, y, pred),
+            "balanced_accuracy": _safe(skm.balanced_accuracy_score, y, pred),
+            "f1_macro": _safe(
+                skm.f1_score, y, pred, average="macro", labels=labels, zero_division=0
+            ),
+            "kappa": _safe(skm.cohen_kappa_score, y, pred, labels=labels),
+            "kappa_quadratic": _safe(
+                skm.cohen_kappa_score, y, pred, labels=labels, weights="quadratic"
+            ),
+            "brier": float(np.mean(np.sum((scores - onehot) ** 2, axis=1))),
+        }
+    thresholds = thresholds or [0.5] * n_classes
+    pred = (scores >= np.asarray(thresholds)[None, :]).astype(int)
+    return {
+        "auroc": _safe(skm.roc_auc_score, y, scores, average="macro"),
+        "auroc_micro": _safe(skm.roc_auc_score, y, scores, average="micro"),
+        "auprc": _safe(skm.average_precision_score, y, scores, average="macro"),
+        "f1_macro": _safe(skm.f1_score, y, pred, average="macro", zero_division=0),
+        "accuracy_subset": _safe(skm.accuracy_score, y, pred),
+        "brier": float(np.mean((scores - y) ** 2)),
+    }
+
+
+def per_class_table(
+    kind: str,
+    y: np.ndarray,
+    scores: np.ndarray,
+    classes: list[str],
+    thresholds: list[float] | None = None,
+) -> pd.DataFrame:
+    """One row per class: prevalence, one-vs-rest AUROC/AUPRC and sensitivity/specificity."""
+    y, scores = np.asarray(y), np.asarray(scores, dtype=float)
+    rows = []
+    for j, name in enumerate(classes):
+        if kind == "multilabel":
+            yj, sj = y[:, j], scores[:, j]
+            pred = (sj >= (thresholds[j] if thresholds else 0.5)).astype(int)
+        else:
+            yj, sj = (y == j).astype(int), scores[:, j]
+            if kind == "binary":
+                pred = (scores[:, 1] >= (thresholds or [0.5])[0]).astype(int)
+                pred = pred if j == 1 else 1 - pred
+            else:
+                pred = (scores.argmax(axis=1) == j).astype(int)
+        rows.append(
+            {
+                "class": name,
+                "n": int(yj.sum()),
+                "auroc": _safe(skm.roc_auc_score, yj, sj),
+                "auprc": _safe(skm.average_precision_score, yj, sj),
+                **binary_counts(yj, pred),
+            }
+        )
+    return pd.DataFrame(rows)

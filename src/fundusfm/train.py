@@ -1,0 +1,323 @@
+"""The one training loop: upstream pretraining and downstream fine-tuning both run `fit`.
+
+Methods: `lf` trains only the head on a frozen backbone (its BatchNorm statistics frozen too),
+`ff` trains everything, `partial` the last k residual stages and the head. After every epoch
+the model is scored on the validation part; the best epoch by `select_metric` is kept
+(`best.safetensors`) and a full checkpoint (`checkpoint.pt`: weights, optimiser, schedule,
+RNG state; tensors and numbers only, read back with `weights_only=True`) is written
+atomically, so `resume` continues a killed run to the same result as an uninterrupted one.
+A non-finite loss stops the run with a clear message; the last good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+from tqdm import tqdm
+
+from .config import ConfigError, TrainConfig
+from .datasets import FoldData
+from .heads import Classifier, scores_from_logits
+from .metrics import classification_metrics
+from .transforms import normalise
+
+LOWER_IS_BETTER = {"brier", "loss"}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_metric: float
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """Mixed precision on CUDA only (bf16 where supported); full precision on CPU and MPS."""
+    if setting == "off" or device.type != "cuda":
+        return None
+    if setting == "fp16":
+        return torch.float16
+    if setting == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def set_trainable(model: Classifier, method: str, partial_stages: int = 1) -> list[nn.Module]:
+    """Freeze what the method does not train; return the modules to keep in eval mode."""
+    stages = model.backbone.stages()
+    trained = {"lf": 0, "ff": len(stages), "partial": partial_stages}[method]
+    frozen = stages[: len(stages) - trained]
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
+    return frozen
+
+
+def train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
+    """Training mode, except frozen parts: their BatchNorm statistics must not move."""
+    model.train()
+    for module in frozen:
+        module.eval()
+
+
+def make_loss(kind: str, cfg: TrainConfig, train_labels: np.ndarray, n_classes: int):
+    if kind == "multilabel":
+        pos_weight = None
+        if cfg.class_weighted_loss:
+            pos = train_labels.sum(axis=0).clip(min=1)
+            pos_weight = torch.tensor((len(train_labels) - pos) / pos, dtype=torch.float32)
+        return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    weight = None
+    if cfg.class_weighted_loss:
+        counts = np.bincount(train_labels, minlength=n_classes).clip(min=1)
+        weight = torch.tensor(len(train_labels) / (n_classes * counts), dtype=torch.float32)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def _sampler(labels: np.ndarray, kind: str, balanced: bool, generator: torch.Generator):
+    if not balanced:
+        return RandomSampler(range(len(labels)), generator=generator)
+    if kind == "multilabel":
+        raise ConfigError("train.balanced_sampler needs a binary or multiclass task")
+    counts = np.bincount(labels).astype(float)
+    weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+    return WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
+
+
+def _cosine_with_warmup(total: int, warmup: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    dataset,
+    batch_size: int,
+    device: torch.device,
+    kind: str,
+    amp: torch.dtype | None = None,
+    channels_last: bool = False,
+    workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores, labels and dataset indices of every image, in eval mode."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    scores, labels, index = [], [], []
+    for images, y, i in loader:
+        x = normalise(images.to(device, non_blocking=True))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+            logits = model(x)
+        scores.append(scores_from_logits(logits.float(), kind).cpu())
+        labels.append(y)
+        index.append(i)
+    return torch.cat(scores).numpy(), torch.cat(labels).numpy(), torch.cat(index).numpy()
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def fit(
+    model: Classifier,
+    data: FoldData,
+    cfg: TrainConfig,
+    run_dir: Path,
+    method: str = "ff",
+    partial_stages: int = 1,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> FitResult:
+    """Train `model` on `data`'s training part; leaves the best epoch's weights in `model`."""
+    run_dir = Path(run_dir)
+    kind, n_classes = data.task.kind, len(data.task.class_names)
+    device = resolve_device(cfg.device)
+    amp = amp_dtype(cfg.amp, device)
+    channels_last = cfg.channels_last == "on" or (
+        cfg.channels_last == "auto" and device.type == "cuda"
+    )
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    frozen = set_trainable(model, method, partial_stages)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_set = data.dataset("train", cfg.augment, cfg.seed)
+    val_set = data.dataset("val")
+    train_labels = data.labels[data.parts["train"]]
+    criterion = make_loss(kind, cfg, train_labels, n_classes).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+        )
+    drop_last = len(train_set) > cfg.batch_size  # BatchNorm cannot train on a batch of one
+    batches = len(train_set) // cfg.batch_size if drop_last else 1
+    steps = math.ceil(batches / cfg.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _cosine_with_warmup(steps * cfg.epochs, round(steps * cfg.warmup_epochs))
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+
+    checkpoint, best_file = run_dir / "checkpoint.pt", run_dir / "best.safetensors"
+    result = FitResult(best_epoch=-1, best_metric=float("nan"))
+    start, bad_epochs = 0, 0
+    if resume and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        start, bad_epochs = state["epoch"] + 1, state["bad_epochs"]
+        result = FitResult(state["best_epoch"], state["best_metric"], state["history"])
+    better = (lambda a, b: a < b) if cfg.select_metric in LOWER_IS_BETTER else (lambda a, b: a > b)
+
+    for epoch in range(start, cfg.epochs):
+        train_mode(model, frozen)
+        train_set.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        loader = DataLoader(
+            train_set,
+            batch_size=cfg.batch_size,
+            drop_last=drop_last,
+            sampler=_sampler(train_labels, kind, cfg.balanced_sampler, generator),
+            num_workers=cfg.workers,
+            pin_memory=device.type == "cuda",
+        )
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not progress,
+            leave=False,
+            unit="batch",
+        )
+        total, seen = 0.0, 0
+        optimizer.zero_grad(set_to_none=True)
+        for step, (images, y, _) in enumerate(bar):
+            x = normalise(images.to(device, non_blocking=True))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            target = y.to(device).float() if kind == "multilabel" else y.to(device)
+            with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+                loss = criterion(model(x).float(), target)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"the loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}; "
+                    f"try a lower train.lr. The last good checkpoint is kept: {checkpoint}"
+                )
+            scaler.scale(loss / cfg.grad_accum).backward()
+            if (step + 1) % cfg.grad_accum == 0 or step + 1 == len(loader):
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+            total += loss.item() * len(y)
+            seen += len(y)
+            bar.set_postfix(loss=f"{total / seen:.4f}")
+
+        scores, labels, _ = predict(
+            model, val_set, cfg.batch_size, device, kind, amp, channels_last, cfg.workers
+        )
+        val = classification_metrics(kind, labels, scores)
+        if cfg.select_metric not in val:
+            raise ConfigError(
+                f"train.select_metric={cfg.select_metric!r} is not a {kind} "
+                f"metric; choose one of {sorted(val)}"
+            )
+        value = val[cfg.select_metric]
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": total / max(seen, 1),
+            **{f"val_{k}": v for k, v in val.items()},
+        }
+        result.history.append(record)
+        if (
+            result.best_epoch < 0
+            or better(value, result.best_metric)
+            or (math.isnan(result.best_metric) and not math.isnan(value))
+        ):
+            result.best_epoch, result.best_metric, bad_epochs = epoch + 1, value, 0
+            _save_weights(model, best_file)
+        else:
+            bad_epochs += 1
+        _save_atomic(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": epoch,
+                "bad_epochs": bad_epochs,
+                "best_epoch": result.best_epoch,
+                "best_metric": result.best_metric,
+                "history": result.history,
+            },
+            checkpoint,
+        )
+        if progress:
+            tqdm.write(
+                f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, "
+                f"val {cfg.select_metric} {value:.4f} (best {result.best_metric:.4f} "
+                f"at epoch {result.best_epoch})"
+            )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1)
+        if cfg.patience and bad_epochs >= cfg.patience:
+            result.stopped_early = True
+            break
+    model.load_state_dict(load_file(best_file))
+    return result
