@@ -142,3 +142,95 @@ def test_user_errors_are_one_line_not_tracebacks(synth_set: Path, tmp_path: Path
     (tmp_path / "afile").write_text("x")
     result = invoke("preprocess", synth_set, "--cache", tmp_path / "afile", "-q")
     assert result.exit_code == 2 and "error:" in result.output
+
+
+def test_cpu_presets_run_end_to_end(synth_set: Path, tmp_path: Path):
+    """Every shipped CPU preset runs through the CLI (shrunk: 1 epoch, 64 px)."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    splits = tmp_path / "splits.csv"
+    assert (
+        invoke(
+            "split",
+            synth_set,
+            "--out",
+            splits,
+            "--folds",
+            3,
+            "--task",
+            "abnormal",
+            "--set",
+            "val_fraction=0.2",
+        ).exit_code
+        == 0
+    )
+    shrink = [
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.resolution=64",
+        "--set",
+        f"data.cache={tmp_path / 'cache'}",
+        "-q",
+    ]
+    pre = invoke(
+        "pretrain",
+        "--config",
+        configs / "pretrain_cpu.yaml",
+        "--set",
+        f"data.manifest={synth_set}",
+        "--set",
+        f"run.out={tmp_path / 'pre'}",
+        *shrink,
+    )
+    assert pre.exit_code == 0, pre.output
+    assert "bundle:" in pre.output
+    for method in ("lf", "ff"):
+        result = invoke(
+            "finetune",
+            "--config",
+            configs / f"finetune_cpu_{method}.yaml",
+            "--set",
+            f"data.manifest={synth_set}",
+            "--set",
+            f"data.splits={splits}",
+            "--set",
+            f"model.init={tmp_path / 'pre' / 'bundle'}",
+            "--set",
+            f"run.out={tmp_path / method}",
+            *shrink,
+        )
+        assert result.exit_code == 0, result.output
+        assert "test: auroc" in result.output
+    again = invoke(
+        "finetune",
+        "--config",
+        configs / "finetune_cpu_lf.yaml",
+        "--set",
+        f"data.manifest={synth_set}",
+        "--set",
+        f"data.splits={splits}",
+        "--set",
+        f"run.out={tmp_path / 'lf'}",
+        *shrink,
+    )
+    assert again.exit_code == 2 and "finished run" in again.output
+    ev = invoke(
+        "evaluate",
+        tmp_path / "lf" / "bundle",
+        synth_set,
+        "--out",
+        tmp_path / "ev",
+        "--task",
+        "abnormal",
+        "--cache",
+        tmp_path / "cache",
+        "--device",
+        "cpu",
+        "-q",
+    )
+    assert ev.exit_code == 0, ev.output
+    assert (tmp_path / "ev" / "metrics.json").is_file()
+    missing = invoke(
+        "finetune", "--set", "data.manifest=null", "--set", f"run.out={tmp_path / 'm'}", "-q"
+    )
+    assert missing.exit_code == 2 and "data.manifest is not set" in missing.output

@@ -175,7 +175,7 @@ def fit(
     partial_stages: int = 1,
     resume: bool = False,
     progress: bool = True,
-    on_epoch_end: Callable[[int], None] | None = None,
+    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
 ) -> FitResult:
     """Train `model` on `data`'s training part; leaves the best epoch's weights in `model`."""
     run_dir = Path(run_dir)
@@ -315,7 +315,7 @@ def fit(
                 f"at epoch {result.best_epoch})"
             )
         if on_epoch_end is not None:
-            on_epoch_end(epoch + 1)
+            on_epoch_end(epoch + 1, model)
         if cfg.patience and bad_epochs >= cfg.patience:
             result.stopped_early = True
             break

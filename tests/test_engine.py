@@ -1,0 +1,263 @@
+"""Backbones, inits, bundles and the training loop, on tiny models and generated images."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision
+
+import fundusfm
+from fundusfm.backbone import INITS, WeightsNotFound, create_backbone
+from fundusfm.bundle import BundleError, load_bundle
+from fundusfm.config import ConfigError, FinetuneConfig, PretrainConfig, SplitConfig, load_config
+from fundusfm.experiment import evaluate, finetune, pretrain
+from fundusfm.heads import make_head
+from fundusfm.manifest import load_manifest
+from fundusfm.splits import make_splits
+from fundusfm.train import TrainingDiverged
+
+
+@pytest.fixture(scope="module")
+def tiny(synth_set: Path, tmp_path_factory) -> dict:
+    """The 40-image generated set with splits stratified on `disease`, and a cache root."""
+    out = tmp_path_factory.mktemp("tiny")
+    m = load_manifest(synth_set)
+    splits = make_splits(
+        m, SplitConfig(folds=3, fractions=[0.5, 1.0], val_fraction=0.2, task="disease")
+    )
+    splits.to_csv(out / "splits.csv", index=False)
+    return {"manifest": synth_set, "splits": out / "splits.csv", "cache": out / "cache"}
+
+
+def config(tiny: dict, out: Path, cls=FinetuneConfig, **sets) -> FinetuneConfig:
+    base = {
+        "data.manifest": tiny["manifest"],
+        "data.splits": tiny["splits"],
+        "data.cache": tiny["cache"],
+        "data.resolution": 64,
+        "data.task": "abnormal",
+        "model.arch": "resnet18",
+        "model.init": "scratch",
+        "model.hidden": 16,
+        "train.epochs": 1,
+        "train.batch_size": 8,
+        "train.lr": 0.001,
+        "run.out": out,
+        "run.progress": False,
+    }
+    base.update(sets)
+    return load_config(cls, None, [f"{k}={v}" for k, v in base.items()])
+
+
+def test_backbone_seam():
+    b = create_backbone("resnet18", "scratch")
+    x = torch.zeros(2, 3, 64, 64)
+    maps = b.feature_maps(x)
+    assert [m.shape[-1] for m in maps] == [16, 8, 4, 2]  # strides 4, 8, 16, 32
+    assert [m.shape[1] for m in maps] == [64, 128, 256, 512]
+    assert b.pool(x).shape == (2, 512) and b.num_features == 512
+    assert create_backbone("resnet50").num_features == 2048
+    with pytest.raises(ValueError, match="resnet18"):
+        create_backbone("vgg16")
+    with pytest.raises(ValueError) as err:
+        create_backbone("resnet18", "imagenet21k")
+    assert all(name in str(err.value) for name in INITS)
+
+
+def test_paper_mlp_head():
+    head = make_head("mlp", 2048, 2)
+    kinds = [type(m).__name__ for m in head]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert head[0].out_features == 512 and head[3].out_features == 2
+
+
+def test_imagenet_weights_offline_or_clear_error(tmp_path: Path):
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        with pytest.raises(WeightsNotFound, match="never falls back"):
+            create_backbone("resnet18", "imagenet")
+        reference = torchvision.models.resnet18()
+        weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+        target = tmp_path / "hub" / "checkpoints" / Path(weights.url).name
+        target.parent.mkdir(parents=True)
+        torch.save(reference.state_dict(), target)
+        loaded = create_backbone("resnet18", "imagenet")
+        assert torch.equal(loaded.net.conv1.weight, reference.conv1.weight)
+        with pytest.raises(ValueError, match="IMAGENET1K_V1"):
+            create_backbone("resnet18", "imagenet", imagenet_version="IMAGENET1K_V2")
+    finally:
+        torch.hub.set_dir(old)
+    explicit = tmp_path / "w.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), explicit)
+    assert create_backbone("resnet18", "imagenet", imagenet_file=explicit).num_features == 512
+
+
+def test_config_contract_keys(tmp_path: Path):
+    keys = {
+        "data.manifest": "m.csv",
+        "data.splits": "s.csv",
+        "data.fold": 2,
+        "data.fraction": 0.25,
+        "data.resolution": 256,
+        "model.arch": "resnet34",
+        "model.init": "fundus",
+        "model.head": "linear",
+        "method": "lf",
+        "run.out": "r",
+    }
+    cfg = load_config(FinetuneConfig, None, [f"{k}={v}" for k, v in keys.items()])
+    assert (cfg.data.fold, cfg.data.fraction, cfg.method) == (2, 0.25, "lf")
+    assert (cfg.model.arch, cfg.model.init, cfg.model.head) == ("resnet34", "fundus", "linear")
+
+
+@pytest.mark.parametrize("task", ["abnormal", "disease", "diseases"])
+@pytest.mark.parametrize("method", ["lf", "ff", "partial"])
+def test_finetune_every_method_and_task(tiny, tmp_path, method, task):
+    cfg = config(tiny, tmp_path / "run", **{"method": method, "data.task": task})
+    torch.manual_seed(0)
+    before = create_backbone("resnet18", "scratch").state_dict()
+    out = finetune(cfg)
+    for name in ("config.yaml", "metrics.json", "predictions.csv", "bundle/bundle.json"):
+        assert (out / name).is_file(), name
+    bundle = load_bundle(out / "bundle")
+    after = {
+        k.removeprefix("backbone."): v
+        for k, v in bundle.model.state_dict().items()
+        if k.startswith("backbone.")
+    }
+    changed = {
+        k.split(".")[1]
+        for k, v in after.items()
+        if v.dtype.is_floating_point and not torch.equal(v, before[k])
+    }
+    expected = {
+        "lf": set(),
+        "partial": {"layer4"},
+        "ff": {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"},
+    }[method]
+    assert changed == expected  # frozen parts, BatchNorm statistics included, did not move
+    preds = pd.read_csv(out / "predictions.csv")
+    assert set(preds.split) == {"val", "test"} and (preds.fold == 0).all()
+    score_cols = [c for c in preds.columns if c.startswith("score_")]
+    assert len(score_cols) == len(bundle.classes)
+    # the bundle reproduces the run's own test scores
+    test = preds[preds.split == "test"]
+    m = load_manifest(tiny["manifest"])
+    from fundusfm.preprocess import ImageCache, cache_dir
+
+    cache = ImageCache(cache_dir(tiny["cache"], cfg.data.preprocess()))
+    rows = m.table.set_index("image_id").loc[test.image_id, "path"]
+    images = [cache.read(m.image_path(p).resolve()) for p in rows]
+    assert np.allclose(bundle.predict(images), test[score_cols].to_numpy(), atol=1e-5)
+
+
+def test_pretrain_then_finetune_from_bundle(tiny, tmp_path):
+    cfg = config(
+        tiny, tmp_path / "pre", PretrainConfig, strategy="fundus", **{"data.splits": "null"}
+    )
+    out = pretrain(cfg)
+    bundle = load_bundle(out / "bundle")
+    assert bundle.meta["pretraining"]["strategy"] == "fundus"
+    assert set(pd.read_csv(out / "predictions.csv").split) == {"val"}
+    ft = finetune(config(tiny, tmp_path / "ft", **{"model.init": out / "bundle", "method": "lf"}))
+    tuned = load_bundle(ft / "bundle").model.backbone.state_dict()
+    for k, v in bundle.model.backbone.state_dict().items():
+        assert torch.equal(v, tuned[k]), k  # LF from a bundle keeps its backbone exactly
+    with pytest.raises(ConfigError, match="contradicts"):
+        pretrain(
+            config(
+                tiny,
+                tmp_path / "x",
+                PretrainConfig,
+                strategy="fundus",
+                **{"model.init": "imagenet"},
+            )
+        )
+
+
+def test_named_fundus_init_needs_a_bundle(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUNDUSFM_HOME", str(tmp_path))
+    with pytest.raises(WeightsNotFound, match="fundusfm pretrain"):
+        create_backbone("resnet18", "imagenet+fundus")
+
+
+def test_bundle_round_trip_and_tamper_check(tiny, tmp_path):
+    out = finetune(config(tiny, tmp_path / "run"))
+    bundle = fundusfm.load_bundle(out / "bundle")
+    x = torch.randint(0, 255, (3, 3, 64, 64), dtype=torch.uint8)
+    first = bundle.predict(x)
+    assert first.shape == (3, 2) and np.allclose(first.sum(axis=1), 1, atol=1e-5)
+    assert np.allclose(load_bundle(out / "bundle").predict(x), first)
+    meta = bundle.meta
+    assert meta["preprocessing"]["resolution"] == 64
+    assert meta["provenance"]["manifest_sha256"] and meta["task"]["classes"] == ["0", "1"]
+    with pytest.raises(ValueError, match="expects 64x64"):
+        bundle.predict(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    weights = out / "bundle" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(out / "bundle")
+
+
+def test_resume_equals_uninterrupted(tiny, tmp_path):
+    sets = {"train.epochs": 3, "method": "ff"}
+    whole = finetune(config(tiny, tmp_path / "whole", **sets))
+
+    def stop_after_first(epoch: int, model) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    cfg = config(tiny, tmp_path / "cut", **sets)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg, on_epoch_end=stop_after_first)
+    with pytest.raises(ConfigError, match="--resume"):
+        finetune(cfg)
+    resumed = finetune(cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume": True})}))
+    a = torch.load(whole / "checkpoint.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    pd.testing.assert_frame_equal(pd.DataFrame(a["history"]), pd.DataFrame(b["history"]))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(whole / "predictions.csv"), pd.read_csv(resumed / "predictions.csv")
+    )
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
+    def poison(epoch: int, model) -> None:  # weights turn NaN after the first epoch
+        for p in model.parameters():
+            p.data.fill_(float("nan"))
+
+    cfg = config(tiny, tmp_path / "run", **{"train.epochs": 3})
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        finetune(cfg, on_epoch_end=poison)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_external_evaluate_with_label_map(tiny, tmp_path):
+    out = finetune(config(tiny, tmp_path / "run"))
+    label_map = tmp_path / "map.yaml"
+    label_map.write_text("column: disease\nmap:\n  normal: 0\n  dr: 1\n  amd: 1\n  rvo: null\n")
+    metrics = evaluate(
+        out / "bundle",
+        tiny["manifest"],
+        tmp_path / "ext",
+        label_map,
+        cache=tiny["cache"],
+        device="cpu",
+        progress=False,
+    )
+    table = load_manifest(tiny["manifest"]).table
+    expected = table["disease"].isin(["normal", "dr", "amd"]).sum()
+    assert metrics["images"] == expected
+    preds = pd.read_csv(tmp_path / "ext" / "predictions.csv")
+    assert len(preds) == expected and (preds.split == "external").all()
+    truth = table.set_index("image_id").loc[preds.image_id, "disease"] != "normal"
+    assert (preds.y_true.to_numpy() == truth.astype(int).to_numpy()).all()

@@ -1,0 +1,67 @@
+"""Metrics checked against values worked out by hand."""
+
+import numpy as np
+import pytest
+
+from fundusfm.metrics import (
+    choose_thresholds,
+    classification_metrics,
+    per_class_table,
+    youden_threshold,
+)
+
+Y = np.array([0, 0, 1, 1])
+P = np.array([0.1, 0.4, 0.35, 0.8])
+S = np.stack([1 - P, P], axis=1)
+
+
+def test_binary_by_hand():
+    m = classification_metrics("binary", Y, S, [0.5])
+    assert m["auroc"] == pytest.approx(0.75)  # 3 of 4 positive-negative pairs ordered
+    # at 0.5 only the 0.8 case is called positive
+    assert m["sensitivity"] == pytest.approx(0.5)
+    assert m["specificity"] == pytest.approx(1.0)
+    assert m["ppv"] == pytest.approx(1.0)
+    assert m["npv"] == pytest.approx(2 / 3)
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["kappa"] == pytest.approx(0.5)  # po 0.75, pe 0.5
+    assert m["brier"] == pytest.approx((0.01 + 0.16 + 0.4225 + 0.04) / 4)
+
+
+def test_youden_threshold_chosen_on_validation_and_applied():
+    assert youden_threshold(Y, P) == pytest.approx(0.8)  # J = 0.5, first of the ties
+    (t,) = choose_thresholds("binary", Y, S)
+    m = classification_metrics("binary", Y, S, [t])
+    assert m["threshold"] == pytest.approx(0.8)
+    assert m["specificity"] == 1.0 and m["sensitivity"] == 0.5
+
+
+def test_multiclass_by_hand():
+    y = np.array([0, 1, 2, 2])
+    scores = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.6, 0.3], [0.1, 0.2, 0.7]])
+    m = classification_metrics("multiclass", y, scores)
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["balanced_accuracy"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert m["kappa"] == pytest.approx((0.75 - 5 / 16) / (1 - 5 / 16))
+    assert m["kappa_quadratic"] == pytest.approx(0.8)  # 1 - 0.25 / 1.25
+    table = per_class_table("multiclass", y, scores, ["a", "b", "c"])
+    assert m["auroc"] == pytest.approx(table["auroc"].mean())
+    assert list(table["n"]) == [1, 1, 2]
+    assert table.loc[2, "sensitivity"] == pytest.approx(0.5)
+
+
+def test_multilabel_macro_and_micro():
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    scores = np.array([[0.9, 0.2], [0.3, 0.4], [0.6, 0.7], [0.4, 0.5]])
+    m = classification_metrics("multilabel", y, scores)
+    # label 0: positives 0.9, 0.6 vs negatives 0.3, 0.4 -> 1.0
+    # label 1: positives 0.4, 0.7 vs negatives 0.2, 0.5 -> 3 of 4 pairs -> 0.75
+    assert m["auroc"] == pytest.approx((1.0 + 0.75) / 2)
+    assert 0 < m["auroc_micro"] <= 1
+    thresholds = choose_thresholds("multilabel", y, scores)
+    assert len(thresholds) == 2
+
+
+def test_single_class_gives_nan_not_error():
+    m = classification_metrics("binary", np.array([1, 1]), np.array([[0.2, 0.8], [0.3, 0.7]]))
+    assert np.isnan(m["auroc"]) and m["sensitivity"] == 1.0
