@@ -261,3 +261,40 @@ def test_external_evaluate_with_label_map(tiny, tmp_path):
     assert len(preds) == expected and (preds.split == "external").all()
     truth = table.set_index("image_id").loc[preds.image_id, "disease"] != "normal"
     assert (preds.y_true.to_numpy() == truth.astype(int).to_numpy()).all()
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        {"train.optimizer": "sgd", "train.label_smoothing": 0.1},
+        {"train.balanced_sampler": True, "train.class_weighted_loss": True},
+        {"train.grad_accum": 2, "model.head": "linear", "model.dropout": 0.2},
+        {"data.task": "diseases", "train.class_weighted_loss": True},
+    ],
+    ids=["sgd-smoothing", "balanced-weighted", "accumulate-linear", "multilabel-weighted"],
+)
+def test_training_options_run(tiny, tmp_path, sets):
+    out = finetune(config(tiny, tmp_path / "run", **{"train.epochs": 2, **sets}))
+    history = pd.read_json(out / "metrics.json", typ="series")["history"]
+    assert len(history) == 2 and all(np.isfinite(h["train_loss"]) for h in history)
+
+
+def test_early_stopping_and_unknown_select_metric(tiny, tmp_path):
+    # frozen backbone, linear head, a learning rate too small to matter: no epoch beats the first
+    cfg = config(
+        tiny,
+        tmp_path / "run",
+        **{
+            "train.epochs": 6,
+            "train.patience": 2,
+            "train.lr": 1e-12,
+            "train.select_metric": "brier",
+            "method": "lf",
+            "model.head": "linear",
+        },
+    )
+    out = finetune(cfg)
+    metrics = pd.read_json(out / "metrics.json", typ="series")
+    assert len(metrics["history"]) == 3 and metrics["best_epoch"] == 1
+    with pytest.raises(ConfigError, match="select_metric"):
+        finetune(config(tiny, tmp_path / "bad", **{"train.select_metric": "dice"}))
