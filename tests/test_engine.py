@@ -44,6 +44,7 @@ def config(tiny: dict, out: Path, cls=FinetuneConfig, **sets) -> FinetuneConfig:
         "train.epochs": 1,
         "train.batch_size": 8,
         "train.lr": 0.001,
+        "train.select_metric": "loss",  # tiny validation parts may lack a class
         "run.out": out,
         "run.progress": False,
     }
@@ -277,6 +278,7 @@ def test_training_options_run(tiny, tmp_path, sets):
     out = finetune(config(tiny, tmp_path / "run", **{"train.epochs": 2, **sets}))
     history = pd.read_json(out / "metrics.json", typ="series")["history"]
     assert len(history) == 2 and all(np.isfinite(h["train_loss"]) for h in history)
+    assert load_bundle(out / "bundle").predict(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).size
 
 
 def test_early_stopping_and_unknown_select_metric(tiny, tmp_path):
@@ -298,3 +300,68 @@ def test_early_stopping_and_unknown_select_metric(tiny, tmp_path):
     assert len(metrics["history"]) == 3 and metrics["best_epoch"] == 1
     with pytest.raises(ConfigError, match="select_metric"):
         finetune(config(tiny, tmp_path / "bad", **{"train.select_metric": "dice"}))
+
+
+def test_resume_refuses_changed_settings_and_stays_stopped(tiny, tmp_path):
+    sets = {
+        "train.epochs": 6,
+        "train.patience": 1,
+        "train.lr": 1e-12,
+        "method": "lf",
+        "model.head": "linear",
+    }
+    cfg = config(tiny, tmp_path / "run", **sets)
+    out = finetune(cfg)
+    assert len(pd.read_json(out / "metrics.json", typ="series")["history"]) == 2
+    (out / "metrics.json").unlink()  # as if killed after the last epoch
+    resumed = finetune(cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume": True})}))
+    assert len(pd.read_json(resumed / "metrics.json", typ="series")["history"]) == 2
+    other = config(tiny, tmp_path / "run", **{**sets, "data.fold": 1})
+    with pytest.raises(ConfigError, match=r"differ from .* in data"):
+        finetune(other.model_copy(update={"run": other.run.model_copy(update={"resume": True})}))
+
+
+def test_undefined_selection_metric_fails_before_training(tiny, tmp_path):
+    # fold 0's validation part of the tiny set holds too few images for every disease class
+    cfg = config(tiny, tmp_path / "run", **{"data.task": "disease", "train.select_metric": "auroc"})
+    with pytest.raises(ConfigError, match="select_metric=loss"):
+        finetune(cfg)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_wrong_inputs_give_clear_errors(tiny, tmp_path):
+    out = finetune(config(tiny, tmp_path / "run"))
+    bundle = load_bundle(out / "bundle")
+    with pytest.raises(ValueError, match="uint8"):
+        bundle.predict(torch.rand(1, 3, 64, 64))
+    wrong = tmp_path / "r50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), wrong)
+    with pytest.raises(ValueError, match="another architecture"):
+        create_backbone("resnet18", "imagenet", imagenet_file=wrong)
+    whole = tmp_path / "whole.pth"
+    torch.save(torchvision.models.resnet18(), whole)  # a pickled model object, not weights
+    with pytest.raises(ValueError, match="not a plain state dict"):
+        create_backbone("resnet18", "imagenet", imagenet_file=whole)
+    label_map = tmp_path / "map.yaml"
+    label_map.write_text("column: eye\nmap: {up: 1}\n")
+    with pytest.raises(ConfigError, match="no value of column 'eye'"):
+        evaluate(
+            out / "bundle",
+            tiny["manifest"],
+            tmp_path / "e",
+            label_map,
+            cache=tiny["cache"],
+            device="cpu",
+            progress=False,
+        )
+    label_map.write_text("column: eye\nmap: {left: 1, right: 0, no: 1}\n")  # `no` stays a key
+    metrics = evaluate(
+        out / "bundle",
+        tiny["manifest"],
+        tmp_path / "e2",
+        label_map,
+        cache=tiny["cache"],
+        device="cpu",
+        progress=False,
+    )
+    assert metrics["images"] == 40

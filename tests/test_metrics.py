@@ -65,3 +65,11 @@ def test_multilabel_macro_and_micro():
 def test_single_class_gives_nan_not_error():
     m = classification_metrics("binary", np.array([1, 1]), np.array([[0.2, 0.8], [0.3, 0.7]]))
     assert np.isnan(m["auroc"]) and m["sensitivity"] == 1.0
+
+
+def test_absent_class_is_left_out_of_macro_averages():
+    y = np.array([0, 0, 1, 1])  # class 2 never occurs, as in many external sets
+    scores = np.array([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.2, 0.7, 0.1]])
+    m = classification_metrics("multiclass", y, scores)
+    assert m["auroc"] == 1.0 and m["auprc"] == 1.0 and m["f1_macro"] == 1.0
+    assert m["classes_scored"] == 2

@@ -16,6 +16,7 @@ Inits:
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -75,6 +76,14 @@ class Backbone(nn.Module):
     def load_torchvision_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load a torchvision ResNet state dict (its `fc.*` classifier is ignored)."""
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        own = self.net.state_dict()
+        wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        if wrong:
+            raise ValueError(
+                f"weights do not fit {self.arch}: {wrong[0]} has shape "
+                f"{tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)} "
+                "(weights of another architecture?)"
+            )
         missing, unexpected = self.net.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
@@ -109,7 +118,16 @@ def imagenet_state(arch: str, version: str = "IMAGENET1K_V1", file: Path | None 
         from safetensors.torch import load_file
 
         return load_file(file)
-    return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{file} is not a plain state dict (it holds pickled objects, which fundusfm does "
+            "not load); save `model.state_dict()` instead"
+        ) from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"{file} does not hold a state dict")
+    return state
 
 
 def weights_home() -> Path:

@@ -114,7 +114,13 @@ def build_model(meta: dict) -> Classifier:
     """An untrained Classifier with the architecture a bundle describes."""
     arch = meta["architecture"]
     backbone = Backbone(arch["arch"])
-    head = make_head(arch["head"], backbone.num_features, arch["outputs"], arch.get("hidden", 512))
+    head = make_head(
+        arch["head"],
+        backbone.num_features,
+        arch["outputs"],
+        arch.get("hidden", 512),
+        arch.get("dropout", 0.0),
+    )
     return Classifier(backbone, head)
 
 
@@ -142,9 +148,17 @@ class Bundle:
     def predict(self, images, batch_size: int = 32) -> np.ndarray:
         """Probabilities (N, C) for preprocessed images: RxRx3 uint8 arrays or a uint8 batch."""
         if isinstance(images, torch.Tensor):
-            batch = images
+            batch = images if images.dim() == 4 else images.unsqueeze(0)
         else:
-            batch = torch.stack([to_tensor(np.asarray(a)) for a in images])
+            arrays = [np.asarray(a) for a in images]
+            if any(a.ndim != 3 or a.shape[2] != 3 for a in arrays):
+                raise ValueError("images must be HxWx3 RGB arrays (see fundusfm.decode.read_rgb)")
+            batch = torch.stack([to_tensor(a) for a in arrays])
+        if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] != 3:
+            raise ValueError(
+                f"expected uint8 images with 3 channels (N x 3 x H x W or HxWx3 arrays), got "
+                f"{batch.dtype} {tuple(batch.shape)}; the bundle normalises them itself"
+            )
         if batch.shape[-1] != self.resolution or batch.shape[-2] != self.resolution:
             raise ValueError(
                 f"images are {tuple(batch.shape[-2:])}, the bundle expects "

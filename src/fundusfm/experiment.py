@@ -67,8 +67,21 @@ def _prepare_run(cfg: FinetuneConfig) -> Path:
         raise ConfigError(
             f"{out} holds an unfinished run: add --resume to continue it, or choose another run.out"
         )
+    previous = out / "config.yaml"
+    if cfg.run.resume and previous.is_file():
+        # a resumed run must be the same run: only run.* settings may change
+        old = yaml.safe_load(previous.read_text()) or {}
+        new = cfg.model_dump(mode="json")
+        changed = sorted(
+            k for k in new.keys() | old.keys() if k != "run" and old.get(k) != new.get(k)
+        )
+        if changed:
+            raise ConfigError(
+                f"--resume with settings that differ from {previous} in {', '.join(changed)}; "
+                "resume with the same settings, or start a new run.out"
+            )
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    dump_config(cfg, previous)
     return out
 
 
@@ -86,6 +99,7 @@ def _bundle_meta(cfg: FinetuneConfig, data: FoldData, thresholds, extra: dict) -
             "arch": cfg.model.arch,
             "head": cfg.model.head,
             "hidden": cfg.model.hidden,
+            "dropout": cfg.model.dropout,
             "outputs": len(data.task.class_names),
         },
         "task": {
@@ -181,9 +195,11 @@ def _external_labels(manifest, bundle, task_name: str | None, label_map: Path | 
                 f"({kind}, {classes}); pass --label-map FILE to map one onto the other"
             )
         return encode_labels(manifest, task), np.arange(len(manifest.table))
-    spec = yaml.safe_load(Path(label_map).read_text()) or {}
+    # BaseLoader keeps every key and value a string: `no`, `01` or `1.0` stay as written
+    spec = yaml.load(Path(label_map).read_text(), Loader=yaml.BaseLoader) or {}
     column = spec.get("column")
-    mapping = {str(k): None if v is None else str(v) for k, v in (spec.get("map") or {}).items()}
+    nulls = ("", "null", "~", "None")
+    mapping = {k: None if v in nulls else v for k, v in (spec.get("map") or {}).items()}
     if kind == "multilabel":
         raise ConfigError("label maps are for binary and multiclass bundles")
     if column not in manifest.table.columns:
@@ -193,6 +209,12 @@ def _external_labels(manifest, bundle, task_name: str | None, label_map: Path | 
         raise ConfigError(f"{label_map}: {bad} are not classes of the bundle {classes}")
     target = manifest.table[column].map(lambda v: mapping.get(v))
     keep = np.flatnonzero(target.notna().to_numpy())
+    if len(keep) == 0:
+        seen = sorted(manifest.table[column].unique())[:10]
+        raise ConfigError(
+            f"{label_map}: no value of column {column!r} is mapped to a bundle "
+            f"class; the column holds {seen}"
+        )
     lookup = {c: i for i, c in enumerate(classes)}
     return target.map(lambda v: lookup.get(v, -1)).to_numpy(), keep
 

@@ -91,18 +91,24 @@ def classification_metrics(
         pred = scores.argmax(axis=1)
         onehot = np.eye(n_classes)[y]
         labels = list(range(n_classes))
+        auroc, auprc, weight = _one_vs_rest(onehot, scores)
+        scored = ~np.isnan(auroc)
         return {
-            "auroc": _safe(
-                skm.roc_auc_score, y, scores, multi_class="ovr", average="macro", labels=labels
-            ),
-            "auroc_weighted": _safe(
-                skm.roc_auc_score, y, scores, multi_class="ovr", average="weighted", labels=labels
-            ),
-            "auprc": _safe(skm.average_precision_score, onehot, scores, average="macro"),
+            "auroc": float(np.mean(auroc[scored])) if scored.any() else float("nan"),
+            "auroc_weighted": float(np.average(auroc[scored], weights=weight[scored]))
+            if scored.any()
+            else float("nan"),
+            "auprc": float(np.mean(auprc[scored])) if scored.any() else float("nan"),
+            "classes_scored": int(scored.sum()),
             "accuracy": _safe(skm.accuracy_score, y, pred),
             "balanced_accuracy": _safe(skm.balanced_accuracy_score, y, pred),
             "f1_macro": _safe(
-                skm.f1_score, y, pred, average="macro", labels=labels, zero_division=0
+                skm.f1_score,
+                y,
+                pred,
+                average="macro",
+                labels=sorted(set(y.tolist())),
+                zero_division=0,
             ),
             "kappa": _safe(skm.cohen_kappa_score, y, pred, labels=labels),
             "kappa_quadratic": _safe(
@@ -112,14 +118,36 @@ def classification_metrics(
         }
     thresholds = thresholds or [0.5] * n_classes
     pred = (scores >= np.asarray(thresholds)[None, :]).astype(int)
+    auroc, auprc, _ = _one_vs_rest(y, scores)
+    scored = ~np.isnan(auroc)
     return {
-        "auroc": _safe(skm.roc_auc_score, y, scores, average="macro"),
+        "auroc": float(np.mean(auroc[scored])) if scored.any() else float("nan"),
         "auroc_micro": _safe(skm.roc_auc_score, y, scores, average="micro"),
-        "auprc": _safe(skm.average_precision_score, y, scores, average="macro"),
-        "f1_macro": _safe(skm.f1_score, y, pred, average="macro", zero_division=0),
+        "auprc": float(np.mean(auprc[scored])) if scored.any() else float("nan"),
+        "classes_scored": int(scored.sum()),
+        "f1_macro": _safe(
+            skm.f1_score, y[:, scored], pred[:, scored], average="macro", zero_division=0
+        ),
         "accuracy_subset": _safe(skm.accuracy_score, y, pred),
         "brier": float(np.mean((scores - y) ** 2)),
     }
+
+
+def _one_vs_rest(onehot: np.ndarray, scores: np.ndarray):
+    """Per-class AUROC and AUPRC (NaN for a class that is absent or universal) and prevalence.
+
+    Macro averages run over the classes that can be scored, so a class missing from an
+    external set neither counts as zero nor makes the whole figure undefined; how many
+    classes were scored is reported next to them.
+    """
+    n = scores.shape[1]
+    auroc, auprc = np.full(n, np.nan), np.full(n, np.nan)
+    for j in range(n):
+        yj = onehot[:, j]
+        if 0 < yj.sum() < len(yj):
+            auroc[j] = skm.roc_auc_score(yj, scores[:, j])
+            auprc[j] = skm.average_precision_score(yj, scores[:, j])
+    return auroc, auprc, onehot.sum(axis=0)
 
 
 def per_class_table(

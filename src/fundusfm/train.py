@@ -65,9 +65,9 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
         return None
     if setting == "fp16":
         return torch.float16
-    if setting == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+    if setting == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.amp=bf16: this GPU has no bfloat16; use fp16 or auto")
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def set_trainable(model: Classifier, method: str, partial_stages: int = 1) -> list[nn.Module]:
@@ -100,6 +100,38 @@ def make_loss(kind: str, cfg: TrainConfig, train_labels: np.ndarray, n_classes: 
         counts = np.bincount(train_labels, minlength=n_classes).clip(min=1)
         weight = torch.tensor(len(train_labels) / (n_classes * counts), dtype=torch.float32)
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def validation_loss(kind: str, labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mean cross-entropy (binary/multiclass) or binary cross-entropy (multilabel) of scores."""
+    p = np.clip(scores, 1e-7, 1 - 1e-7)
+    if kind == "multilabel":
+        return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+    return float(-np.mean(np.log(p[np.arange(len(labels)), labels])))
+
+
+def check_select_metric(kind: str, metric: str, val_labels: np.ndarray, n_classes: int) -> None:
+    """Fail before training when the selection metric cannot be computed on this validation part.
+
+    A validation part that lacks a class leaves AUROC undefined or partial: selection would
+    silently keep the first epoch. Better to say so and let the user choose.
+    """
+    if metric == "loss":
+        return
+    scores = np.random.default_rng(0).dirichlet(np.ones(n_classes), size=len(val_labels))
+    probe = classification_metrics(kind, val_labels, scores)
+    if metric not in probe:
+        raise ConfigError(
+            f"train.select_metric={metric!r} is not a {kind} metric; choose one of "
+            f"{sorted([*probe, 'loss'])}"
+        )
+    partial = probe.get("classes_scored", n_classes) < n_classes
+    if math.isnan(probe[metric]) or (partial and metric.startswith(("auroc", "auprc"))):
+        raise ConfigError(
+            f"validation {metric} is undefined or partial: the validation part "
+            f"({len(val_labels)} images) lacks some classes. Set train.select_metric=loss, or "
+            "make validation parts larger (`fundusfm split ... --set val_fraction=0.2`)"
+        )
 
 
 def _sampler(labels: np.ndarray, kind: str, balanced: bool, generator: torch.Generator):
@@ -195,6 +227,7 @@ def fit(
     train_set = data.dataset("train", cfg.augment, cfg.seed)
     val_set = data.dataset("val")
     train_labels = data.labels[data.parts["train"]]
+    check_select_metric(kind, cfg.select_metric, data.labels[data.parts["val"]], n_classes)
     criterion = make_loss(kind, cfg, train_labels, n_classes).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
@@ -219,10 +252,19 @@ def fit(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when the scaler was disabled (no fp16)
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and len(state["cuda_rng"]):
+            torch.cuda.set_rng_state_all(list(state["cuda_rng"]))
         start, bad_epochs = state["epoch"] + 1, state["bad_epochs"]
-        result = FitResult(state["best_epoch"], state["best_metric"], state["history"])
+        result = FitResult(
+            state["best_epoch"], state["best_metric"], state["history"], state["stopped_early"]
+        )
+        if result.best_epoch == start:  # killed between the checkpoint and the best weights
+            _save_weights(model, best_file)
+        if result.stopped_early:
+            start = cfg.epochs
     better = (lambda a, b: a < b) if cfg.select_metric in LOWER_IS_BETTER else (lambda a, b: a > b)
 
     for epoch in range(start, cfg.epochs):
@@ -258,7 +300,8 @@ def fit(
                     f"the loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}; "
                     f"try a lower train.lr. The last good checkpoint is kept: {checkpoint}"
                 )
-            scaler.scale(loss / cfg.grad_accum).backward()
+            group = min(cfg.grad_accum, len(loader) - step // cfg.grad_accum * cfg.grad_accum)
+            scaler.scale(loss / group).backward()
             if (step + 1) % cfg.grad_accum == 0 or step + 1 == len(loader):
                 scaler.step(optimizer)
                 scaler.update()
@@ -272,11 +315,7 @@ def fit(
             model, val_set, cfg.batch_size, device, kind, amp, channels_last, cfg.workers
         )
         val = classification_metrics(kind, labels, scores)
-        if cfg.select_metric not in val:
-            raise ConfigError(
-                f"train.select_metric={cfg.select_metric!r} is not a {kind} "
-                f"metric; choose one of {sorted(val)}"
-            )
+        val["loss"] = validation_loss(kind, labels, scores)
         value = val[cfg.select_metric]
         record = {
             "epoch": epoch + 1,
@@ -284,15 +323,12 @@ def fit(
             **{f"val_{k}": v for k, v in val.items()},
         }
         result.history.append(record)
-        if (
-            result.best_epoch < 0
-            or better(value, result.best_metric)
-            or (math.isnan(result.best_metric) and not math.isnan(value))
-        ):
+        improved = result.best_epoch < 0 or better(value, result.best_metric)
+        if improved:
             result.best_epoch, result.best_metric, bad_epochs = epoch + 1, value, 0
-            _save_weights(model, best_file)
         else:
             bad_epochs += 1
+        result.stopped_early = bool(cfg.patience and bad_epochs >= cfg.patience)
         _save_atomic(
             {
                 "model": model.state_dict(),
@@ -300,14 +336,18 @@ def fit(
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
                 "epoch": epoch,
                 "bad_epochs": bad_epochs,
                 "best_epoch": result.best_epoch,
                 "best_metric": result.best_metric,
+                "stopped_early": result.stopped_early,
                 "history": result.history,
             },
             checkpoint,
         )
+        if improved:  # after the checkpoint, so that a resume can always restore it
+            _save_weights(model, best_file)
         if progress:
             tqdm.write(
                 f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, "
@@ -316,8 +356,7 @@ def fit(
             )
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, model)
-        if cfg.patience and bad_epochs >= cfg.patience:
-            result.stopped_early = True
+        if result.stopped_early:
             break
     model.load_state_dict(load_file(best_file))
     return result
