@@ -38,8 +38,10 @@ app = typer.Typer(
     add_completion=False,
 )
 data_app = typer.Typer(help="Inspect and validate image manifests.", no_args_is_help=True)
+grid_app = typer.Typer(help="Run and report the experiment grid.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that print measured figures.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(grid_app, name="grid")
 app.add_typer(bench_app, name="bench")
 
 M = TypeVar("M", bound=BaseModel)
@@ -356,6 +358,43 @@ def evaluate(
         )
     )
     typer.echo(f"wrote {out / 'predictions.csv'} and {out / 'metrics.json'}")
+
+
+GridArg = Annotated[Path, typer.Argument(help="Grid YAML (see configs/grid*.yaml).")]
+
+
+@grid_app.command("run")
+def grid_run(
+    grid: GridArg,
+    shard: Annotated[
+        str | None, typer.Option(help="I/N: run every N-th cell from I (0-based).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells to run.")] = False,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the cells of a grid that are not done yet (rerun to resume)."""
+    from .config import GridConfig
+    from .grid import run_grid
+
+    cfg = resolve(GridConfig, grid, set_)
+    with user_errors():
+        counts = run_grid(cfg, shard, dry_run, progress=not quiet, say=typer.echo)
+    typer.echo(", ".join(f"{v} {k}" for k, v in counts.items()))
+    if counts["failed"]:
+        raise typer.Exit(1)
+
+
+@grid_app.command("status")
+def grid_status(grid: GridArg, set_: SetOpt = None) -> None:
+    """Done / failed / pending cells of a grid."""
+    from .config import GridConfig
+    from .grid import status
+
+    table = status(resolve(GridConfig, grid, set_))
+    typer.echo(table["state"].value_counts().to_string())
+    for cell in table.loc[table.state == "failed", "cell"]:
+        typer.echo(f"failed: {cell}")
 
 
 @bench_app.command("cache")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -188,6 +188,60 @@ class PretrainConfig(FinetuneConfig):
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="used when data.splits is unset")
     method: Literal["ff"] = "ff"
     run: RunConfig = RunConfig(out=Path("runs/pretrain"))
+
+
+class GridAxes(Strict):
+    """The axes of the paper's comparison; every combination is one cell."""
+
+    task: list[str | None] = Field(default_factory=lambda: [None])
+    init: dict[str, str] = Field(
+        default_factory=lambda: {"scratch": "scratch"},
+        description="label -> init name or bundle path; a list uses each entry as its label",
+    )
+    method: list[Literal["lf", "ff", "partial"]] = Field(default_factory=lambda: ["lf", "ff"])
+    resolution: list[int] = Field(default_factory=lambda: [512])
+    fraction: list[float] = Field(default_factory=lambda: [1.0])
+    fold: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _init_list(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("init"), list):
+            data = {
+                **data,
+                "init": {str(v).rstrip("/").replace("/", "_"): str(v) for v in data["init"]},
+            }
+        return data
+
+
+class ExternalSet(Strict):
+    """A dataset every trained cell is evaluated on (external validation)."""
+
+    name: str
+    manifest: Path
+    task: str | None = None
+    label_map: Path | None = None
+
+
+class ProbeConfig(Strict):
+    """How LF cells train their head."""
+
+    mode: Literal["features", "train"] = Field(
+        "features", description="features: logistic regression on cached frozen features"
+    )
+    Cs: list[float] = Field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0, 100.0])
+    max_iter: int = Field(2000, ge=10)
+
+
+class GridConfig(Strict):
+    """`fundusfm grid run|status|report`: task x init x method x resolution x fraction x fold."""
+
+    name: str = "grid"
+    out: Path = Path("runs/grid")
+    base: FinetuneConfig = FinetuneConfig()
+    axes: GridAxes = GridAxes()
+    external: list[ExternalSet] = Field(default_factory=list)
+    probe: ProbeConfig = ProbeConfig()
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -20,12 +20,21 @@ import yaml
 
 from .backbone import create_backbone
 from .bundle import load_bundle, provenance, save_bundle
-from .config import ConfigError, FinetuneConfig, PreprocessConfig, PretrainConfig, dump_config
+from .config import (
+    ConfigError,
+    FinetuneConfig,
+    PreprocessConfig,
+    PretrainConfig,
+    ProbeConfig,
+    dump_config,
+)
 from .datasets import CachedImages, FoldData, load_fold
+from .features import cached_features
 from .heads import Classifier, make_head
 from .manifest import encode_labels, load_manifest
 from .metrics import choose_thresholds, classification_metrics, per_class_table
 from .preprocess import build_cache, open_cache
+from .probe import fit_probe
 from .train import amp_dtype, fit, predict, resolve_device
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -140,18 +149,31 @@ def train_and_report(
     )
     device = resolve_device(cfg.train.device)
     amp = amp_dtype(cfg.train.amp, device)
-    ids = data.manifest.table["image_id"].to_numpy()
-    frames, metrics = [], {"best_epoch": result.best_epoch, "history": result.history}
-    thresholds: list[float] = []
+    parts = {}
     for part in ("val", "test"):
-        if len(data.parts[part]) == 0:
-            continue
-        scores, labels, index = predict(
-            model, data.dataset(part), cfg.train.batch_size, device, kind, amp
-        )
+        if len(data.parts[part]):
+            scores, labels, index = predict(
+                model, data.dataset(part), cfg.train.batch_size, device, kind, amp
+            )
+            parts[part] = (scores, labels, data.parts[part][index])
+    summary = {"best_epoch": result.best_epoch, "history": result.history}
+    return write_run(cfg, data, out, model, parts, extra, summary)
+
+
+def write_run(
+    cfg, data: FoldData, out: Path, model: Classifier, parts: dict, extra: dict, summary: dict
+) -> Path:
+    """predictions.csv, metrics.json and the bundle of a finished cell.
+
+    `parts` maps "val"/"test" to (scores, labels, manifest rows); thresholds are chosen on
+    the validation scores and applied unchanged to the test scores.
+    """
+    kind, classes = data.task.kind, data.task.class_names
+    ids = data.manifest.table["image_id"].to_numpy()
+    frames, metrics, thresholds = [], dict(summary), []
+    for part, (scores, labels, rows) in parts.items():
         if part == "val":
             thresholds = choose_thresholds(kind, labels, scores)
-        rows = data.parts[part][index]
         frames.append(
             prediction_frame(ids[rows], cfg.data.fold, part, kind, classes, labels, scores)
         )
@@ -163,6 +185,45 @@ def train_and_report(
     save_bundle(model, out / "bundle", _bundle_meta(cfg, data, thresholds, extra))
     write_json(metrics, out / "metrics.json")
     return out
+
+
+def probe_finetune(cfg: FinetuneConfig, probe: ProbeConfig, features_root: Path) -> Path:
+    """LF through the feature cache: logistic regression on frozen features of every image.
+
+    Gives the same outputs as `finetune(method=lf)` (its bundle holds the backbone and the
+    probe as a linear head) at the cost of one feature extraction per init and resolution.
+    """
+    out = _prepare_run(cfg)
+    data = load_fold(cfg.data, progress=cfg.run.progress)
+    kind, n_classes = data.task.kind, len(data.task.class_names)
+    torch.manual_seed(cfg.train.seed)
+    m = cfg.model
+    backbone = create_backbone(m.arch, m.init, m.imagenet_version, m.imagenet_file, m.init_bundle)
+    device = resolve_device(cfg.train.device)
+    features, _ = cached_features(
+        backbone, data, features_root, cfg.train.batch_size, device, cfg.run.progress
+    )
+    tr, va = data.parts["train"], data.parts["val"]
+    fitted = fit_probe(
+        kind,
+        features[tr],
+        data.labels[tr],
+        features[va],
+        data.labels[va],
+        n_classes,
+        probe.Cs,
+        probe.max_iter,
+    )
+    model = Classifier(backbone.cpu(), fitted.as_head())
+    parts = {
+        p: (fitted.scores(features[r], kind), data.labels[r], r)
+        for p, r in data.parts.items()
+        if p != "train" and len(r)
+    }
+    linear = cfg.model.model_copy(update={"head": "linear", "dropout": 0.0})
+    cfg = cfg.model_copy(update={"model": linear})
+    summary = {"probe": {"C": fitted.C, "val_loss": fitted.val_loss}}
+    return write_run(cfg, data, out, model, parts, {"method": "lf", "probe": "logreg"}, summary)
 
 
 def finetune(cfg: FinetuneConfig, on_epoch_end=None) -> Path:

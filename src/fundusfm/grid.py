@@ -1,0 +1,176 @@
+"""The experiment grid: every task x init x method x resolution x fraction x fold is a cell.
+
+Each cell is a run folder under `<out>/cells/` named by its coordinates, e.g.
+`task=abnormal/init=fundus/method=lf/res=512/frac=0.1/fold=3`. A cell is done when its
+`done` marker exists (written after training and every external evaluation); done cells are
+skipped, so rerunning the same command resumes a killed grid, and a killed training cell
+continues from its checkpoint. A cell that fails leaves `error.txt` (the traceback) and the
+grid goes on. `--shard i/n` runs the cells whose position modulo n is i (0-based, like a
+Slurm array index), so n machines cover every cell exactly once.
+
+LF cells go through the feature cache (`<out>/features/`) unless `probe.mode: train`;
+FF and partial cells run the training loop. Every finished cell is evaluated on each
+external set into `<cell>/external/<name>/`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .config import ConfigError, FinetuneConfig, GridConfig
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str | None
+    init_label: str
+    init: str
+    method: str
+    resolution: int
+    fraction: float
+    fold: int
+
+    @property
+    def id(self) -> str:
+        return (
+            f"task={self.task or 'default'}/init={self.init_label}/method={self.method}/"
+            f"res={self.resolution}/frac={self.fraction:g}/fold={self.fold}"
+        )
+
+    def coordinates(self) -> dict:
+        return {
+            "task": self.task or "default",
+            "init": self.init_label,
+            "method": self.method,
+            "resolution": self.resolution,
+            "fraction": self.fraction,
+            "fold": self.fold,
+        }
+
+
+def expand(cfg: GridConfig) -> list[Cell]:
+    """All cells, in a fixed order (the order shards are cut from)."""
+    a = cfg.axes
+    return [
+        Cell(task or cfg.base.data.task, label, a.init[label], method, res, frac, fold)
+        for task, label, method, res, frac, fold in itertools.product(
+            a.task, a.init, a.method, a.resolution, a.fraction, a.fold
+        )
+    ]
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard {text!r}: I must lie in 0..N-1")
+    return i, n
+
+
+def shard(cells: list[Cell], i: int, n: int) -> list[Cell]:
+    return [c for k, c in enumerate(cells) if k % n == i]
+
+
+def cell_dir(cfg: GridConfig, cell: Cell) -> Path:
+    return Path(cfg.out) / "cells" / cell.id
+
+
+def cell_config(cfg: GridConfig, cell: Cell) -> FinetuneConfig:
+    """The base settings with the cell's coordinates filled in."""
+    base = cfg.base
+    data = base.data.model_copy(
+        update={
+            "task": cell.task or base.data.task,
+            "fold": cell.fold,
+            "fraction": cell.fraction,
+            "resolution": cell.resolution,
+        }
+    )
+    model = base.model.model_copy(update={"init": cell.init})
+    run = base.run.model_copy(update={"out": cell_dir(cfg, cell), "resume": True})
+    return base.model_copy(update={"data": data, "model": model, "method": cell.method, "run": run})
+
+
+def state(cfg: GridConfig, cell: Cell) -> str:
+    d = cell_dir(cfg, cell)
+    if (d / "done").is_file():
+        return "done"
+    if (d / "error.txt").is_file():
+        return "failed"
+    return "pending"
+
+
+def status(cfg: GridConfig) -> pd.DataFrame:
+    """One row per cell: its coordinates and done / failed / pending."""
+    rows = [{"cell": c.id, **c.coordinates(), "state": state(cfg, c)} for c in expand(cfg)]
+    return pd.DataFrame(rows)
+
+
+def run_cell(cfg: GridConfig, cell: Cell, progress: bool = False) -> Path:
+    """Train (or probe) one cell, then evaluate it on every external set."""
+    from .experiment import evaluate, finetune, probe_finetune
+
+    c = cell_config(cfg, cell)
+    c = c.model_copy(update={"run": c.run.model_copy(update={"progress": progress})})
+    if cell.method == "lf" and cfg.probe.mode == "features":
+        out = probe_finetune(c, cfg.probe, Path(cfg.out) / "features")
+    else:
+        out = finetune(c)
+    for ext in cfg.external:
+        evaluate(
+            out / "bundle",
+            ext.manifest,
+            out / "external" / ext.name,
+            ext.label_map,
+            ext.task,
+            device=c.train.device,
+            progress=progress,
+        )
+    (out / "done").touch()
+    return out
+
+
+def run_grid(
+    cfg: GridConfig,
+    shard_spec: str | None = None,
+    dry_run: bool = False,
+    progress: bool = False,
+    say: Callable[[str], None] = print,
+) -> dict[str, int]:
+    """Run this shard's cells that are not done yet; returns counts by outcome."""
+    i, n = parse_shard(shard_spec)
+    cells = shard(expand(cfg), i, n)
+    counts = {"done": 0, "ran": 0, "failed": 0, "pending": 0}
+    for k, cell in enumerate(cells):
+        if state(cfg, cell) == "done":
+            counts["done"] += 1
+            continue
+        if dry_run:
+            counts["pending"] += 1
+            say(f"pending {cell.id}")
+            continue
+        say(f"[{k + 1}/{len(cells)}] {cell.id}")
+        error = cell_dir(cfg, cell) / "error.txt"
+        error.unlink(missing_ok=True)
+        try:
+            run_cell(cfg, cell, progress)
+            counts["ran"] += 1
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # a failed cell is recorded; the others go on
+            error.parent.mkdir(parents=True, exist_ok=True)
+            error.write_text(traceback.format_exc())
+            (cell_dir(cfg, cell) / "metrics.json").unlink(missing_ok=True)  # redo on rerun
+            counts["failed"] += 1
+            say(f"  failed: {type(exc).__name__}: {exc} (see {error})")
+    return counts
