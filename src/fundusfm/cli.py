@@ -397,6 +397,21 @@ def grid_status(grid: GridArg, set_: SetOpt = None) -> None:
         typer.echo(f"failed: {cell}")
 
 
+@grid_app.command("report")
+def grid_report(
+    grid: GridArg,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for CIs and p-values.")] = 1000,
+    set_: SetOpt = None,
+) -> None:
+    """Tables (CSV), figures (PNG) and one self-contained HTML report of a grid's cells."""
+    from .config import GridConfig
+    from .report import build_report
+
+    with user_errors():
+        path = build_report(resolve(GridConfig, grid, set_), n_boot)
+    typer.echo(f"report: {path}")
+
+
 @bench_app.command("cache")
 def bench_cache_cmd(
     manifest: Annotated[Path, typer.Argument(help="manifest.csv of the images to time.")],

@@ -15,7 +15,28 @@ import warnings
 
 import numpy as np
 import pandas as pd
+from scipy.stats import rankdata
 from sklearn import metrics as skm
+
+
+def binary_auroc(y: np.ndarray, score: np.ndarray) -> float:
+    """AUROC by the rank-sum identity (ties averaged): fast enough for bootstrap loops."""
+    y = np.asarray(y).astype(bool)
+    m, n = int(y.sum()), int((~y).sum())
+    if m == 0 or n == 0:
+        return float("nan")
+    ranks = rankdata(score)
+    return float((ranks[y].sum() - m * (m + 1) / 2) / (m * n))
+
+
+def auroc(kind: str, y: np.ndarray, scores: np.ndarray) -> float:
+    """The headline AUROC of a task kind: binary, or macro over the classes that can be scored."""
+    if kind == "binary":
+        return binary_auroc(y, scores[:, 1])
+    onehot = np.eye(scores.shape[1])[y] if kind == "multiclass" else y
+    values = [binary_auroc(onehot[:, j], scores[:, j]) for j in range(scores.shape[1])]
+    values = [v for v in values if np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def youden_threshold(y: np.ndarray, score: np.ndarray) -> float:
