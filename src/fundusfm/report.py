@@ -171,6 +171,11 @@ def _line_figure(summary: pd.DataFrame, x: str, fixed: dict, path: Path, log: bo
         ax.set(title=f"{method.upper()}", xlabel=x, ylabel="test AUROC (mean, sd over folds)")
         if log:
             ax.set_xscale("log")
+            ticks = sorted(data[x].unique())
+            ax.set_xticks(ticks, [f"{t:.0%}" for t in ticks])
+            ax.minorticks_off()
+        else:
+            ax.set_xticks(sorted(data[x].unique()))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
