@@ -104,26 +104,42 @@ def test_scan_folder(synth_set: Path, tmp_path: Path):
 
 
 def test_demo_runs_end_to_end(tmp_path: Path):
+    """The demo's whole pipeline on a reduced preset (tiny sets, 1 epoch, 3 folds, offline)."""
     out = tmp_path / "demo"
-    result = invoke(
-        "demo",
-        "--out",
-        out,
-        "-q",
-        "--set",
-        "synth.n=30",
-        "--set",
-        "synth.size=64",
-        "--set",
-        "preprocess.resolution=32",
-        "--set",
+    sets = [
+        "upstream.n=40",
+        "upstream.size=96",
+        "downstream.n=36",
+        "downstream.size=96",
+        "external.n=10",
+        "external.size=96",
+        "pretrain.data.resolution=64",
+        "pretrain.train.epochs=1",
+        "pretrain.train.select_metric=loss",
+        "grid.base.data.resolution=64",
+        "grid.axes.resolution=[64]",
+        "grid.base.train.epochs=1",
+        "grid.base.train.select_metric=loss",
+        "grid.axes.fold=[0, 1, 2]",
         "split.folds=3",
-    )
+        "split.val_fraction=0.25",
+        "grid.axes.fraction=[0.5, 1.0]",
+        "split.fractions=[0.5, 1.0]",
+        "n_boot=20",
+    ]
+    args = [a for s in sets for a in ("--set", s)]
+    result = invoke("demo", "--out", out, "--offline", "-q", *args)
     assert result.exit_code == 0, result.output
-    for rel in ["config.yaml", "data/manifest.csv", "splits.csv", "splits_summary.csv"]:
-        assert (out / rel).is_file(), rel
-    assert len(list(out.glob("cache/32px-*/arrays/*.npy"))) == 30
-    assert yaml.safe_load((out / "config.yaml").read_text())["split"]["folds"] == 3
+    assert "ImageNet arms skipped: offline" in result.output
+    report = out / "runs" / "grid" / "report" / "report.html"
+    assert f"report: {report}" in result.output and report.is_file()
+    summary = pd.read_csv(report.parent / "summary.csv")
+    assert set(summary.init) == {"scratch", "fundus"} and set(summary.method) == {"lf", "ff"}
+    assert (summary.folds == 3).all()
+    external = pd.read_csv(report.parent / "external.csv")
+    assert "ext_shifted_camera_auroc_mean" in external.columns
+    rerun = invoke("demo", "--out", out, "--offline", "-q", *args)  # resumes: nothing to redo
+    assert rerun.exit_code == 0 and "pretraining" not in rerun.output
 
 
 def test_user_errors_are_one_line_not_tracebacks(synth_set: Path, tmp_path: Path):

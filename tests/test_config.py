@@ -16,9 +16,9 @@ def test_yaml_then_overrides(tmp_path: Path):
 
 
 def test_nested_override():
-    cfg = load_config(DemoConfig, None, ["synth.n=12", "synth.camera.blur_max=0.5"])
-    assert cfg.synth.n == 12
-    assert cfg.synth.camera.blur_max == 0.5
+    cfg = load_config(DemoConfig, None, ["downstream.n=12", "external.camera.blur_max=0.5"])
+    assert cfg.downstream.n == 12
+    assert cfg.external.camera.blur_max == 0.5
 
 
 def test_unknown_key_names_key_and_file(tmp_path: Path):
@@ -33,10 +33,10 @@ def test_unknown_key_names_key_and_file(tmp_path: Path):
 
 def test_wrong_type_names_key(tmp_path: Path):
     path = tmp_path / "bad.yaml"
-    path.write_text("synth:\n  n: many\n")
+    path.write_text("downstream:\n  n: many\n")
     with pytest.raises(ConfigError) as err:
         load_config(DemoConfig, path)
-    assert "synth.n" in str(err.value)
+    assert "downstream.n" in str(err.value)
     assert str(path) in str(err.value)
 
 

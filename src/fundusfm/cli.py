@@ -256,20 +256,26 @@ def split(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_out"),
+    full: Annotated[bool, typer.Option("--full", help="The paper's settings (GPU).")] = False,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="Never download ImageNet weights.")
+    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run the data pipeline end to end on generated images (CPU, about a minute)."""
-    from .demo import run_demo
+    """The whole protocol on generated data: pretrain, grid, report (CPU, minutes)."""
+    from .demo import FULL_PRESET, run_demo
 
-    cfg = resolve(DemoConfig, config, set_)
+    sets = [
+        *(FULL_PRESET if full else []),
+        *(["imagenet=offline"] if offline else []),
+        *(set_ or []),
+    ]
+    cfg = resolve(DemoConfig, config, sets)
     with user_errors():
-        result = run_demo(cfg, out, progress=not quiet, say=typer.echo)
-    typer.echo(f"\nmanifest  {result.manifest} ({result.problems} problems)")
-    typer.echo(f"cache     {result.cache.directory} ({result.cache.built} built)")
-    typer.echo(f"splits    {result.splits}")
-    typer.echo(result.summary.groupby("fraction")[["train", "val", "test"]].mean().to_string())
+        report = run_demo(cfg, out, progress=not quiet, say=typer.echo)
+    typer.echo(f"\nreport: {report}")
 
 
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")]

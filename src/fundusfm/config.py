@@ -92,14 +92,6 @@ class SplitConfig(Strict):
     task: str | None = Field(None, description="task to stratify on; default: the first declared")
 
 
-class DemoConfig(Strict):
-    """What `fundusfm demo` generates and runs."""
-
-    synth: SynthConfig = SynthConfig(n=240, size=256)
-    preprocess: PreprocessConfig = PreprocessConfig(resolution=128)
-    split: SplitConfig = SplitConfig(fractions=[0.1, 0.25, 0.5, 1.0])
-
-
 class DataConfig(Strict):
     """Which images, labels, fold and fraction a training run uses."""
 
@@ -120,9 +112,14 @@ class DataConfig(Strict):
 
 class ModelConfig(Strict):
     arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
-    init: str = Field(
-        "imagenet", description="scratch | imagenet | fundus | imagenet+fundus | path"
+    init: str | None = Field(
+        None, description="scratch | imagenet | fundus | imagenet+fundus | path; unset: imagenet"
     )
+
+    @property
+    def init_name(self) -> str:
+        return self.init or "imagenet"
+
     init_bundle: Path | None = Field(None, description="bundle behind fundus / imagenet+fundus")
     imagenet_version: Literal["IMAGENET1K_V1", "IMAGENET1K_V2"] = "IMAGENET1K_V1"
     imagenet_file: Path | None = Field(None, description="ImageNet weights file (else hub cache)")
@@ -244,6 +241,47 @@ class GridConfig(Strict):
     probe: ProbeConfig = ProbeConfig()
 
 
+def _demo_grid() -> GridConfig:
+    return GridConfig(
+        name="demo",
+        base=FinetuneConfig(
+            data=DataConfig(task="abnormal", resolution=128),
+            model=ModelConfig(arch="resnet18", head="mlp"),
+            train=TrainConfig(epochs=3, batch_size=32, lr=5e-4, warmup_epochs=0.5),
+        ),
+        axes=GridAxes(
+            method=["lf", "ff"], resolution=[128], fraction=[0.25, 0.5, 1.0], fold=[0, 1, 2, 3, 4]
+        ),
+    )
+
+
+class DemoConfig(Strict):
+    """What `fundusfm demo` generates and runs (paths are filled in under --out)."""
+
+    upstream: SynthConfig = SynthConfig(n=400, size=160, seed=1)
+    downstream: SynthConfig = SynthConfig(n=200, size=160, seed=2)
+    external: SynthConfig = SynthConfig(
+        n=80,
+        size=200,
+        seed=3,
+        camera=CameraConfig(tint=(1.12, 0.92, 0.78), blur_max=2.0, noise_max=0.04),
+    )
+    pretrain: PretrainConfig = PretrainConfig(
+        strategy="fundus",
+        data=DataConfig(task="abnormal", resolution=128),
+        model=ModelConfig(arch="resnet18", head="mlp"),
+        train=TrainConfig(epochs=3, batch_size=32, lr=1e-3, warmup_epochs=0.5),
+    )
+    split: SplitConfig = SplitConfig(
+        folds=5, fractions=[0.25, 0.5, 1.0], val_fraction=0.15, task="abnormal"
+    )
+    grid: GridConfig = Field(default_factory=_demo_grid)
+    imagenet: Literal["auto", "offline"] = Field(
+        "auto", description="auto: use or download ImageNet weights; offline: never download"
+    )
+    n_boot: int = Field(1000, ge=10)
+
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -281,12 +319,34 @@ def _describe(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _merge(model: type[BaseModel], base: dict, update: dict) -> dict:
+    """`update` laid over `base`; sub-sections merge key by key, every other value replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        field = model.model_fields.get(key)
+        sub = field.annotation if field is not None else None
+        if (
+            isinstance(sub, type)
+            and issubclass(sub, BaseModel)
+            and isinstance(value, dict)
+            and isinstance(out.get(key), dict)
+        ):
+            out[key] = _merge(sub, out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(
     model: type[M],
     path: Path | None = None,
     overrides: list[str] | None = None,
 ) -> M:
-    """Build `model` from a YAML file (optional) and `--set` overrides, in that order."""
+    """Build `model` from its defaults, a YAML file (optional) and `--set` overrides, in order.
+
+    Sections given in the file or by `--set` are merged into the model's own defaults, so
+    `--set grid.base.train.epochs=1` changes one value and keeps every other default.
+    """
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -301,6 +361,7 @@ def load_config(
             raise ConfigError(f"{path}: expected a mapping of settings at the top level")
         data = loaded
         source = str(path)
+    data = _merge(model, model().model_dump(mode="json"), data)
     for assignment in overrides or []:
         apply_override(data, assignment)
     if overrides:

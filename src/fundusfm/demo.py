@@ -1,56 +1,169 @@
-"""`fundusfm demo`: the whole data path on generated images, on a CPU, in a minute or two.
+"""`fundusfm demo`: the paper's whole protocol on generated images, on a CPU, in minutes.
 
-Generates a synthetic fundus set, validates its manifest, builds the preprocessing cache and
-writes patient-grouped splits, leaving every intermediate file in the output folder so a
-new user can open each one. Model training joins this story as the toolkit grows.
+1. generate an upstream set, a downstream set and an external set with shifted appearance
+   (another camera's colour, more blur and noise), and check their manifests;
+2. pretrain a "Fundus" backbone on the upstream set (and "ImageNet+Fundus" when ImageNet
+   weights are on this machine, can be downloaded, and the demo is not offline);
+3. split the downstream set by patient (5 folds, nested labelled fractions);
+4. run the grid: Scratch vs Fundus (plus ImageNet and ImageNet+Fundus when available),
+   LF and FF, every fraction and fold, each trained cell also scored on the external set;
+5. write the report (CSV, PNG, one HTML file) and print its path.
+Every intermediate file stays under the output folder. `--full` switches to the paper's
+settings (ResNet-50, 512 px, larger sets) for a GPU.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
-import pandas as pd
-
-from .config import DemoConfig, dump_config
+from .backbone import WeightsNotFound, imagenet_state
+from .config import DemoConfig, ExternalSet, dump_config
+from .experiment import pretrain
+from .grid import run_grid
 from .manifest import load_manifest
-from .preprocess import BuildReport, build_cache
-from .splits import make_splits, summarise
+from .report import build_report
+from .splits import make_splits
 from .synthetic import generate
 from .validate import check_manifest
 
+# The paper's settings, for `fundusfm demo --full` on a GPU.
+FULL_PRESET = [
+    "upstream.n=4000",
+    "upstream.size=640",
+    "downstream.n=1000",
+    "downstream.size=640",
+    "external.n=300",
+    "external.size=640",
+    "pretrain.model.arch=resnet50",
+    "pretrain.data.resolution=512",
+    "pretrain.train.epochs=10",
+    "pretrain.train.lr=0.0003",
+    "pretrain.train.workers=8",
+    "grid.base.model.arch=resnet50",
+    "grid.base.data.resolution=512",
+    "grid.axes.resolution=[256, 512]",
+    "grid.axes.fraction=[0.01, 0.05, 0.1, 0.25, 0.5, 1.0]",
+    "grid.base.train.epochs=10",
+    "grid.base.train.lr=0.0001",
+    "grid.base.train.workers=8",
+    "split.fractions=[0.01, 0.05, 0.1, 0.25, 0.5, 1.0]",
+]
 
-@dataclass
-class DemoResult:
-    manifest: Path
-    problems: int
-    cache: BuildReport
-    splits: Path
-    summary: pd.DataFrame
+
+def imagenet_ready(arch: str, version: str, offline: bool) -> tuple[bool, str]:
+    """Whether ImageNet weights can be had: from the torch hub cache, or by download."""
+    try:
+        imagenet_state(arch, version)
+        return True, "found in the torch hub cache"
+    except WeightsNotFound as exc:
+        if offline:
+            return False, f"offline: not downloading ({str(exc).splitlines()[0]})"
+    import torchvision
+
+    try:  # online: torchvision stores them in the hub cache for next time
+        torchvision.models.get_model_weights(arch)[version].get_state_dict(progress=False)
+        return True, "downloaded into the torch hub cache"
+    except Exception as exc:  # no network, proxy, disk: say why and skip the arms
+        return False, f"download failed ({type(exc).__name__}: {exc})"
 
 
-def run_demo(cfg: DemoConfig, out: Path, progress: bool = True, say=print) -> DemoResult:
-    """Run every data stage on a generated set inside `out`."""
+def run_demo(cfg: DemoConfig, out: Path, progress: bool = True, say=print) -> Path:
+    """Run the whole demo inside `out`; returns the path of the HTML report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
+    start = time.perf_counter()
 
-    say(f"[1/4] generating {cfg.synth.n} synthetic fundus images at {cfg.synth.size} px")
-    manifest_path = generate(cfg.synth, out / "data", progress=progress)
-    manifest = load_manifest(manifest_path)
+    def step(text: str) -> None:
+        say(f"[{time.perf_counter() - start:5.0f} s] {text}")
 
-    say("[2/4] checking the manifest (files, decoding, duplicates, labels)")
-    report = check_manifest(manifest, progress=progress)
-    for problem in report.problems:
-        say(f"  {problem}")
+    data = out / "data"
+    manifests = {}
+    for name in ("upstream", "downstream", "external"):
+        synth = getattr(cfg, name)
+        path = data / name / "manifest.csv"
+        if not path.is_file():
+            step(f"generating the {name} set: {synth.n} images at {synth.size} px")
+            generate(synth, data / name, progress=progress)
+        report = check_manifest(load_manifest(path), progress=False)
+        real = [p for p in report.problems if "has no images" not in p.message]
+        if real:
+            raise ValueError(f"{path}: {len(real)} problems, first: {real[0]}")
+        manifests[name] = path
 
-    say(f"[3/4] building the {cfg.preprocess.resolution} px preprocessing cache")
-    cache = build_cache(manifest, cfg.preprocess, out / "cache", progress=progress)
+    arch = cfg.grid.base.model.arch
+    ok, why = imagenet_ready(arch, cfg.grid.base.model.imagenet_version, cfg.imagenet == "offline")
+    strategies = ["fundus", "imagenet+fundus"] if ok else ["fundus"]
+    if not ok:
+        step(f"ImageNet arms skipped: {why}")
+    inits = {"scratch": "scratch"}
+    if ok:
+        inits["imagenet"] = "imagenet"
+    for strategy in strategies:
+        run_dir = out / "runs" / f"pretrain_{strategy}"
+        bundle = run_dir / "bundle"
+        if not (run_dir / "metrics.json").is_file():
+            step(
+                f"pretraining {strategy} on the upstream set ({cfg.pretrain.model.arch}, "
+                f"{cfg.pretrain.data.resolution} px, {cfg.pretrain.train.epochs} epochs)"
+            )
+            p = cfg.pretrain
+            pcfg = p.model_copy(
+                update={
+                    "strategy": strategy,
+                    "data": p.data.model_copy(update={"manifest": manifests["upstream"]}),
+                    "run": p.run.model_copy(
+                        update={"out": run_dir, "resume": True, "progress": progress}
+                    ),
+                }
+            )
+            pretrain(pcfg)
+        inits[strategy] = str(bundle)
 
-    say(f"[4/4] {cfg.split.folds}-fold patient-grouped splits, fractions {cfg.split.fractions}")
-    splits = make_splits(manifest, cfg.split)
-    splits_path = out / "splits.csv"
-    splits.to_csv(splits_path, index=False)
-    summary = summarise(splits, manifest, cfg.split.task)
-    summary.to_csv(out / "splits_summary.csv", index=False)
-    return DemoResult(manifest_path, len(report.problems), cache, splits_path, summary)
+    splits = data / "downstream" / "splits.csv"
+    if not splits.is_file():
+        step(
+            f"splitting the downstream set: {cfg.split.folds} folds, "
+            f"fractions {cfg.split.fractions}"
+        )
+        make_splits(load_manifest(manifests["downstream"]), cfg.split).to_csv(splits, index=False)
+    g = cfg.grid
+    grid = g.model_copy(
+        update={
+            "out": out / "runs" / "grid",
+            "base": g.base.model_copy(
+                update={
+                    "data": g.base.data.model_copy(
+                        update={"manifest": manifests["downstream"], "splits": splits}
+                    )
+                }
+            ),
+            "axes": g.axes.model_copy(update={"init": inits}),
+            "external": [
+                ExternalSet(
+                    name="shifted_camera", manifest=manifests["external"], task=g.base.data.task
+                )
+            ],
+        }
+    )
+    dump_config(grid, out / "grid.yaml")
+    n_cells = (
+        len(grid.axes.init)
+        * len(grid.axes.method)
+        * len(grid.axes.resolution)
+        * len(grid.axes.fraction)
+        * len(grid.axes.fold)
+    )
+    step(
+        f"running the grid: {n_cells} cells ({', '.join(inits)} x "
+        f"{', '.join(m.upper() for m in grid.axes.method)} x fractions "
+        f"{grid.axes.fraction} x {len(grid.axes.fold)} folds)"
+    )
+    counts = run_grid(grid, progress=False, say=lambda text: None)
+    if counts["failed"]:
+        step(f"{counts['failed']} cells failed: see `fundusfm grid status {out / 'grid.yaml'}`")
+    step("writing the report")
+    report = build_report(grid, cfg.n_boot)
+    step(f"done: {report}")
+    return report

@@ -198,7 +198,9 @@ def probe_finetune(cfg: FinetuneConfig, probe: ProbeConfig, features_root: Path)
     kind, n_classes = data.task.kind, len(data.task.class_names)
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
-    backbone = create_backbone(m.arch, m.init, m.imagenet_version, m.imagenet_file, m.init_bundle)
+    backbone = create_backbone(
+        m.arch, m.init_name, m.imagenet_version, m.imagenet_file, m.init_bundle
+    )
     device = resolve_device(cfg.train.device)
     features, _ = cached_features(
         backbone, data, features_root, cfg.train.batch_size, device, cfg.run.progress
@@ -228,13 +230,13 @@ def probe_finetune(cfg: FinetuneConfig, probe: ProbeConfig, features_root: Path)
 
 def finetune(cfg: FinetuneConfig, on_epoch_end=None) -> Path:
     """Downstream training on one fold and fraction from any init; returns the run folder."""
-    return train_and_report(cfg, cfg.model.init, None, {"method": cfg.method}, on_epoch_end)
+    return train_and_report(cfg, cfg.model.init_name, None, {"method": cfg.method}, on_epoch_end)
 
 
 def pretrain(cfg: PretrainConfig, on_epoch_end=None) -> Path:
     """Upstream supervised pretraining; `strategy` decides the starting weights."""
     init = STRATEGY_INIT[cfg.strategy]
-    if "init" in cfg.model.model_fields_set and cfg.model.init != init:
+    if cfg.model.init is not None and cfg.model.init != init:
         raise ConfigError(
             f"strategy={cfg.strategy} starts from {init!r}; "
             f"model.init={cfg.model.init!r} contradicts it (leave it unset)"
