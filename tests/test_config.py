@@ -71,8 +71,22 @@ def test_every_shipped_config_loads(path: Path):
         "demo": c.DemoConfig,
         "pretrain": c.PretrainConfig,
         "finetune": c.FinetuneConfig,
+        "grid": c.GridConfig,
     }
     model = models[path.stem.split("_")[0]]
     cfg = load_config(model, path)
     if path.stem in models:  # the plain-named files document the defaults
         assert cfg == model() or path.stem in ("pretrain", "finetune")
+
+
+def test_demo_cpu_grid_config_matches_what_the_demo_runs():
+    """configs/grid_cpu.yaml documents the demo's grid: same axes and training settings."""
+    from fundusfm.config import DemoConfig, GridConfig
+
+    shipped = load_config(GridConfig, CONFIGS / "grid_cpu.yaml")
+    demo = DemoConfig().grid
+    for field in ("method", "resolution", "fraction", "fold"):
+        assert getattr(shipped.axes, field) == getattr(demo.axes, field), field
+    assert shipped.base.train == demo.base.train
+    assert shipped.base.model.arch == demo.base.model.arch
+    assert shipped.base.data.resolution == demo.base.data.resolution

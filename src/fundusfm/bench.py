@@ -1,5 +1,6 @@
 """Benchmarks that print measured figures (never pass/fail): `fundusfm bench ...`.
 
+`bench_lf` measures the linear protocol through the feature cache (see its docstring).
 `bench_cache` measures the preprocessing cache: how fast it is built from the originals, and
 how fast a training loader gets normalised tensors from it compared with decoding and
 preprocessing the originals every time (what a loader without a cache would do).
@@ -11,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import ConfigError, PreprocessConfig
+from .config import ConfigError, FinetuneConfig, PreprocessConfig, ProbeConfig
 from .manifest import Manifest
 from .preprocess import ImageCache, build_cache, preprocess_image
 from .transforms import normalise, to_tensor
@@ -55,4 +56,83 @@ def bench_cache(manifest: Manifest, cfg: PreprocessConfig, limit: int | None = N
         "read_cache_images_per_s": cached,
         "decode_preprocess_images_per_s": original,
         "speedup": cached / original,
+    }
+
+
+def bench_lf(
+    cfg: FinetuneConfig, fractions: list[float], folds: list[int], epochs_baseline: int = 50
+) -> dict:
+    """LF via the feature cache vs training heads on a frozen backbone every epoch.
+
+    Measured in one run: one feature-extraction pass over the dataset; fitting the
+    logistic-regression probes of every fold x fraction on those features; and one epoch of
+    frozen-backbone head training (fold 0, fraction 1), whose per-image cost is multiplied
+    out to `epochs_baseline` epochs of every fold x fraction training part (stated as such).
+    """
+    import tempfile as _tempfile
+
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from .backbone import create_backbone
+    from .datasets import CachedImages, load_fold, rows_of_parts
+    from .features import extract
+    from .heads import Classifier, make_head
+    from .probe import fit_probe
+    from .splits import fold_sets
+    from .train import fit, resolve_device
+
+    device = resolve_device(cfg.train.device)
+    data = load_fold(cfg.data, progress=False)
+    m = cfg.model
+    torch.manual_seed(0)
+    backbone = create_backbone(
+        m.arch, m.init_name, m.imagenet_version, m.imagenet_file, m.init_bundle
+    )
+    rows = np.arange(len(data.manifest.table))
+    dataset = CachedImages(data.cache, data.sources(rows), data.labels[rows])
+    start = time.perf_counter()
+    features = extract(backbone, dataset, cfg.train.batch_size, device, progress=False)
+    t_extract = time.perf_counter() - start
+
+    kind, n_classes = data.task.kind, len(data.task.class_names)
+    splits = pd.read_csv(cfg.data.splits, dtype={"image_id": str})
+    ids = data.manifest.table["image_id"].to_numpy()
+    start, train_sizes = time.perf_counter(), []
+    for fold in folds:
+        for fraction in fractions:
+            part = rows_of_parts(ids, fold_sets(splits, fold, fraction), cfg.data)
+            tr, va = part["train"], part["val"]
+            train_sizes.append(len(tr))
+            fit_probe(
+                kind,
+                features[tr],
+                data.labels[tr],
+                features[va],
+                data.labels[va],
+                n_classes,
+                ProbeConfig().Cs,
+            )
+    t_probes = time.perf_counter() - start
+
+    one_epoch = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
+    model = Classifier(backbone, make_head("linear", backbone.num_features, n_classes))
+    with _tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        fit(model, data, one_epoch.train, Path(tmp), method="lf", progress=False)
+        t_epoch = time.perf_counter() - start
+    per_image = t_epoch / len(data.parts["train"])
+    t_baseline = per_image * epochs_baseline * sum(train_sizes)
+    lf_total = t_extract + t_probes
+    return {
+        "images": len(rows),
+        "cells": len(train_sizes),
+        "extract_s": t_extract,
+        "probes_s": t_probes,
+        "lf_via_features_s": lf_total,
+        "lf_cost_vs_one_extraction": lf_total / t_extract,
+        "frozen_epoch_s_per_train_image": per_image,
+        f"frozen_backbone_{epochs_baseline}_epochs_s_extrapolated": t_baseline,
+        "speedup_vs_frozen_backbone_training": t_baseline / lf_total,
     }

@@ -418,6 +418,29 @@ def grid_report(
     typer.echo(f"report: {path}")
 
 
+@bench_app.command("lf")
+def bench_lf_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    fractions: Annotated[
+        str, typer.Option(help="Fractions of the grid.")
+    ] = "0.01,0.05,0.1,0.25,0.5,1",
+    folds: Annotated[int, typer.Option(help="Folds of the grid.")] = 5,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write figures here.")] = None,
+) -> None:
+    """LF through the feature cache vs frozen-backbone head training (a 5 x 6 grid)."""
+    from .bench import bench_lf
+    from .config import FinetuneConfig
+
+    cfg = resolve(FinetuneConfig, config, set_)
+    with user_errors():
+        figures = bench_lf(cfg, [float(f) for f in fractions.split(",")], list(range(folds)))
+    for key, value in figures.items():
+        typer.echo(f"{key:44s} {value:.3f}" if isinstance(value, float) else f"{key:44s} {value}")
+    if json_out:
+        json_out.write_text(json.dumps(figures, indent=2))
+
+
 @bench_app.command("cache")
 def bench_cache_cmd(
     manifest: Annotated[Path, typer.Argument(help="manifest.csv of the images to time.")],

@@ -96,6 +96,26 @@ class FoldData:
         return CachedImages(self.cache, self.sources(rows), self.labels[rows], augment_cfg, seed)
 
 
+def rows_of_parts(ids: np.ndarray, parts_ids: dict[str, list[str]], cfg: DataConfig):
+    """Manifest row indices of the train / val / test image ids of one fold and fraction."""
+    row_of = {iid: i for i, iid in enumerate(ids)}
+    unknown = [i for part in parts_ids.values() for i in part if i not in row_of]
+    if unknown:
+        raise ConfigError(
+            f"{cfg.splits}: {len(unknown)} image ids are not in {cfg.manifest} "
+            f"(first: {unknown[0]}); were the splits made from another manifest?"
+        )
+    parts = {
+        p: np.array([row_of[i] for i in parts_ids.get(p, [])], dtype=int)
+        for p in ("train", "val", "test")
+    }
+    if len(parts["train"]) == 0 or len(parts["val"]) == 0:
+        raise ConfigError(
+            f"fold {cfg.fold} at fraction {cfg.fraction} has no training or validation images"
+        )
+    return parts
+
+
 def load_fold(cfg: DataConfig, val_fraction: float | None = None, progress: bool = True):
     """Load manifest, labels and cache, and pick the fold's parts at the configured fraction.
 
@@ -123,21 +143,7 @@ def load_fold(cfg: DataConfig, val_fraction: float | None = None, progress: bool
         parts_ids = {"train": held["train"], "val": held["test"], "test": []}
     else:
         raise ConfigError("data.splits is not set; make one with `fundusfm split MANIFEST`")
-    row_of = {iid: i for i, iid in enumerate(ids)}
-    unknown = [i for part in parts_ids.values() for i in part if i not in row_of]
-    if unknown:
-        raise ConfigError(
-            f"{cfg.splits}: {len(unknown)} image ids are not in {cfg.manifest} "
-            f"(first: {unknown[0]}); were the splits made from another manifest?"
-        )
-    parts = {
-        p: np.array([row_of[i] for i in parts_ids.get(p, [])], dtype=int)
-        for p in ("train", "val", "test")
-    }
-    if len(parts["train"]) == 0 or len(parts["val"]) == 0:
-        raise ConfigError(
-            f"fold {cfg.fold} at fraction {cfg.fraction} has no training or validation images"
-        )
+    parts = rows_of_parts(ids, parts_ids, cfg)
     pre = cfg.preprocess()
     cache_root = cfg.cache or Path(cfg.manifest).parent / "cache"
     report = build_cache(manifest, pre, cache_root, progress=progress)
