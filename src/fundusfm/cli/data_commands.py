@@ -1,0 +1,168 @@
+"""Data commands: synth, data check / scan, preprocess, split."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..config import PreprocessConfig, SplitConfig, SynthConfig, dump_config
+from ..manifest import load_manifest
+from . import ConfigOpt, QuietOpt, SetOpt, app, data_app, fail, resolve, user_errors
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Output folder (created).")],
+    n: Annotated[int | None, typer.Option(help="Number of images (two eyes per patient).")] = None,
+    size: Annotated[int | None, typer.Option(help="Image side in pixels.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed; same seed, same data.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Processes (0 = all cores).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Generate procedural fundus photographs with lesion and vessel masks and a manifest."""
+    from ..synthetic import generate
+
+    cfg = resolve(SynthConfig, config, set_, n=n, size=size, seed=seed, workers=workers)
+    if (out / "manifest.csv").exists():
+        raise fail(f"{out} already holds a generated set; choose a new folder")
+    start = time.perf_counter()
+    with user_errors():
+        manifest = generate(cfg, out, progress=not quiet)
+        seconds = time.perf_counter() - start
+        dump_config(cfg, out / "config.yaml")
+    typer.echo(f"wrote {cfg.n} images to {out} in {seconds:.1f} s ({cfg.n / seconds:.1f} img/s)")
+    typer.echo(f"manifest: {manifest}")
+
+
+@data_app.command("check")
+def data_check(
+    manifest: Annotated[Path, typer.Argument(help="manifest.csv (with its .yaml sidecar).")],
+    decode: Annotated[bool, typer.Option(help="Decode every image (slower, finds more).")] = True,
+    report: Annotated[Path | None, typer.Option(help="Also write the problems to a CSV.")] = None,
+    workers: Annotated[int, typer.Option(help="Decoding threads (0 = all cores).")] = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Validate a manifest and list every problem at once (exit 1 if there are any)."""
+    from ..validate import check_manifest
+
+    with user_errors():
+        m = load_manifest(manifest)
+        result = check_manifest(m, decode=decode, workers=workers, progress=not quiet)
+    typer.echo(f"{manifest}: {result.rows} rows, {result.decoded} images decoded")
+    for task, counts in result.class_counts.items():
+        typer.echo(f"  task {task}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    if not m.spec.tasks:
+        typer.echo(f"  no tasks declared ({m.sidecar} absent or empty): labels not checked")
+    if report:
+        import pandas as pd
+
+        with user_errors():
+            pd.DataFrame([p.__dict__ for p in result.problems]).to_csv(report, index=False)
+    if result.ok:
+        typer.secho("OK: no problems found", fg=typer.colors.GREEN)
+        return
+    typer.secho(f"{len(result.problems)} problems:", fg=typer.colors.RED)
+    for problem in result.problems:
+        typer.echo(f"  {problem}")
+    raise typer.Exit(1)
+
+
+@data_app.command("scan")
+def data_scan(
+    root: Annotated[Path, typer.Argument(help="Folder to scan for images.")],
+    out: Annotated[Path, typer.Option(help="Manifest to write (a .yaml sidecar goes beside).")],
+    pattern: Annotated[str, typer.Option(help="Glob under ROOT, e.g. '*/images/*'.")] = "**/*",
+) -> None:
+    """Write a label-free manifest of the images in a folder (each image its own patient)."""
+    from ..manifest import DatasetSpec, save_manifest, scan_folder
+
+    table = scan_folder(root, pattern)
+    if table.empty:
+        raise fail(f"no JPEG/PNG/TIFF/BMP/GIF images under {root} match {pattern!r}")
+    spec = DatasetSpec(name=root.name, root=os.path.relpath(root.resolve(), out.parent.resolve()))
+    with user_errors():
+        save_manifest(table, spec, out)
+    typer.echo(f"wrote {out}: {len(table)} images under {root}")
+
+
+@app.command()
+def preprocess(
+    manifest: Annotated[Path, typer.Argument(help="manifest.csv")],
+    resolution: Annotated[int | None, typer.Option(help="Output side in pixels.")] = None,
+    cache: Annotated[
+        Path | None, typer.Option(help="Cache root (default: cache/ beside the manifest).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Threads (0 = all cores).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Crop to the field of view, pad square, resize; cache the result for training."""
+    from ..preprocess import build_cache
+
+    cfg = resolve(PreprocessConfig, config, set_, resolution=resolution, workers=workers)
+    root = cache or manifest.parent / "cache"
+    with user_errors():
+        m = load_manifest(manifest)
+        result = build_cache(m, cfg, root, progress=not quiet)
+        dump_config(cfg, result.directory / "config.yaml")
+    rate = result.built / result.seconds if result.built else 0.0
+    typer.echo(
+        f"cache {result.directory}: {result.built} built ({rate:.1f} img/s), "
+        f"{result.skipped} unchanged, {len(result.errors)} failed"
+    )
+    if result.errors:
+        for iid, path, reason in result.errors:
+            typer.echo(f"  {iid} ({path}): {reason}")
+        typer.echo(f"  listed in {result.directory / 'errors.csv'}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def split(
+    manifest: Annotated[Path, typer.Argument(help="manifest.csv")],
+    out: Annotated[Path, typer.Option(help="Where to write splits.csv.")] = Path("splits.csv"),
+    folds: Annotated[int | None, typer.Option(help="Number of folds.")] = None,
+    fractions: Annotated[
+        str | None, typer.Option(help="Nested labelled fractions, e.g. 0.01,0.1,1.")
+    ] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Of each fold's training.")] = None,
+    test_fraction: Annotated[float | None, typer.Option(help="Held out from all folds.")] = None,
+    task: Annotated[str | None, typer.Option(help="Task to stratify on.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Patient-grouped stratified k-fold with validation parts and nested fractions."""
+    from ..splits import make_splits, summarise
+
+    try:
+        fracs = [float(x) for x in fractions.split(",")] if fractions else None
+    except ValueError as exc:
+        raise fail(f"--fractions {fractions!r}: expected numbers separated by commas") from exc
+    cfg = resolve(
+        SplitConfig,
+        config,
+        set_,
+        folds=folds,
+        fractions=fracs,
+        seed=seed,
+        task=task,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+    )
+    with user_errors():
+        m = load_manifest(manifest)
+        table = make_splits(m, cfg)
+        summary = summarise(table, m, cfg.task)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out, index=False)
+        dump_config(cfg, out.with_suffix(".config.yaml"))
+    typer.echo(f"wrote {out} ({len(table)} images, {table.patient_id.nunique()} patients)")
+    typer.echo(summary.to_string(index=False))
