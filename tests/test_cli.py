@@ -250,3 +250,11 @@ def test_cpu_presets_run_end_to_end(synth_set: Path, tmp_path: Path):
         "finetune", "--set", "data.manifest=null", "--set", f"run.out={tmp_path / 'm'}", "-q"
     )
     assert missing.exit_code == 2 and "data.manifest is not set" in missing.output
+
+
+def test_demo_refuses_other_settings_in_the_same_folder(tmp_path: Path):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "config.yaml").write_text("n_boot: 7\n")
+    result = invoke("demo", "--out", out, "--offline", "-q")
+    assert result.exit_code == 2 and "holds a demo with other settings" in result.output

@@ -135,3 +135,35 @@ def test_killed_training_cell_resumes_to_the_same_result(setup, tmp_path, monkey
     a = pd.read_csv(cell_dir(whole, cell) / "predictions.csv")
     b = pd.read_csv(cell_dir(cut, cell) / "predictions.csv")
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_changed_settings_make_cells_stale_and_rerun_fresh(setup, tmp_path):
+    ext = [{"name": "ext", "manifest": str(setup["manifest"])}]  # task comes from the cell
+    sets = {
+        "axes.task": "[abnormal, disease]",
+        "axes.fraction": "[1.0]",
+        "axes.fold": "[0]",
+        "external": str(ext),
+    }
+    cfg = grid_config(setup, tmp_path / "g", **sets)
+    assert run_grid(cfg, say=lambda _: None) == {"done": 0, "ran": 2, "failed": 0, "pending": 0}
+    changed = grid_config(setup, tmp_path / "g", **sets, **{"probe.Cs": "[0.5]"})
+    assert set(status(changed).state) == {"stale"}
+    assert run_grid(changed, say=lambda _: None)["ran"] == 2
+    assert set(status(changed).state) == {"done"}
+    # a cell that failed on a wrong init runs fresh once the YAML is fixed
+    broken = grid_config(setup, tmp_path / "b", **{**sets, "axes.init": "{a: no/such/bundle}"})
+    assert run_grid(broken, say=lambda _: None)["failed"] == 2
+    fixed = grid_config(setup, tmp_path / "b", **{**sets, "axes.init": "{a: scratch}"})
+    assert run_grid(fixed, say=lambda _: None)["ran"] == 2
+
+
+def test_axes_reject_duplicates_and_unsafe_labels(setup, tmp_path):
+    with pytest.raises(ValueError, match="repeated values"):
+        grid_config(setup, tmp_path, **{"axes.fold": "[0, 0]"})
+    with pytest.raises(ValueError, match="init label"):
+        grid_config(setup, tmp_path, **{"axes.init": "{'../x': scratch}"})
+    with pytest.raises(ValueError, match="same label"):
+        grid_config(setup, tmp_path, **{"axes.init": "[runs/a_b, runs/a/b]"})
+    cells = expand(grid_config(setup, tmp_path, **{"axes.task": "[null, abnormal]"}))
+    assert len(cells) == len({c.id for c in cells}) == 6  # null means the base task

@@ -85,3 +85,9 @@ def test_paired_bootstrap_p_values():
     assert res["difference"] > 0.1 and res["p_value"] < 0.01
     same = paired_bootstrap(lambda r, w: binary_auroc(y[r], good[r]), 200, n_boot=200)
     assert same["difference"] == 0 and same["p_value"] == 1.0
+
+
+def test_delong_without_variance_gives_no_p_value():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    perfect, constant = y.astype(float), np.full(6, 0.5)
+    assert np.isnan(delong_test(y, perfect, constant)["p_value"])

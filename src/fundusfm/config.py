@@ -8,6 +8,7 @@ Unknown keys and wrong types are errors that name the key and the file they came
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -204,11 +205,22 @@ class GridAxes(Strict):
     @classmethod
     def _init_list(cls, data):
         if isinstance(data, dict) and isinstance(data.get("init"), list):
-            data = {
-                **data,
-                "init": {str(v).rstrip("/").replace("/", "_"): str(v) for v in data["init"]},
-            }
+            labels = [str(v).rstrip("/").replace("/", "_") for v in data["init"]]
+            if len(set(labels)) != len(labels):
+                raise ValueError("init: two entries give the same label; use label: init pairs")
+            data = {**data, "init": dict(zip(labels, map(str, data["init"]), strict=True))}
         return data
+
+    @model_validator(mode="after")
+    def _check(self) -> GridAxes:
+        for label in self.init:
+            if not re.fullmatch(r"[A-Za-z0-9._+-]+", label) or ".." in label:
+                raise ValueError(f"init label {label!r}: use letters, digits and . _ + - only")
+        for name in ("task", "method", "resolution", "fraction", "fold"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name}: repeated values {values}")
+        return self
 
 
 class ExternalSet(Strict):

@@ -17,8 +17,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import yaml
+
 from .backbone import WeightsNotFound, imagenet_state
-from .config import DemoConfig, ExternalSet, dump_config
+from .config import ConfigError, DemoConfig, ExternalSet, dump_config
 from .experiment import pretrain
 from .grid import run_grid
 from .manifest import load_manifest
@@ -71,8 +73,17 @@ def imagenet_ready(arch: str, version: str, offline: bool) -> tuple[bool, str]:
 def run_demo(cfg: DemoConfig, out: Path, progress: bool = True, say=print) -> Path:
     """Run the whole demo inside `out`; returns the path of the HTML report."""
     out = Path(out)
+    previous = out / "config.yaml"
+    if previous.is_file():  # rerunning resumes, but only the same demo
+        old = yaml.safe_load(previous.read_text()) or {}
+        changed = sorted(k for k, v in cfg.model_dump(mode="json").items() if old.get(k) != v)
+        if changed:
+            raise ConfigError(
+                f"{out} holds a demo with other settings (in {', '.join(changed)}); rerun with "
+                "the same settings to resume, or choose another --out"
+            )
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    dump_config(cfg, previous)
     start = time.perf_counter()
 
     def step(text: str) -> None:
@@ -161,9 +172,12 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True, say=print) -> Pa
         f"{grid.axes.fraction} x {len(grid.axes.fold)} folds)"
     )
     counts = run_grid(grid, progress=False, say=lambda text: None)
-    if counts["failed"]:
-        step(f"{counts['failed']} cells failed: see `fundusfm grid status {out / 'grid.yaml'}`")
     step("writing the report")
     report = build_report(grid, cfg.n_boot)
     step(f"done: {report}")
+    if counts["failed"]:
+        raise RuntimeError(
+            f"{counts['failed']} grid cells failed (the report covers the others): see "
+            f"`fundusfm grid status {out / 'grid.yaml'}` and each cell's error.txt"
+        )
     return report

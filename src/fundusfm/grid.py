@@ -15,13 +15,17 @@ external set into `<cell>/external/<name>/`.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
+import shutil
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from .config import ConfigError, FinetuneConfig, GridConfig
 
@@ -54,15 +58,29 @@ class Cell:
         }
 
 
+def _default_task(cfg: GridConfig) -> str | None:
+    """The base task, else the first task the manifest declares (so every cell names one)."""
+    if cfg.base.data.task or cfg.base.data.manifest is None:
+        return cfg.base.data.task
+    from .manifest import load_manifest
+
+    try:
+        return load_manifest(cfg.base.data.manifest).task(None)[0]
+    except (ConfigError, OSError):
+        return None
+
+
 def expand(cfg: GridConfig) -> list[Cell]:
-    """All cells, in a fixed order (the order shards are cut from)."""
+    """All distinct cells, in a fixed order (the order shards are cut from)."""
     a = cfg.axes
-    return [
-        Cell(task or cfg.base.data.task, label, a.init[label], method, res, frac, fold)
-        for task, label, method, res, frac, fold in itertools.product(
-            a.task, a.init, a.method, a.resolution, a.fraction, a.fold
-        )
-    ]
+    default = _default_task(cfg)
+    cells: dict[str, Cell] = {}
+    for task, label, method, res, frac, fold in itertools.product(
+        a.task, a.init, a.method, a.resolution, a.fraction, a.fold
+    ):
+        cell = Cell(task or default, label, a.init[label], method, res, frac, fold)
+        cells.setdefault(cell.id, cell)
+    return list(cells.values())
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -101,17 +119,45 @@ def cell_config(cfg: GridConfig, cell: Cell) -> FinetuneConfig:
     return base.model_copy(update={"data": data, "model": model, "method": cell.method, "run": run})
 
 
+def _settings(c: FinetuneConfig) -> dict:
+    """What a cell's result depends on: everything but run.* (output folder, progress)."""
+    return {k: v for k, v in c.model_dump(mode="json").items() if k != "run"}
+
+
+def fingerprint(cfg: GridConfig, cell: Cell) -> str:
+    """Hash of a cell's settings and external sets, written into its `done` marker."""
+    blob = {
+        "cell": _settings(cell_config(cfg, cell)),
+        "probe": cfg.probe.model_dump(mode="json"),
+        "external": [e.model_dump(mode="json") for e in cfg.external],
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
 def state(cfg: GridConfig, cell: Cell) -> str:
+    """done (with these settings), stale (done with others), failed or pending."""
     d = cell_dir(cfg, cell)
-    if (d / "done").is_file():
-        return "done"
+    marker = d / "done"
+    if marker.is_file():
+        return "done" if marker.read_text().strip() == fingerprint(cfg, cell) else "stale"
     if (d / "error.txt").is_file():
         return "failed"
     return "pending"
 
 
+def _reset_if_changed(cfg: GridConfig, cell: Cell) -> None:
+    """A cell folder left by other settings is removed, so the cell starts fresh."""
+    d = cell_dir(cfg, cell)
+    previous = d / "config.yaml"
+    if previous.is_file():
+        old = yaml.safe_load(previous.read_text()) or {}
+        old = {k: v for k, v in old.items() if k != "run"}
+        if old != _settings(cell_config(cfg, cell)):
+            shutil.rmtree(d)
+
+
 def status(cfg: GridConfig) -> pd.DataFrame:
-    """One row per cell: its coordinates and done / failed / pending."""
+    """One row per cell: its coordinates and done / stale / failed / pending."""
     rows = [{"cell": c.id, **c.coordinates(), "state": state(cfg, c)} for c in expand(cfg)]
     return pd.DataFrame(rows)
 
@@ -132,11 +178,11 @@ def run_cell(cfg: GridConfig, cell: Cell, progress: bool = False) -> Path:
             ext.manifest,
             out / "external" / ext.name,
             ext.label_map,
-            ext.task,
+            ext.task or c.data.task,
             device=c.train.device,
             progress=progress,
         )
-    (out / "done").touch()
+    (out / "done").write_text(fingerprint(cfg, cell))
     return out
 
 
@@ -160,8 +206,10 @@ def run_grid(
             say(f"pending {cell.id}")
             continue
         say(f"[{k + 1}/{len(cells)}] {cell.id}")
+        _reset_if_changed(cfg, cell)
         error = cell_dir(cfg, cell) / "error.txt"
         error.unlink(missing_ok=True)
+        (cell_dir(cfg, cell) / "done").unlink(missing_ok=True)
         try:
             run_cell(cfg, cell, progress)
             counts["ran"] += 1

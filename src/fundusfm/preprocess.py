@@ -209,11 +209,17 @@ class BuildReport:
     seconds: float = 0.0
 
 
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Unique temporary file, then rename: safe when several grid shards share a cache."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
 def _write_index(directory: Path, index: dict[str, dict]) -> None:
     table = pd.DataFrame(list(index.values()), columns=INDEX_COLUMNS)
-    tmp = directory / "index.csv.tmp"
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, directory / "index.csv")
+    _write_text_atomic(directory / "index.csv", table.to_csv(index=False))
 
 
 def build_cache(
@@ -223,7 +229,8 @@ def build_cache(
     directory = cache_dir(cache_root, cfg)
     (directory / "arrays").mkdir(parents=True, exist_ok=True)
     settings = {**cfg.model_dump(exclude={"workers"}), "format": CACHE_FORMAT}
-    (directory / "settings.json").write_text(json.dumps(settings, indent=2))
+    if not (directory / "settings.json").is_file():
+        _write_text_atomic(directory / "settings.json", json.dumps(settings, indent=2))
     cache = ImageCache(directory)
     report = BuildReport(directory=directory)
     manifest.require("image_id", "path")
@@ -281,10 +288,10 @@ def build_cache(
     finally:  # on Ctrl-C or a disk error: stop queued work, keep the index of what is done
         pool.shutdown(wait=True, cancel_futures=True)
         report.seconds = time.perf_counter() - start
-        _write_index(directory, cache.index)
-    pd.DataFrame(report.errors, columns=["image_id", "path", "reason"]).to_csv(
-        directory / "errors.csv", index=False
-    )
+        if report.built or not (directory / "index.csv").is_file():
+            _write_index(directory, cache.index)
+    errors = pd.DataFrame(report.errors, columns=["image_id", "path", "reason"])
+    _write_text_atomic(directory / "errors.csv", errors.to_csv(index=False))
     return report
 
 

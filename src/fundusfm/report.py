@@ -71,6 +71,20 @@ def _arrays(frame: pd.DataFrame, kind: str, classes: list[str]):
     return frame["y_true"].to_numpy(int), scores
 
 
+def _same_classes_auroc(kind: str, y: np.ndarray, s: np.ndarray, rows: np.ndarray) -> float:
+    """AUROC of a bootstrap sample, NaN (dropped) when it lacks a class the full data scores.
+
+    Otherwise a macro average would silently run over fewer classes in some resamples.
+    """
+    if kind != "binary":
+        full = np.eye(s.shape[1])[y] if kind == "multiclass" else y
+        sample = full[rows]
+        scorable = (full.sum(0) > 0) & (full.sum(0) < len(full))
+        if ((sample.sum(0) == 0) | (sample.sum(0) == len(rows)))[scorable].any():
+            return float("nan")
+    return auroc(kind, y[rows], s[rows])
+
+
 def summarise(
     cfg: GridConfig,
     results: pd.DataFrame,
@@ -93,7 +107,10 @@ def summarise(
         groups = frame["image_id"].map(patients).to_numpy()
         row["pooled_auroc"] = auroc(kind, y, s)
         row["pooled_auroc_ci_low"], row["pooled_auroc_ci_high"] = bootstrap_ci(
-            lambda r, y=y, s=s, kind=kind: auroc(kind, y[r], s[r]), len(y), groups, n_boot
+            lambda r, y=y, s=s, kind=kind: _same_classes_auroc(kind, y, s, r),
+            len(y),
+            groups,
+            n_boot,
         )
         row["pooled_images"] = len(y)
         out.append(row)
@@ -215,7 +232,7 @@ def _roc_and_classes(preds, tasks, fixed: dict, out: Path) -> list[Path]:
             for k, (init, t) in enumerate(tables.items()):
                 ax.bar(np.arange(len(classes)) + k * width, t["auroc"], width, label=init)
             ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=30)
-            ax.set(title=f"{task} {method.upper()}: per-class AUROC", ylim=(0.4, 1.0))
+            ax.set(title=f"{task} {method.upper()}: per-class AUROC", ylim=(0.0, 1.0))
             ax.legend(fontsize=8)
             path = out / f"per_class_{task}_{method}.png"
         fig.tight_layout()

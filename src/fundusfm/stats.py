@@ -87,12 +87,12 @@ def delong_test(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> dict
     auc, cov = delong_components(y, np.stack([score_a, score_b], axis=1))
     var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
     diff = float(auc[0] - auc[1])
-    if var <= 0:  # identical or degenerate scores: no variance to test against
+    if not var > 0:  # no variance (tied or degenerate scores, one case of a class): no test
         return {
             "auroc_a": float(auc[0]),
             "auroc_b": float(auc[1]),
             "difference": diff,
-            "p_value": 1.0 if diff == 0 else 0.0,
+            "p_value": 1.0 if diff == 0 else float("nan"),
         }
     p = float(2 * st.norm.sf(abs(diff) / np.sqrt(var)))
     return {"auroc_a": float(auc[0]), "auroc_b": float(auc[1]), "difference": diff, "p_value": p}

@@ -33,7 +33,10 @@ def demo(
     ]
     cfg = resolve(DemoConfig, config, sets)
     with user_errors():
-        report = run_demo(cfg, out, progress=not quiet, say=typer.echo)
+        try:
+            report = run_demo(cfg, out, progress=not quiet, say=typer.echo)
+        except RuntimeError as exc:
+            raise fail(str(exc), code=1) from exc
     typer.echo(f"\nreport: {report}")
 
 
