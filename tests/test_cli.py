@@ -258,3 +258,16 @@ def test_demo_refuses_other_settings_in_the_same_folder(tmp_path: Path):
     (out / "config.yaml").write_text("n_boot: 7\n")
     result = invoke("demo", "--out", out, "--offline", "-q")
     assert result.exit_code == 2 and "holds a demo with other settings" in result.output
+
+
+def test_data_import_command(tmp_path: Path):
+    bad = invoke("data", "import", "stare", tmp_path, "--out", tmp_path / "m.csv")
+    assert bad.exit_code == 2 and "choose one of" in bad.output
+    from .test_vessel_datasets import fundus, mask
+
+    for stem in ("01_h", "02_g"):
+        fundus(tmp_path / "HRF" / "images" / f"{stem}.jpg", seed=int(stem[:2]))
+        mask(tmp_path / "HRF" / "manual1" / f"{stem}.tif")
+    result = invoke("data", "import", "hrf", tmp_path / "HRF", "--out", tmp_path / "m" / "h.csv")
+    assert result.exit_code == 0, result.output
+    assert "2 images" in result.output and "2 FOV masks derived" in result.output

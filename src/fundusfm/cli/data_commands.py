@@ -166,3 +166,22 @@ def split(
         dump_config(cfg, out.with_suffix(".config.yaml"))
     typer.echo(f"wrote {out} ({len(table)} images, {table.patient_id.nunique()} patients)")
     typer.echo(summary.to_string(index=False))
+
+
+@data_app.command("import")
+def data_import(
+    name: Annotated[str, typer.Argument(help="drive, chase_db1, hrf or fives.")],
+    root: Annotated[Path, typer.Argument(help="The dataset's folder as downloaded.")],
+    out: Annotated[Path, typer.Option(help="Manifest to write (FOV masks derived beside it).")],
+) -> None:
+    """Manifest of a public vessel dataset: images, vessel and FOV masks, official split."""
+    from ..vessel_datasets import import_vessels
+
+    with user_errors():
+        path = import_vessels(name, root, out)
+    table = load_manifest(path).table
+    derived = int((table.fov_source == "derived").sum())
+    typer.echo(
+        f"wrote {path}: {len(table)} images ({table.split.value_counts().to_dict()}), "
+        f"{derived} FOV masks derived"
+    )

@@ -1,0 +1,221 @@
+"""Importers for public vessel-segmentation datasets: their layouts -> one manifest each.
+
+`fundusfm data import drive|chase_db1|hrf|fives ROOT --out manifest.csv` writes a manifest
+whose rows carry the image (`path`, relative to ROOT), the vessel mask of the first observer
+(`vessel_path`), the second observer's where the dataset has one (`vessel2_path`), the
+field-of-view mask (`fov_path`), the official `split` (train/test) and `patient_id`/`eye`.
+A dataset that ships no FOV masks gets them derived from the image (bright region, holes
+filled, largest component) and written beside the manifest under `fov/`; the manifest says
+which with `fov_source`. HRF and FIVES also carry their diagnosis as a label column.
+
+Layouts (see shared DATASETS.md, section 7):
+    DRIVE      {training,test}/images/NN_{training,test}.tif, 1st_manual/NN_manual1.gif,
+               2nd_manual/NN_manual2.gif (test only, palette 0/1), mask/NN_*_mask.gif
+    CHASE_DB1  flat Image_NN{L,R}.jpg + _1stHO.png + _2ndHO.png (official zip), or the same
+               split into {training,test}/{images,1st_manual,2nd_manual,mask}/; child NN is
+               the patient. No official split in the flat zip: 01-10 train, 11-14 test.
+    HRF        images/NN_{h,g,dr}.jpg (any case), manual1/NN_x.tif, mask/NN_x_mask.tif
+    FIVES      {train,test}/{Original,Ground truth}/N_{A,D,G,N}.png; names repeat across splits
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from scipy import ndimage
+
+from .config import ConfigError
+from .decode import read_rgb
+from .manifest import DatasetSpec, TaskSpec, save_manifest
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".ppm", ".bmp"}
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    """Image files of a folder by lower-case stem (extensions matched case-insensitively)."""
+    if not folder.is_dir():
+        return {}
+    return {
+        p.stem.lower(): p
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    }
+
+
+def derive_fov(image: Path, threshold: float = 0.06) -> np.ndarray:
+    """Field-of-view mask of a fundus photograph: bright pixels, holes filled, largest blob."""
+    rgb = read_rgb(image)
+    value = rgb.max(axis=2).astype(float)
+    low, top = np.percentile(value, [1, 99])
+    bright = value > low + threshold * (top - low)
+    bright = ndimage.binary_opening(bright, iterations=2)
+    labels, n = ndimage.label(bright)
+    if n == 0:
+        raise ConfigError(f"{image}: no field of view found")
+    largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    return ndimage.binary_fill_holes(labels == largest)
+
+
+def _rel(path: Path | None, root: Path) -> str:
+    return "" if path is None else path.relative_to(root).as_posix()
+
+
+def _drive(root: Path) -> list[dict]:
+    rows = []
+    for split, folder in (("train", "training"), ("test", "test")):
+        for stem, image in _files(root / folder / "images").items():
+            num = stem.split("_")[0]
+            first = _files(root / folder / "1st_manual").get(f"{num}_manual1")
+            second = _files(root / folder / "2nd_manual").get(f"{num}_manual2")
+            fov = _files(root / folder / "mask").get(f"{stem}_mask")
+            rows.append(
+                {
+                    "image_id": f"drive_{stem}",
+                    "image": image,
+                    "vessel": first,
+                    "vessel2": second,
+                    "fov": fov,
+                    "split": split,
+                    "patient_id": f"drive_{num}",
+                    "eye": "unknown",
+                }
+            )
+    return rows
+
+
+def _chase(root: Path) -> list[dict]:
+    rows = []
+    layouts = [(root, None)] + [(root / s, s) for s in ("training", "test")]
+    for base, split_dir in layouts:
+        images = _files(base / "images") if split_dir else _files(base)
+        manual1 = _files(base / "1st_manual") if split_dir else images
+        manual2 = _files(base / "2nd_manual") if split_dir else images
+        masks = _files(base / "mask") if split_dir else {}
+        for stem, image in images.items():
+            m = re.fullmatch(r"image_(\d+)([lr])", stem)
+            if not m:
+                continue
+            child, side = int(m.group(1)), m.group(2)
+            split = {"training": "train", "test": "test"}.get(
+                split_dir or "", "train" if child <= 10 else "test"
+            )
+            rows.append(
+                {
+                    "image_id": f"chase_{stem}",
+                    "image": image,
+                    "vessel": manual1.get(f"{stem}_1stho"),
+                    "vessel2": manual2.get(f"{stem}_2ndho"),
+                    "fov": masks.get(stem),
+                    "split": split,
+                    "patient_id": f"chase_{child:02d}",
+                    "eye": "left" if side == "l" else "right",
+                }
+            )
+    return rows
+
+
+def _hrf(root: Path) -> list[dict]:
+    names = {"h": "healthy", "g": "glaucoma", "dr": "diabetic_retinopathy"}
+    rows = []
+    for stem, image in _files(root / "images").items():
+        m = re.fullmatch(r"(\d+)_(h|g|dr)", stem)
+        if not m:
+            continue
+        rows.append(
+            {
+                "image_id": f"hrf_{stem}",
+                "image": image,
+                "vessel": _files(root / "manual1").get(stem),
+                "vessel2": None,
+                "fov": _files(root / "mask").get(f"{stem}_mask"),
+                "split": "all",
+                "patient_id": f"hrf_{stem}",
+                "eye": "unknown",
+                "diagnosis": names[m.group(2)],
+                "abnormal": int(m.group(2) != "h"),
+            }
+        )
+    return rows
+
+
+def _fives(root: Path) -> list[dict]:
+    names = {"a": "amd", "d": "diabetic_retinopathy", "g": "glaucoma", "n": "normal"}
+    marker = next(root.rglob("Original"), None)  # mirrors add a wrapping folder
+    base = marker.parent.parent if marker is not None else root
+    rows = []
+    for split in ("train", "test"):
+        truth = _files(base / split / "Ground truth")
+        for stem, image in _files(base / split / "Original").items():
+            m = re.fullmatch(r"(\d+)_([adgn])", stem)
+            if not m:
+                continue
+            rows.append(
+                {
+                    "image_id": f"fives_{split}_{stem}",
+                    "image": image,
+                    "vessel": truth.get(stem),
+                    "vessel2": None,
+                    "fov": None,
+                    "split": split,
+                    "patient_id": f"fives_{split}_{stem}",
+                    "eye": "unknown",
+                    "diagnosis": names[m.group(2)],
+                    "abnormal": int(m.group(2) != "n"),
+                }
+            )
+    return rows
+
+
+IMPORTERS = {"drive": _drive, "chase_db1": _chase, "hrf": _hrf, "fives": _fives}
+
+
+def import_vessels(name: str, root: Path, out: Path) -> Path:
+    """Write the manifest (and derived FOV masks) of a vessel dataset; returns its path."""
+    if name not in IMPORTERS:
+        raise ConfigError(f"unknown vessel dataset {name!r}; choose one of {list(IMPORTERS)}")
+    root, out = Path(root).resolve(), Path(out)
+    rows = IMPORTERS[name](root)
+    if not rows:
+        raise ConfigError(f"no {name} images found under {root} (see the layouts in --help)")
+    missing = [r["image_id"] for r in rows if r["vessel"] is None]
+    if missing and name != "drive":  # DRIVE test annotations are withheld in newer downloads
+        raise ConfigError(f"{len(missing)} images have no vessel mask (first: {missing[0]})")
+    fov_dir = out.parent / "fov" / name
+    table = []
+    for r in rows:
+        fov, source = r["fov"], "dataset"
+        if fov is None:
+            fov_dir.mkdir(parents=True, exist_ok=True)
+            fov = fov_dir / f"{r['image_id']}.png"
+            if not fov.is_file():
+                Image.fromarray(derive_fov(r["image"])).save(fov)
+            source = "derived"
+        row = {
+            "image_id": r["image_id"],
+            "path": _rel(r["image"], root),
+            "patient_id": r["patient_id"],
+            "eye": r["eye"],
+            "split": r["split"],
+            "vessel_path": _rel(r["vessel"], root),
+            "vessel2_path": _rel(r["vessel2"], root),
+            "fov_path": _rel(fov, root) if source == "dataset" else str(fov.resolve()),
+            "fov_source": source,
+            "source": name,
+        }
+        if "diagnosis" in r:
+            row.update(diagnosis=r["diagnosis"], abnormal=str(r["abnormal"]))
+        table.append(row)
+    frame = pd.DataFrame(table)
+    tasks = {}
+    if "diagnosis" in frame:
+        classes = sorted(frame["diagnosis"].unique())
+        tasks = {
+            "abnormal": TaskSpec(kind="binary", columns=["abnormal"]),
+            "diagnosis": TaskSpec(kind="multiclass", columns=["diagnosis"], classes=classes),
+        }
+    spec = DatasetSpec(name=name, root=str(root), tasks=tasks)
+    return save_manifest(frame, spec, out)

@@ -1,0 +1,127 @@
+"""Vessel dataset importers on small fake trees laid out like the real downloads."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fundusfm.config import ConfigError
+from fundusfm.decode import read_mask
+from fundusfm.manifest import load_manifest
+from fundusfm.validate import check_manifest
+from fundusfm.vessel_datasets import derive_fov, import_vessels
+
+from .conftest import SHARED_DATA
+
+
+def fundus(path: Path, size=(64, 60), seed=0) -> None:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
+    inside = (xx - size[0] / 2) ** 2 + (yy - size[1] / 2) ** 2 < (min(size) / 2 - 3) ** 2
+    img = np.zeros((size[1], size[0], 3), np.uint8)
+    img[inside] = rng.integers(120, 220, (inside.sum(), 3))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+
+
+def mask(path: Path, size=(64, 60), mode="L", value=255) -> None:
+    arr = np.zeros((size[1], size[0]), np.uint8)
+    arr[20:30, 10:50] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(arr, "L")
+    if mode == "P":
+        img = img.convert("P")
+    elif mode == "RGB":
+        img = img.convert("RGB")
+    img.save(path)
+
+
+def test_drive(tmp_path: Path):
+    root = tmp_path / "DRIVE"
+    for split, nums in (("training", [21, 22]), ("test", [1, 2])):
+        for n in nums:
+            fundus(root / split / "images" / f"{n:02d}_{split}.tif", seed=n)
+            mask(root / split / "1st_manual" / f"{n:02d}_manual1.gif")
+            mask(root / split / "mask" / f"{n:02d}_{split}_mask.gif")
+            if split == "test":
+                mask(root / split / "2nd_manual" / f"{n:02d}_manual2.gif", mode="P", value=1)
+    manifest = import_vessels("drive", root, tmp_path / "m" / "drive.csv")
+    t = load_manifest(manifest).table
+    assert len(t) == 4 and sorted(t.split.value_counts().items()) == [("test", 2), ("train", 2)]
+    row = t.set_index("image_id").loc["drive_01_test"]
+    assert row.vessel2_path == "test/2nd_manual/01_manual2.gif" and row.fov_source == "dataset"
+    assert read_mask(root / row.vessel2_path).sum() == 400  # palette 0/1 read as foreground
+    assert check_manifest(load_manifest(manifest), progress=False).problems == []
+
+
+def test_chase_flat_official_zip_with_derived_fov(tmp_path: Path):
+    root = tmp_path / "CHASEDB1"
+    for child in (1, 11):
+        for side in "LR":
+            stem = f"Image_{child:02d}{side}"
+            fundus(root / f"{stem}.jpg", seed=child)
+            mask(root / f"{stem}_1stHO.png")
+            mask(root / f"{stem}_2ndHO.png")
+    manifest = import_vessels("chase_db1", root, tmp_path / "m" / "chase.csv")
+    t = load_manifest(manifest).table.set_index("image_id")
+    assert len(t) == 4
+    assert (
+        t.loc["chase_image_01l", "split"] == "train" and t.loc["chase_image_11r", "split"] == "test"
+    )
+    assert t.loc["chase_image_01l", "patient_id"] == t.loc["chase_image_01r", "patient_id"]
+    assert t.loc["chase_image_01r", "eye"] == "right"
+    assert (t.fov_source == "derived").all()
+    fov = read_mask(Path(t.loc["chase_image_01l", "fov_path"]))
+    assert 0.5 < fov.mean() < 0.9  # the disc of the fake photo, not the whole frame
+
+
+def test_fives_names_repeat_across_splits_and_rgb_truth(tmp_path: Path):
+    root = tmp_path / "FIVES" / "FIVES A Fundus Image Dataset"
+    for split in ("train", "test"):
+        for name in ("1_A", "451_N"):
+            fundus(root / split / "Original" / f"{name}.png")
+            mask(root / split / "Ground truth" / f"{name}.png", mode="RGB")
+    manifest = import_vessels("fives", tmp_path / "FIVES", tmp_path / "m" / "fives.csv")
+    m = load_manifest(manifest)
+    assert len(set(m.table.image_id)) == 4
+    assert set(m.table.diagnosis) == {"amd", "normal"}
+    assert m.table.set_index("image_id").loc["fives_test_451_n", "abnormal"] == "0"
+    assert m.task("diagnosis")[1].kind == "multiclass"
+    assert read_mask(root / "train" / "Ground truth" / "1_A.png").sum() == 400
+
+
+def test_hrf_case_insensitive_and_labels(tmp_path: Path):
+    root = tmp_path / "HRF"
+    for stem, ext in (("01_h", ".jpg"), ("01_dr", ".JPG"), ("02_g", ".jpg")):
+        fundus(root / "images" / f"{stem}{ext}")
+        mask(root / "manual1" / f"{stem}.tif")
+        mask(root / "mask" / f"{stem}_mask.tif")
+    t = load_manifest(import_vessels("hrf", root, tmp_path / "hrf.csv")).table
+    assert dict(zip(t.image_id, t.abnormal, strict=True)) == {
+        "hrf_01_dr": "1",
+        "hrf_01_h": "0",
+        "hrf_02_g": "1",
+    }
+
+
+def test_errors(tmp_path: Path):
+    with pytest.raises(ConfigError, match="choose one of"):
+        import_vessels("stare", tmp_path, tmp_path / "x.csv")
+    with pytest.raises(ConfigError, match="no drive images"):
+        import_vessels("drive", tmp_path, tmp_path / "x.csv")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "DRIVE").is_dir(), reason="real data not found")
+def test_real_drive_and_chase_and_derived_fov_agreement(tmp_path: Path):
+    drive = load_manifest(import_vessels("drive", SHARED_DATA / "DRIVE", tmp_path / "d.csv"))
+    assert len(drive.table) == 40 and (drive.table.vessel2_path != "").sum() == 20
+    chase = load_manifest(
+        import_vessels("chase_db1", SHARED_DATA / "CHASE_DB1", tmp_path / "c.csv")
+    )
+    assert len(chase.table) == 28 and chase.table.patient_id.nunique() == 14
+    row = drive.table.iloc[0]
+    ours, official = derive_fov(drive.root / row.path), read_mask(drive.root / row.fov_path)
+    assert (ours & official).sum() / (ours | official).sum() > 0.97
+    assert pd.Series(chase.table.split).value_counts().to_dict() == {"train": 14, "test": 14}
