@@ -384,6 +384,21 @@ def load_config(
         raise ConfigError(_describe(exc, source)) from exc
 
 
+def changed_settings(config: BaseModel, path: Path, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Top-level keys whose values differ between `config` and the config saved at `path`.
+
+    Used to refuse (or restart) a resumed run, grid cell or demo whose settings changed.
+    An absent file differs in nothing.
+    """
+    if not Path(path).is_file():
+        return []
+    old = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    new = config.model_dump(mode="json")
+    return sorted(
+        k for k in new.keys() | old.keys() if k not in ignore and old.get(k) != new.get(k)
+    )
+
+
 def dump_config(config: BaseModel, path: Path) -> Path:
     """Write the resolved configuration as YAML (the record of what a run used)."""
     path = Path(path)

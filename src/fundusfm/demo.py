@@ -17,10 +17,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import yaml
-
 from .backbone import WeightsNotFound, imagenet_state
-from .config import ConfigError, DemoConfig, ExternalSet, dump_config
+from .config import ConfigError, DemoConfig, ExternalSet, changed_settings, dump_config
 from .experiment import pretrain
 from .grid import run_grid
 from .manifest import load_manifest
@@ -74,14 +72,12 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True, say=print) -> Pa
     """Run the whole demo inside `out`; returns the path of the HTML report."""
     out = Path(out)
     previous = out / "config.yaml"
-    if previous.is_file():  # rerunning resumes, but only the same demo
-        old = yaml.safe_load(previous.read_text()) or {}
-        changed = sorted(k for k, v in cfg.model_dump(mode="json").items() if old.get(k) != v)
-        if changed:
-            raise ConfigError(
-                f"{out} holds a demo with other settings (in {', '.join(changed)}); rerun with "
-                "the same settings to resume, or choose another --out"
-            )
+    changed = changed_settings(cfg, previous)
+    if changed:  # rerunning resumes, but only the same demo
+        raise ConfigError(
+            f"{out} holds a demo with other settings (in {', '.join(changed)}); rerun with "
+            "the same settings to resume, or choose another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, previous)
     start = time.perf_counter()

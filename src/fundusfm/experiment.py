@@ -26,6 +26,7 @@ from .config import (
     PreprocessConfig,
     PretrainConfig,
     ProbeConfig,
+    changed_settings,
     dump_config,
 )
 from .datasets import CachedImages, FoldData, load_fold
@@ -77,18 +78,12 @@ def _prepare_run(cfg: FinetuneConfig) -> Path:
             f"{out} holds an unfinished run: add --resume to continue it, or choose another run.out"
         )
     previous = out / "config.yaml"
-    if cfg.run.resume and previous.is_file():
-        # a resumed run must be the same run: only run.* settings may change
-        old = yaml.safe_load(previous.read_text()) or {}
-        new = cfg.model_dump(mode="json")
-        changed = sorted(
-            k for k in new.keys() | old.keys() if k != "run" and old.get(k) != new.get(k)
+    changed = changed_settings(cfg, previous, ignore=("run",)) if cfg.run.resume else []
+    if changed:  # a resumed run must be the same run: only run.* settings may change
+        raise ConfigError(
+            f"--resume with settings that differ from {previous} in {', '.join(changed)}; "
+            "resume with the same settings, or start a new run.out"
         )
-        if changed:
-            raise ConfigError(
-                f"--resume with settings that differ from {previous} in {', '.join(changed)}; "
-                "resume with the same settings, or start a new run.out"
-            )
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, previous)
     return out

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from .config import ConfigError, FinetuneConfig, GridConfig
+from .config import ConfigError, FinetuneConfig, GridConfig, changed_settings
 
 
 @dataclass(frozen=True)
@@ -148,12 +147,8 @@ def state(cfg: GridConfig, cell: Cell) -> str:
 def _reset_if_changed(cfg: GridConfig, cell: Cell) -> None:
     """A cell folder left by other settings is removed, so the cell starts fresh."""
     d = cell_dir(cfg, cell)
-    previous = d / "config.yaml"
-    if previous.is_file():
-        old = yaml.safe_load(previous.read_text()) or {}
-        old = {k: v for k, v in old.items() if k != "run"}
-        if old != _settings(cell_config(cfg, cell)):
-            shutil.rmtree(d)
+    if changed_settings(cell_config(cfg, cell), d / "config.yaml", ignore=("run",)):
+        shutil.rmtree(d)
 
 
 def status(cfg: GridConfig) -> pd.DataFrame:
