@@ -206,7 +206,7 @@ def test_bundle_round_trip_and_tamper_check(tiny, tmp_path):
 
 
 def test_resume_equals_uninterrupted(tiny, tmp_path):
-    sets = {"train.epochs": 3, "method": "ff"}
+    sets = {"train.epochs": 3, "method": "ff", "run.keep_checkpoint": True}
     whole = finetune(config(tiny, tmp_path / "whole", **sets))
 
     def stop_after_first(epoch: int, model) -> None:
@@ -227,6 +227,16 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
     pd.testing.assert_frame_equal(
         pd.read_csv(whole / "predictions.csv"), pd.read_csv(resumed / "predictions.csv")
     )
+
+
+def test_finished_run_drops_checkpoint_and_resume_keeps_it_finished(tiny, tmp_path):
+    cfg = config(tiny, tmp_path / "run")
+    out = finetune(cfg)
+    assert not (out / "checkpoint.pt").exists() and not (out / "best.safetensors").exists()
+    assert (out / "bundle" / "model.safetensors").is_file()
+    before = (out / "metrics.json").stat().st_mtime_ns
+    again = finetune(cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume": True})}))
+    assert (again / "metrics.json").stat().st_mtime_ns == before  # nothing retrained
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):

@@ -166,6 +166,11 @@ class RunConfig(Strict):
     out: Path = Path("runs/finetune")
     resume: bool = False
     progress: bool = True
+    keep_checkpoint: bool = Field(
+        False,
+        description="keep checkpoint.pt and best.safetensors once the run has finished "
+        "(the bundle already holds the best weights; a ResNet-50 checkpoint is ~300 MB)",
+    )
 
 
 class FinetuneConfig(Strict):

@@ -3,7 +3,10 @@
 A run directory holds `config.yaml` (the resolved settings), `checkpoint.pt` and
 `best.safetensors` while training, then `predictions.csv` (one row per validation and test
 image: image_id, fold, split, y_true, one score column per class), `metrics.json` (every
-metric of every part, per-class tables, the training history) and `bundle/`.
+metric of every part, per-class tables, the training history) and `bundle/`. Once those are
+written the checkpoint files go (the bundle holds the best weights) unless
+`run.keep_checkpoint` is set: a grid of hundreds of ResNet-50 cells would otherwise keep
+hundreds of gigabytes of optimiser state.
 Every figure is recomputable from `predictions.csv`.
 """
 
@@ -89,6 +92,11 @@ def _prepare_run(cfg: FinetuneConfig) -> Path:
     return out
 
 
+def _finished(out: Path) -> bool:
+    """A resumed run whose outputs are all written has nothing left to do."""
+    return (out / "metrics.json").is_file() and (out / "bundle").is_dir()
+
+
 def _build_model(cfg: FinetuneConfig, init: str, n_classes: int) -> Classifier:
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
@@ -128,6 +136,8 @@ def train_and_report(
 ) -> Path:
     """Shared body of pretrain and finetune: train, predict, score, bundle."""
     out = _prepare_run(cfg)
+    if _finished(out):
+        return out
     data = load_fold(cfg.data, val_fraction=val_fraction, progress=cfg.run.progress)
     kind, classes = data.task.kind, data.task.class_names
     model = _build_model(cfg, init, len(classes))
@@ -152,7 +162,11 @@ def train_and_report(
             )
             parts[part] = (scores, labels, data.parts[part][index])
     summary = {"best_epoch": result.best_epoch, "history": result.history}
-    return write_run(cfg, data, out, model, parts, extra, summary)
+    write_run(cfg, data, out, model, parts, extra, summary)
+    if not cfg.run.keep_checkpoint:
+        for name in ("checkpoint.pt", "best.safetensors"):
+            (out / name).unlink(missing_ok=True)
+    return out
 
 
 def write_run(
@@ -189,6 +203,8 @@ def probe_finetune(cfg: FinetuneConfig, probe: ProbeConfig, features_root: Path)
     probe as a linear head) at the cost of one feature extraction per init and resolution.
     """
     out = _prepare_run(cfg)
+    if _finished(out):
+        return out
     data = load_fold(cfg.data, progress=cfg.run.progress)
     kind, n_classes = data.task.kind, len(data.task.class_names)
     torch.manual_seed(cfg.train.seed)

@@ -213,7 +213,6 @@ def run_grid(
         except Exception as exc:  # a failed cell is recorded; the others go on
             error.parent.mkdir(parents=True, exist_ok=True)
             error.write_text(traceback.format_exc())
-            (cell_dir(cfg, cell) / "metrics.json").unlink(missing_ok=True)  # redo on rerun
             counts["failed"] += 1
             say(f"  failed: {type(exc).__name__}: {exc} (see {error})")
     return counts
