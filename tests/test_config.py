@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fundusfm.config import ConfigError, DemoConfig, SplitConfig, dump_config, load_config
+from fundusfm.config import ConfigError, SplitConfig, dump_config, load_config
+from fundusfm.config_grid import DemoConfig
 
 
 def test_yaml_then_overrides(tmp_path: Path):
@@ -63,15 +64,18 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_config_loads(path: Path):
     from fundusfm import config as c
+    from fundusfm import config_grid as g
+    from fundusfm import config_segment as sc
 
     models = {
         "synth": c.SynthConfig,
         "preprocess": c.PreprocessConfig,
         "split": c.SplitConfig,
-        "demo": c.DemoConfig,
+        "demo": g.DemoConfig,
         "pretrain": c.PretrainConfig,
         "finetune": c.FinetuneConfig,
-        "grid": c.GridConfig,
+        "grid": g.GridConfig,
+        "segment": sc.SegmentConfig,
     }
     model = models[path.stem.split("_")[0]]
     cfg = load_config(model, path)
@@ -81,7 +85,7 @@ def test_every_shipped_config_loads(path: Path):
 
 def test_demo_cpu_grid_config_matches_what_the_demo_runs():
     """configs/grid_cpu.yaml documents the demo's grid: same axes and training settings."""
-    from fundusfm.config import DemoConfig, GridConfig
+    from fundusfm.config_grid import DemoConfig, GridConfig
 
     shipped = load_config(GridConfig, CONFIGS / "grid_cpu.yaml")
     demo = DemoConfig().grid

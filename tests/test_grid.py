@@ -5,7 +5,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fundusfm.config import GridConfig, SplitConfig, load_config
+from fundusfm.config import SplitConfig, load_config
+from fundusfm.config_grid import GridConfig
 from fundusfm.grid import cell_dir, expand, parse_shard, run_grid, shard, status
 from fundusfm.manifest import load_manifest
 from fundusfm.report import build_report

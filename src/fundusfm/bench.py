@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 
 from .backbone import create_backbone
-from .config import ConfigError, FinetuneConfig, PreprocessConfig, ProbeConfig
+from .config import ConfigError, FinetuneConfig, PreprocessConfig
+from .config_grid import ProbeConfig
 from .datasets import CachedImages, load_fold, rows_of_parts
 from .features import extract
 from .heads import Classifier, make_head

@@ -8,12 +8,11 @@ Unknown keys and wrong types are errors that name the key and the file they came
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class ConfigError(ValueError):
@@ -111,7 +110,9 @@ class DataConfig(Strict):
         )
 
 
-class ModelConfig(Strict):
+class EncoderInit(Strict):
+    """Which ResNet and which of the four initialisations (or a bundle) it starts from."""
+
     arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
     init: str | None = Field(
         None, description="scratch | imagenet | fundus | imagenet+fundus | path; unset: imagenet"
@@ -124,6 +125,9 @@ class ModelConfig(Strict):
     init_bundle: Path | None = Field(None, description="bundle behind fundus / imagenet+fundus")
     imagenet_version: Literal["IMAGENET1K_V1", "IMAGENET1K_V2"] = "IMAGENET1K_V1"
     imagenet_file: Path | None = Field(None, description="ImageNet weights file (else hub cache)")
+
+
+class ModelConfig(EncoderInit):
     head: Literal["linear", "mlp"] = "mlp"
     hidden: int = Field(512, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -191,112 +195,6 @@ class PretrainConfig(FinetuneConfig):
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="used when data.splits is unset")
     method: Literal["ff"] = "ff"
     run: RunConfig = RunConfig(out=Path("runs/pretrain"))
-
-
-class GridAxes(Strict):
-    """The axes of the paper's comparison; every combination is one cell."""
-
-    task: list[str | None] = Field(default_factory=lambda: [None])
-    init: dict[str, str] = Field(
-        default_factory=lambda: {"scratch": "scratch"},
-        description="label -> init name or bundle path; a list uses each entry as its label",
-    )
-    method: list[Literal["lf", "ff", "partial"]] = Field(default_factory=lambda: ["lf", "ff"])
-    resolution: list[int] = Field(default_factory=lambda: [512])
-    fraction: list[float] = Field(default_factory=lambda: [1.0])
-    fold: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
-
-    @model_validator(mode="before")
-    @classmethod
-    def _init_list(cls, data):
-        if isinstance(data, dict) and isinstance(data.get("init"), list):
-            labels = [str(v).rstrip("/").replace("/", "_") for v in data["init"]]
-            if len(set(labels)) != len(labels):
-                raise ValueError("init: two entries give the same label; use label: init pairs")
-            data = {**data, "init": dict(zip(labels, map(str, data["init"]), strict=True))}
-        return data
-
-    @model_validator(mode="after")
-    def _check(self) -> GridAxes:
-        for label in self.init:
-            if not re.fullmatch(r"[A-Za-z0-9._+-]+", label) or ".." in label:
-                raise ValueError(f"init label {label!r}: use letters, digits and . _ + - only")
-        for name in ("task", "method", "resolution", "fraction", "fold"):
-            values = getattr(self, name)
-            if len(set(values)) != len(values):
-                raise ValueError(f"{name}: repeated values {values}")
-        return self
-
-
-class ExternalSet(Strict):
-    """A dataset every trained cell is evaluated on (external validation)."""
-
-    name: str
-    manifest: Path
-    task: str | None = None
-    label_map: Path | None = None
-
-
-class ProbeConfig(Strict):
-    """How LF cells train their head."""
-
-    mode: Literal["features", "train"] = Field(
-        "features", description="features: logistic regression on cached frozen features"
-    )
-    Cs: list[float] = Field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0, 100.0])
-    max_iter: int = Field(2000, ge=10)
-
-
-class GridConfig(Strict):
-    """`fundusfm grid run|status|report`: task x init x method x resolution x fraction x fold."""
-
-    name: str = "grid"
-    out: Path = Path("runs/grid")
-    base: FinetuneConfig = FinetuneConfig()
-    axes: GridAxes = GridAxes()
-    external: list[ExternalSet] = Field(default_factory=list)
-    probe: ProbeConfig = ProbeConfig()
-
-
-def _demo_grid() -> GridConfig:
-    return GridConfig(
-        name="demo",
-        base=FinetuneConfig(
-            data=DataConfig(task="abnormal", resolution=128),
-            model=ModelConfig(arch="resnet18", head="mlp"),
-            train=TrainConfig(epochs=3, batch_size=32, lr=5e-4, warmup_epochs=0.5),
-        ),
-        axes=GridAxes(
-            method=["lf", "ff"], resolution=[128], fraction=[0.25, 0.5, 1.0], fold=[0, 1, 2, 3, 4]
-        ),
-    )
-
-
-class DemoConfig(Strict):
-    """What `fundusfm demo` generates and runs (paths are filled in under --out)."""
-
-    upstream: SynthConfig = SynthConfig(n=400, size=160, seed=1)
-    downstream: SynthConfig = SynthConfig(n=200, size=160, seed=2)
-    external: SynthConfig = SynthConfig(
-        n=80,
-        size=200,
-        seed=3,
-        camera=CameraConfig(tint=(1.12, 0.92, 0.78), blur_max=2.0, noise_max=0.04),
-    )
-    pretrain: PretrainConfig = PretrainConfig(
-        strategy="fundus",
-        data=DataConfig(task="abnormal", resolution=128),
-        model=ModelConfig(arch="resnet18", head="mlp"),
-        train=TrainConfig(epochs=3, batch_size=32, lr=1e-3, warmup_epochs=0.5),
-    )
-    split: SplitConfig = SplitConfig(
-        folds=5, fractions=[0.25, 0.5, 1.0], val_fraction=0.15, task="abnormal"
-    )
-    grid: GridConfig = Field(default_factory=_demo_grid)
-    imagenet: Literal["auto", "offline"] = Field(
-        "auto", description="auto: use or download ImageNet weights; offline: never download"
-    )
-    n_boot: int = Field(1000, ge=10)
 
 
 M = TypeVar("M", bound=BaseModel)

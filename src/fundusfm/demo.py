@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from .backbone import WeightsNotFound, imagenet_state
-from .config import ConfigError, DemoConfig, ExternalSet, changed_settings, dump_config
+from .config import ConfigError, changed_settings, dump_config
+from .config_grid import DemoConfig, ExternalSet
 from .experiment import pretrain
 from .grid import run_grid
 from .manifest import load_manifest

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import ConfigError, FinetuneConfig, GridConfig, changed_settings
+from .config import ConfigError, FinetuneConfig, changed_settings
+from .config_grid import GridConfig
 
 
 @dataclass(frozen=True)

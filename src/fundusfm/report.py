@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_curve
 
-from .config import GridConfig
+from .config_grid import GridConfig
 from .grid import cell_dir, expand, state
 from .manifest import load_manifest
 from .metrics import auroc, per_class_table

@@ -27,7 +27,7 @@ def grid_run(
     quiet: QuietOpt = False,
 ) -> None:
     """Run the cells of a grid that are not done yet (rerun to resume)."""
-    from ..config import GridConfig
+    from ..config_grid import GridConfig
     from ..grid import run_grid
 
     cfg = resolve(GridConfig, grid, set_)
@@ -41,7 +41,7 @@ def grid_run(
 @grid_app.command("status")
 def grid_status(grid: GridArg, set_: SetOpt = None) -> None:
     """Done / failed / pending cells of a grid."""
-    from ..config import GridConfig
+    from ..config_grid import GridConfig
     from ..grid import status
 
     table = status(resolve(GridConfig, grid, set_))
@@ -57,7 +57,7 @@ def grid_report(
     set_: SetOpt = None,
 ) -> None:
     """Tables (CSV), figures (PNG) and one self-contained HTML report of a grid's cells."""
-    from ..config import GridConfig
+    from ..config_grid import GridConfig
     from ..report import build_report
 
     with user_errors():

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..config import DemoConfig
+from ..config_grid import DemoConfig
 from . import ConfigOpt, QuietOpt, SetOpt, app, fail, resolve, user_errors
 
 
