@@ -28,10 +28,10 @@ from .config import (
     FinetuneConfig,
     PreprocessConfig,
     PretrainConfig,
-    ProbeConfig,
     changed_settings,
     dump_config,
 )
+from .config_grid import ProbeConfig
 from .datasets import CachedImages, FoldData, load_fold
 from .features import cached_features
 from .heads import Classifier, make_head
