@@ -179,3 +179,18 @@ def test_read_mask_judges_palette_colours_alpha_and_floats(tmp_path: Path):
 
     Image.fromarray(np.full((4, 4), 0.4, np.float32), "F").save(tmp_path / "f.tif")
     assert read_mask(tmp_path / "f.tif").all()
+
+
+def test_read_mask_ignores_near_black_palette_and_jpeg_noise(tmp_path: Path):
+    """DRIVE's second-observer GIFs colour index 0 as (4, 2, 4): that is background."""
+    arr = np.zeros((8, 8), np.uint8)
+    arr[2:4, 2:4] = 1
+    img = Image.fromarray(arr, "P")
+    img.putpalette([4, 2, 4, 252, 254, 252] + [0] * 762)
+    img.save(tmp_path / "m.gif")
+    mask = read_mask(tmp_path / "m.gif")
+    assert mask.sum() == 4 and mask[2, 2]
+
+    noisy = np.where(arr > 0, 250, 6).astype(np.uint8)
+    Image.fromarray(noisy, "L").save(tmp_path / "noisy.png")
+    assert read_mask(tmp_path / "noisy.png").sum() == 4

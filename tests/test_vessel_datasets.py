@@ -1,5 +1,7 @@
 """Vessel dataset importers on small fake trees laid out like the real downloads."""
 
+import gzip
+import io
 from pathlib import Path
 
 import numpy as np
@@ -106,9 +108,53 @@ def test_hrf_case_insensitive_and_labels(tmp_path: Path):
     }
 
 
+def _gz_ppm(path: Path, arr: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(arr).save(buffer, format="PPM")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(buffer.getvalue()))
+
+
+def test_stare_gzipped_ppm_non_binary_labels_and_codes(tmp_path: Path):
+    root = tmp_path / "STARE"
+    ids = ["im0001", "im0002", "im0044", "im0077"]
+    for k, iid in enumerate(ids):
+        fundus(tmp_path / "tmp.png", seed=k)
+        _gz_ppm(
+            root / "stare-images" / f"{iid}.ppm.gz", np.asarray(Image.open(tmp_path / "tmp.png"))
+        )
+        label = np.zeros((60, 64, 3), np.uint8)
+        label[20:30, 10:50] = 200  # labels are not strictly 0/255
+        label[40:42, 10:50] = 90  # below 128: background
+        _gz_ppm(root / "labels-ah" / f"{iid}.ah.ppm.gz", label)
+        if k < 2:
+            _gz_ppm(root / "labels-vk" / f"{iid}.vk.ppm.gz", label)
+    _gz_ppm(root / "stare-images" / "im0100.ppm.gz", np.zeros((60, 64, 3), np.uint8))  # unlabelled
+    (root / "all-mg-codes.txt").write_text(
+        "im0001\t7 10\tBackground Diabetic Retinopathy\nim0002\t0\tNormal\n"
+        "im0044\t4\tBRVO\nim0077\t0\tNormal\n"
+    )
+    m = load_manifest(import_vessels("stare", root, tmp_path / "m" / "stare.csv"))
+    t = m.table.set_index("image_id")
+    assert list(t.index) == [f"stare_{i}" for i in ids]  # the unlabelled image is left out
+    assert list(t.split) == ["train", "train", "test", "test"]
+    assert (t.vessel2_path != "").sum() == 2 and (t.fov_source == "derived").all()
+    assert dict(t.abnormal) == {
+        "stare_im0001": "1",
+        "stare_im0002": "0",
+        "stare_im0044": "1",
+        "stare_im0077": "0",
+    }
+    assert t.loc["stare_im0001", "diagnosis"] == "background_dr+hypertensive_retinopathy"
+    vessel = read_mask(m.image_path(t.loc["stare_im0001", "vessel_path"]))
+    assert vessel.sum() == 400 and not vessel[41, 20]
+    assert m.task("abnormal")[1].kind == "binary"
+    assert check_manifest(m, progress=False).problems == []
+
+
 def test_errors(tmp_path: Path):
     with pytest.raises(ConfigError, match="choose one of"):
-        import_vessels("stare", tmp_path, tmp_path / "x.csv")
+        import_vessels("messidor", tmp_path, tmp_path / "x.csv")
     with pytest.raises(ConfigError, match="no drive images"):
         import_vessels("drive", tmp_path, tmp_path / "x.csv")
 

@@ -177,7 +177,8 @@ def create_backbone(
             f"init {init!r} holds a {meta['architecture']['arch']} backbone, not {arch}; "
             f"set model.arch={meta['architecture']['arch']}"
         )
-    prefix = "backbone.net."
+    segmentation = meta.get("task", {}).get("kind") == "segmentation"
+    prefix = "encoder." if segmentation else "backbone.net."  # a U-Net's encoder is a ResNet
     backbone.load_torchvision_state(
         {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     )

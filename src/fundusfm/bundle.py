@@ -78,7 +78,7 @@ def provenance(config: dict, manifest: Path | None) -> dict:
     }
 
 
-def save_bundle(model: Classifier, path: Path, meta: dict) -> Path:
+def save_bundle(model: torch.nn.Module, path: Path, meta: dict) -> Path:
     """Write weights and metadata; `meta` needs architecture, task, preprocessing, provenance."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -110,9 +110,13 @@ def read_bundle(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, load_file(weights)
 
 
-def build_model(meta: dict) -> Classifier:
-    """An untrained Classifier with the architecture a bundle describes."""
+def build_model(meta: dict) -> torch.nn.Module:
+    """An untrained model with the architecture a bundle describes (Classifier or U-Net)."""
     arch = meta["architecture"]
+    if meta["task"]["kind"] == "segmentation":
+        from .seg_model import build_unet  # smp is only imported for segmentation bundles
+
+        return build_unet(arch["arch"], arch["decoder_channels"])
     backbone = Backbone(arch["arch"])
     head = make_head(
         arch["head"],
@@ -130,7 +134,7 @@ class Bundle:
 
     path: Path
     meta: dict
-    model: Classifier
+    model: torch.nn.Module
 
     @property
     def kind(self) -> str:
@@ -146,7 +150,8 @@ class Bundle:
 
     @torch.no_grad()
     def predict(self, images, batch_size: int = 32) -> np.ndarray:
-        """Probabilities (N, C) for preprocessed images: RxRx3 uint8 arrays or a uint8 batch."""
+        """Probabilities for preprocessed images (RxRx3 uint8 arrays or a uint8 batch):
+        (N, C) for a classifier, (N, R, R) vessel probabilities for a segmentation bundle."""
         if isinstance(images, torch.Tensor):
             batch = images if images.dim() == 4 else images.unsqueeze(0)
         else:
@@ -169,7 +174,11 @@ class Bundle:
         out = []
         for i in range(0, len(batch), batch_size):
             x = normalise(batch[i : i + batch_size].to(device), mean, std)
-            out.append(scores_from_logits(self.model(x), self.kind).float().cpu())
+            logits = self.model(x)
+            if self.kind == "segmentation":
+                out.append(torch.sigmoid(logits[:, 0]).float().cpu())
+            else:
+                out.append(scores_from_logits(logits, self.kind).float().cpu())
         return torch.cat(out).numpy()
 
 

@@ -124,24 +124,38 @@ def read_rgb(path: Path, draft_size: int | None = None) -> np.ndarray:
         raise ImageDecodeError(f"cannot convert mode {img.mode!r} to RGB ({exc})") from exc
 
 
+def _bright(value: np.ndarray) -> np.ndarray:
+    """8-bit intensities -> mask: above half the brightest value (0/1 masks: any non-zero).
+
+    Masks saved lossily or with near-black palette entries (DRIVE's second-observer GIFs
+    colour index 0 as (4, 2, 4)) are not strictly 0 / 255; half the maximum separates them.
+    """
+    top = int(value.max()) if value.size else 0
+    return value > (top / 2 if top > 1 else 0)
+
+
 def read_mask(path: Path) -> np.ndarray:
     """Read a mask image (vessels, FOV, lesion) as a boolean HxW array.
 
-    A pixel is in the mask when its colour is not black (palette masks are judged by their
-    colours, not their index numbers; float and 16-bit masks by any non-zero value). Where an
-    image has an alpha channel, transparent pixels are outside the mask, and a mask drawn
-    only in the alpha channel (colour all black) is read from the alpha channel.
+    8-bit masks (grey, colour or palette, judged by their colours, not their index numbers)
+    are thresholded at half their brightest value, so JPEG noise and near-black palette
+    colours stay outside; 0/1 masks count any non-zero pixel. 1-bit, float and 16-bit masks
+    count any non-zero value. Where an image has an alpha channel, transparent pixels are
+    outside the mask, and a mask drawn only in the alpha channel (colour all black) is read
+    from the alpha channel.
     """
     img = open_image(path)
     try:
         if img.mode in ("P", "PA"):
             img = img.convert("RGBA")
-        if img.mode in ("1", "L", "I", "F") or img.mode.startswith("I;16"):
+        if img.mode in ("1", "I", "F") or img.mode.startswith("I;16"):
             return np.asarray(img) != 0
+        if img.mode == "L":
+            return _bright(np.asarray(img))
         if img.mode in ("LA", "RGBA", "La", "RGBa"):
             arr = np.asarray(img.convert("RGBA"))
-            colour, alpha = arr[..., :3].max(axis=2) > 0, arr[..., 3] > 0
+            colour, alpha = _bright(arr[..., :3].max(axis=2)), arr[..., 3] > 0
             return alpha if not colour.any() else colour & alpha
-        return np.asarray(img.convert("RGB")).max(axis=2) > 0
+        return _bright(np.asarray(img.convert("RGB")).max(axis=2))
     except (OSError, ValueError) as exc:
         raise ImageDecodeError(f"cannot read mode {img.mode!r} as a mask ({exc})") from exc

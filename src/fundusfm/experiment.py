@@ -72,7 +72,8 @@ def prediction_frame(ids, fold: int, split: str, kind: str, classes, labels, sco
     return frame
 
 
-def _prepare_run(cfg: FinetuneConfig) -> Path:
+def prepare_run(cfg) -> Path:
+    """Create (or reopen, with --resume and the same settings) a run folder; save the config."""
     out = Path(cfg.run.out)
     if (out / "metrics.json").exists() and not cfg.run.resume:
         raise ConfigError(f"{out} already holds a finished run; choose another run.out")
@@ -92,7 +93,7 @@ def _prepare_run(cfg: FinetuneConfig) -> Path:
     return out
 
 
-def _finished(out: Path) -> bool:
+def is_finished(out: Path) -> bool:
     """A resumed run whose outputs are all written has nothing left to do."""
     return (out / "metrics.json").is_file() and (out / "bundle").is_dir()
 
@@ -135,8 +136,8 @@ def train_and_report(
     cfg: FinetuneConfig, init: str, val_fraction: float | None, extra: dict, on_epoch_end=None
 ) -> Path:
     """Shared body of pretrain and finetune: train, predict, score, bundle."""
-    out = _prepare_run(cfg)
-    if _finished(out):
+    out = prepare_run(cfg)
+    if is_finished(out):
         return out
     data = load_fold(cfg.data, val_fraction=val_fraction, progress=cfg.run.progress)
     kind, classes = data.task.kind, data.task.class_names
@@ -202,8 +203,8 @@ def probe_finetune(cfg: FinetuneConfig, probe: ProbeConfig, features_root: Path)
     Gives the same outputs as `finetune(method=lf)` (its bundle holds the backbone and the
     probe as a linear head) at the cost of one feature extraction per init and resolution.
     """
-    out = _prepare_run(cfg)
-    if _finished(out):
+    out = prepare_run(cfg)
+    if is_finished(out):
         return out
     data = load_fold(cfg.data, progress=cfg.run.progress)
     kind, n_classes = data.task.kind, len(data.task.class_names)

@@ -144,7 +144,7 @@ def _sampler(labels: np.ndarray, kind: str, balanced: bool, generator: torch.Gen
     return WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
 
 
-def _cosine_with_warmup(total: int, warmup: int) -> Callable[[int], float]:
+def cosine_with_warmup(total: int, warmup: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -181,7 +181,7 @@ def predict(
     return torch.cat(scores).numpy(), torch.cat(labels).numpy(), torch.cat(index).numpy()
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
+def save_atomic(obj: dict, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
@@ -192,7 +192,7 @@ def _save_atomic(obj: dict, path: Path) -> None:
         raise
 
 
-def _save_weights(model: nn.Module, path: Path) -> None:
+def save_weights(model: nn.Module, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     os.replace(tmp, path)
@@ -240,7 +240,7 @@ def fit(
     batches = len(train_set) // cfg.batch_size if drop_last else 1
     steps = math.ceil(batches / cfg.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _cosine_with_warmup(steps * cfg.epochs, round(steps * cfg.warmup_epochs))
+        optimizer, cosine_with_warmup(steps * cfg.epochs, round(steps * cfg.warmup_epochs))
     )
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
 
@@ -262,7 +262,7 @@ def fit(
             state["best_epoch"], state["best_metric"], state["history"], state["stopped_early"]
         )
         if result.best_epoch == start:  # killed between the checkpoint and the best weights
-            _save_weights(model, best_file)
+            save_weights(model, best_file)
         if result.stopped_early:
             start = cfg.epochs
     better = (lambda a, b: a < b) if cfg.select_metric in LOWER_IS_BETTER else (lambda a, b: a > b)
@@ -329,7 +329,7 @@ def fit(
         else:
             bad_epochs += 1
         result.stopped_early = bool(cfg.patience and bad_epochs >= cfg.patience)
-        _save_atomic(
+        save_atomic(
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -347,7 +347,7 @@ def fit(
             checkpoint,
         )
         if improved:  # after the checkpoint, so that a resume can always restore it
-            _save_weights(model, best_file)
+            save_weights(model, best_file)
         if progress:
             tqdm.write(
                 f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, "

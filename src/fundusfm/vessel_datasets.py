@@ -1,6 +1,6 @@
 """Importers for public vessel-segmentation datasets: their layouts -> one manifest each.
 
-`fundusfm data import drive|chase_db1|hrf|fives ROOT --out manifest.csv` writes a manifest
+`fundusfm data import drive|chase_db1|stare|hrf|fives ROOT --out manifest.csv` writes a manifest
 whose rows carry the image (`path`, relative to ROOT), the vessel mask of the first observer
 (`vessel_path`), the second observer's where the dataset has one (`vessel2_path`), the
 field-of-view mask (`fov_path`), the official `split` (train/test) and `patient_id`/`eye`.
@@ -14,12 +14,20 @@ Layouts (see shared DATASETS.md, section 7):
     CHASE_DB1  flat Image_NN{L,R}.jpg + _1stHO.png + _2ndHO.png (official zip), or the same
                split into {training,test}/{images,1st_manual,2nd_manual,mask}/; child NN is
                the patient. No official split in the flat zip: 01-10 train, 11-14 test.
+    STARE      imNNNN.ppm(.gz), imNNNN.ah.ppm(.gz) (Hoover, observer 1), imNNNN.vk.ppm(.gz)
+               (Kouznetsova, observer 2), anywhere under ROOT (the tars unpacked in one folder
+               or several); optional all-mg-codes.txt adds the diagnosis (code 0 = normal).
+               Every file is unpacked to PNG (labels binarised at 128) under `stare/` beside
+               the manifest, the manifest's data root. No official split: the first 10
+               labelled ids train, the other 10 test.
     HRF        images/NN_{h,g,dr}.jpg (any case), manual1/NN_x.tif, mask/NN_x_mask.tif
     FIVES      {train,test}/{Original,Ground truth}/N_{A,D,G,N}.png; names repeat across splits
 """
 
 from __future__ import annotations
 
+import gzip
+import io
 import re
 from pathlib import Path
 
@@ -61,7 +69,11 @@ def derive_fov(image: Path, threshold: float = 0.06) -> np.ndarray:
 
 
 def _rel(path: Path | None, root: Path) -> str:
-    return "" if path is None else path.relative_to(root).as_posix()
+    """Relative to ROOT, or absolute for files written beside the manifest."""
+    if path is None:
+        return ""
+    path = path.resolve()
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
 
 def _drive(root: Path) -> list[dict]:
@@ -170,7 +182,85 @@ def _fives(root: Path) -> list[dict]:
     return rows
 
 
-IMPORTERS = {"drive": _drive, "chase_db1": _chase, "hrf": _hrf, "fives": _fives}
+STARE_CODES = {
+    "0": "normal",
+    "1": "hollenhorst_emboli",
+    "2": "brao",
+    "3": "cilioretinal_artery_occlusion",
+    "4": "brvo",
+    "5": "crvo",
+    "6": "hemi_crvo",
+    "7": "background_dr",
+    "8": "proliferative_dr",
+    "9": "arteriosclerotic_retinopathy",
+    "10": "hypertensive_retinopathy",
+    "11": "coats",
+    "12": "macroaneurysm",
+    "13": "cnv",
+    "14": "histoplasmosis",
+}
+
+
+def _stare_codes(root: Path) -> dict[str, list[str]]:
+    """all-mg-codes.txt: id, then the diagnosis codes, then free text (tab-separated)."""
+    found = next(root.rglob("all-mg-codes.txt"), None)
+    codes: dict[str, list[str]] = {}
+    if found is None:
+        return codes
+    for line in found.read_text(errors="replace").splitlines():
+        m = re.match(r"\s*(im\d{4})\s+([\d\s]*?)(?:\t|$)", line)
+        if m:
+            codes[m.group(1)] = m.group(2).split()
+    return codes
+
+
+def _stare_file(path: Path, out_dir: Path, label: bool) -> Path:
+    """A PNG copy of a STARE file beside the manifest: gunzipped, a label binarised at 128."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / (path.name.removesuffix(".gz").removesuffix(".ppm") + ".png")
+    if not target.is_file():
+        data = gzip.decompress(path.read_bytes()) if path.suffix.lower() == ".gz" else None
+        img = Image.open(io.BytesIO(data) if data is not None else path)
+        arr = np.asarray(img.convert("L")) >= 128 if label else np.asarray(img.convert("RGB"))
+        Image.fromarray(arr).save(target)
+    return target
+
+
+def _stare(root: Path, out_dir: Path) -> list[dict]:
+    files: dict[tuple[str, str], Path] = {}
+    for p in sorted(root.rglob("im*")):
+        m = re.fullmatch(r"(im\d{4})(?:\.(ah|vk))?\.ppm(?:\.gz)?", p.name.lower())
+        if m and p.is_file():
+            files.setdefault((m.group(1), m.group(2) or "image"), p)
+    labelled = sorted({i for i, kind in files if kind == "ah" and (i, "image") in files})
+    codes = _stare_codes(root)
+    rows = []
+    for k, iid in enumerate(labelled):
+        second = files.get((iid, "vk"))
+        row = {
+            "image_id": f"stare_{iid}",
+            "image": _stare_file(files[(iid, "image")], out_dir, label=False),
+            "vessel": _stare_file(files[(iid, "ah")], out_dir, label=True),
+            "vessel2": _stare_file(second, out_dir, label=True) if second else None,
+            "fov": None,
+            "split": "train" if k < len(labelled) // 2 else "test",
+            "patient_id": f"stare_{iid}",
+            "eye": "unknown",
+        }
+        if iid in codes:
+            names = [STARE_CODES.get(c, f"code_{c}") for c in codes[iid]]
+            row.update(diagnosis="+".join(names), abnormal=int(codes[iid] != ["0"]))
+        rows.append(row)
+    return rows
+
+
+IMPORTERS = {
+    "drive": _drive,
+    "chase_db1": _chase,
+    "stare": _stare,
+    "hrf": _hrf,
+    "fives": _fives,
+}
 
 
 def import_vessels(name: str, root: Path, out: Path) -> Path:
@@ -178,7 +268,11 @@ def import_vessels(name: str, root: Path, out: Path) -> Path:
     if name not in IMPORTERS:
         raise ConfigError(f"unknown vessel dataset {name!r}; choose one of {list(IMPORTERS)}")
     root, out = Path(root).resolve(), Path(out)
-    rows = IMPORTERS[name](root)
+    if name == "stare":  # unpacked PNG copies beside the manifest become the data root
+        rows = _stare(root, out.parent / "stare")
+        root = (out.parent / "stare").resolve()
+    else:
+        rows = IMPORTERS[name](root)
     if not rows:
         raise ConfigError(f"no {name} images found under {root} (see the layouts in --help)")
     missing = [r["image_id"] for r in rows if r["vessel"] is None]
@@ -202,7 +296,7 @@ def import_vessels(name: str, root: Path, out: Path) -> Path:
             "split": r["split"],
             "vessel_path": _rel(r["vessel"], root),
             "vessel2_path": _rel(r["vessel2"], root),
-            "fov_path": _rel(fov, root) if source == "dataset" else str(fov.resolve()),
+            "fov_path": _rel(fov, root),
             "fov_source": source,
             "source": name,
         }
@@ -211,11 +305,10 @@ def import_vessels(name: str, root: Path, out: Path) -> Path:
         table.append(row)
     frame = pd.DataFrame(table)
     tasks = {}
-    if "diagnosis" in frame:
-        classes = sorted(frame["diagnosis"].unique())
-        tasks = {
-            "abnormal": TaskSpec(kind="binary", columns=["abnormal"]),
-            "diagnosis": TaskSpec(kind="multiclass", columns=["diagnosis"], classes=classes),
-        }
+    if "diagnosis" in frame and frame["diagnosis"].notna().all():
+        tasks["abnormal"] = TaskSpec(kind="binary", columns=["abnormal"])
+        if name != "stare":  # STARE lists code combinations, not one class per image
+            classes = sorted(frame["diagnosis"].unique())
+            tasks["diagnosis"] = TaskSpec(kind="multiclass", columns=["diagnosis"], classes=classes)
     spec = DatasetSpec(name=name, root=str(root), tasks=tasks)
     return save_manifest(frame, spec, out)

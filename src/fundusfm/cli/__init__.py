@@ -94,4 +94,4 @@ def run() -> None:  # pragma: no cover - console entry for `python -m fundusfm`
 
 
 # The commands register themselves on the apps above.
-from . import data_commands, grid_commands, model_commands  # noqa: E402, F401
+from . import data_commands, grid_commands, model_commands, segment_commands  # noqa: E402, F401

@@ -170,7 +170,7 @@ def split(
 
 @data_app.command("import")
 def data_import(
-    name: Annotated[str, typer.Argument(help="drive, chase_db1, hrf or fives.")],
+    name: Annotated[str, typer.Argument(help="drive, chase_db1, stare, hrf or fives.")],
     root: Annotated[Path, typer.Argument(help="The dataset's folder as downloaded.")],
     out: Annotated[Path, typer.Option(help="Manifest to write (FOV masks derived beside it).")],
 ) -> None:
