@@ -1,0 +1,220 @@
+"""Vessel segmentation: FOV metrics, the U-Net on our encoder, training, bundles, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
+from typer.testing import CliRunner
+
+from fundusfm.backbone import Backbone, create_backbone
+from fundusfm.bundle import load_bundle, save_bundle
+from fundusfm.cli import app
+from fundusfm.config import ConfigError, SplitConfig, load_config
+from fundusfm.config_segment import SegmentConfig
+from fundusfm.decode import read_mask
+from fundusfm.heads import Classifier, make_head
+from fundusfm.manifest import load_manifest
+from fundusfm.seg_data import square, to_native
+from fundusfm.seg_metrics import count, scores, summary
+from fundusfm.seg_model import create_unet, encoder_state_equal
+from fundusfm.segment import seg_loss, train_segmentation
+from fundusfm.splits import make_splits
+
+
+def vessels(shape=(40, 48), seed=0):
+    rng = np.random.default_rng(seed)
+    truth = np.zeros(shape, bool)
+    for _ in range(4):  # a few straight "vessels" 2 px wide
+        r = rng.integers(4, shape[0] - 4)
+        truth[r : r + 2, 3:-3] = True
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    fov = (yy - shape[0] / 2) ** 2 + (xx - shape[1] / 2) ** 2 < (min(shape) / 2 - 1) ** 2
+    return truth, fov
+
+
+def test_perfect_prediction_scores_one_and_outside_fov_does_not_count():
+    truth, fov = vessels()
+    m = scores(count(truth.astype(np.float32), truth, fov, 0.5))
+    for name in (
+        "dice",
+        "iou",
+        "sensitivity",
+        "specificity",
+        "accuracy",
+        "auroc",
+        "auprc",
+        "cldice",
+    ):
+        assert m[name] == pytest.approx(1.0), name
+    noisy = truth.astype(np.float32)
+    noisy[~fov] = 1 - noisy[~fov]  # every pixel outside the FOV is wrong
+    assert scores(count(noisy, truth, fov, 0.5)) == m
+    wrong_inside = noisy.copy()
+    wrong_inside[fov & truth] = 0.0
+    assert scores(count(wrong_inside, truth, fov, 0.5))["dice"] == 0.0
+
+
+def test_binned_auroc_and_auprc_match_sklearn():
+    rng = np.random.default_rng(1)
+    truth, fov = vessels((64, 64), seed=2)
+    prob = np.clip(truth * 0.35 + rng.random(truth.shape) * 0.65, 0, 1)
+    m = scores(count(prob, truth, fov, 0.5))
+    y, p = truth[fov], prob[fov]
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, p), abs=2e-3)
+    assert m["auprc"] == pytest.approx(average_precision_score(y, p), abs=1e-2)
+    # pooled equals the metric of all pixels together, the mean is over images
+    other = count(1 - prob, truth, fov, 0.5)
+    s = summary([count(prob, truth, fov, 0.5), other])
+    assert s["dice_mean"] == pytest.approx((m["dice"] + scores(other)["dice"]) / 2)
+
+
+def test_loss_ignores_pixels_outside_the_fov():
+    truth, fov = vessels((32, 32))
+    v, f = torch.tensor(truth[None]).float(), torch.tensor(fov[None]).float()
+    logits = torch.randn(1, 1, 32, 32)
+    changed = logits.clone()
+    changed[0, 0][~torch.tensor(fov)] = 50.0
+    a, b = seg_loss(logits, v, f, 1.0, 1.0), seg_loss(changed, v, f, 1.0, 1.0)
+    assert torch.allclose(a, b)
+    good = seg_loss((v * 2 - 1)[:, None] * 10, v, f, 1.0, 1.0)
+    assert good < a
+
+
+def test_square_and_back_keeps_geometry():
+    truth, _ = vessels((40, 56))
+    small = square(truth, 32, nearest=True)
+    assert small.shape == (32, 32) and small.dtype == bool
+    back = to_native(square(truth.astype(np.float32), 56, nearest=False), truth.shape)
+    assert back.shape == truth.shape and np.allclose(back, truth)
+
+
+def test_encoder_weights_are_the_bundles(tmp_path: Path):
+    torch.manual_seed(0)
+    backbone = Backbone("resnet18")
+    model = Classifier(backbone, make_head("linear", backbone.num_features, 2))
+    meta = {
+        "architecture": {"arch": "resnet18", "head": "linear", "outputs": 2},
+        "task": {"name": "t", "kind": "binary", "classes": ["0", "1"], "thresholds": [0.5]},
+        "preprocessing": {"resolution": 64, "mean": [0, 0, 0], "std": [1, 1, 1]},
+    }
+    save_bundle(model, tmp_path / "b", meta)
+    cfg = load_config(SegmentConfig, None, ["model.arch=resnet18", f"model.init={tmp_path / 'b'}"])
+    unet = create_unet(cfg.model)
+    assert encoder_state_equal(unet, backbone.net.state_dict())
+    scratch = create_unet(cfg.model.model_copy(update={"init": "scratch"}))
+    assert not encoder_state_equal(scratch, backbone.net.state_dict())
+
+
+def test_config_rejects_sizes_the_unet_cannot_take():
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        load_config(SegmentConfig, None, ["data.resolution=100"])
+    with pytest.raises(ConfigError, match="larger than"):
+        load_config(SegmentConfig, None, ["data.resolution=64", "data.patch=96"])
+
+
+@pytest.fixture(scope="module")
+def vessel_set(synth_set: Path, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("seg")
+    splits = make_splits(load_manifest(synth_set), SplitConfig(folds=4, val_fraction=0.15))
+    splits.to_csv(out / "splits.csv", index=False)
+    return {"manifest": synth_set, "splits": out / "splits.csv", "out": out}
+
+
+def seg_config(vessel_set: dict, out: Path, *sets: str) -> SegmentConfig:
+    base = [
+        f"data.manifest={vessel_set['manifest']}",
+        f"data.splits={vessel_set['splits']}",
+        "data.resolution=64",
+        "model.arch=resnet18",
+        "model.init=scratch",
+        "model.decoder_channels=[64, 32, 16, 16, 8]",
+        "train.epochs=1",
+        "train.batch_size=8",
+        f"run.out={out}",
+        "run.progress=false",
+    ]
+    return load_config(SegmentConfig, None, base + list(sets))
+
+
+def test_frozen_encoder_does_not_change(vessel_set: dict, tmp_path: Path):
+    cfg = seg_config(vessel_set, tmp_path / "run", "model.encoder=frozen", "train.epochs=2")
+    torch.manual_seed(cfg.train.seed)  # the run builds its U-Net after the same seeding
+    before = create_unet(cfg.model).encoder.state_dict()
+    out = train_segmentation(cfg)
+    bundle = load_bundle(out / "bundle")
+    after = bundle.model.encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics too
+    torch.manual_seed(cfg.train.seed)
+    decoder_before = create_unet(cfg.model).decoder.state_dict()
+    decoder_after = bundle.model.decoder.state_dict()
+    assert any(not torch.equal(decoder_before[k], decoder_after[k]) for k in decoder_before)
+    assert bundle.kind == "segmentation" and bundle.meta["encoder"] == "frozen"
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_training_beats_a_trivial_baseline_and_cli_eval(vessel_set: dict, tmp_path: Path):
+    runner = CliRunner()
+    sets = [
+        *(
+            f"--set={s}"
+            for s in [
+                f"data.manifest={vessel_set['manifest']}",
+                f"data.splits={vessel_set['splits']}",
+                "data.resolution=96",
+                "model.arch=resnet18",
+                "model.init=scratch",
+                "train.epochs=15",
+                "train.batch_size=4",
+                "train.lr=0.003",
+                f"run.out={tmp_path / 'run'}",
+            ]
+        ),
+    ]
+    result = runner.invoke(app, ["segment", "train", "-q", *sets])
+    assert result.exit_code == 0, result.output
+    assert "test" in result.output and "dice" in result.output
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())["test"]
+    table = pd.read_csv(run / "per_image.csv")
+    # a constant prediction has AUROC 0.5; calling everything vessel has Dice 2p / (1 + p),
+    # p the vessel share of the test images' FOV pixels
+    manifest = load_manifest(vessel_set["manifest"])
+    test_ids = set(table.image_id)
+    vessel = fov = 0
+    for _, row in manifest.table[manifest.table.image_id.isin(test_ids)].iterrows():
+        v = read_mask(manifest.image_path(row.vessel_path))
+        f = read_mask(manifest.image_path(row.fov_path))
+        vessel, fov = vessel + (v & f).sum(), fov + f.sum()
+    p = vessel / fov
+    assert metrics["auroc"] > 0.6
+    assert metrics["dice"] > 2 * p / (1 + p)
+    png = next((run / "probabilities").glob("*.png"))
+    assert png.stem in test_ids
+
+    result = runner.invoke(
+        app,
+        [
+            "segment",
+            "eval",
+            str(run / "bundle"),
+            str(vessel_set["manifest"]),
+            "--out",
+            str(tmp_path / "ev"),
+            "--split",
+            "all",
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["images"] == len(manifest.table)
+    assert len(list((tmp_path / "ev" / "probabilities").glob("*.png"))) == len(manifest.table)
+    # the segmentation bundle's encoder can start a classifier too
+    encoder = create_backbone("resnet18", str(run / "bundle"))
+    assert encoder_state_equal(load_bundle(run / "bundle").model, encoder.net.state_dict())
