@@ -218,3 +218,54 @@ def test_training_beats_a_trivial_baseline_and_cli_eval(vessel_set: dict, tmp_pa
     # the segmentation bundle's encoder can start a classifier too
     encoder = create_backbone("resnet18", str(run / "bundle"))
     assert encoder_state_equal(load_bundle(run / "bundle").model, encoder.net.state_dict())
+
+
+def test_segmentation_grid_runs_and_reports(vessel_set: dict, tmp_path: Path):
+    from fundusfm.config_grid import GridConfig
+    from fundusfm.grid import expand, run_grid, status
+    from fundusfm.report import build_report
+
+    sets = {
+        "name": "vessels",
+        "kind": "segmentation",
+        "out": tmp_path / "g",
+        "segment.data.manifest": vessel_set["manifest"],
+        "segment.data.splits": vessel_set["splits"],
+        "segment.model.arch": "resnet18",
+        "segment.model.decoder_channels": "[32, 16, 16, 8, 8]",
+        "segment.train.epochs": 1,
+        "segment.train.batch_size": 8,
+        "axes.init": "{a: scratch, b: scratch}",
+        "axes.method": "[full]",
+        "axes.resolution": "[64]",
+        "axes.fraction": "[0.5, 1.0]",
+        "axes.fold": "[0, 1]",
+        "external": str([{"name": "again", "manifest": str(vessel_set["manifest"])}]),
+    }
+    cfg = load_config(GridConfig, None, [f"{k}={v}" for k, v in sets.items()])
+    cells = expand(cfg)
+    assert len(cells) == 8 and cells[0].id.startswith("task=vessels/init=a/method=full/res=64")
+    counts = run_grid(cfg, say=lambda _: None)
+    assert counts["ran"] == 8 and counts["failed"] == 0
+    assert (status(cfg).state == "done").all()
+    report = build_report(cfg, n_boot=20)
+    out = report.parent
+    assert (out / "dice_vs_fraction.png").is_file()
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 4 and (summary.folds == 2).all()
+    assert (summary.image_dice_ci_low <= summary.image_dice_ci_high).all()
+    results = pd.read_csv(out / "results.csv")
+    assert "ext_again_dice" in results.columns and results.test_dice.notna().all()
+    comparisons = pd.read_csv(out / "comparisons.csv")
+    assert set(comparisons.fraction) == {0.5, 1.0}
+    # the same init under two labels trains the same network: no difference at all
+    assert (comparisons.difference == 0).all() and (comparisons.wilcoxon_p == 1.0).all()
+
+
+def test_segmentation_grid_refuses_classification_methods():
+    from fundusfm.config_grid import GridConfig
+
+    with pytest.raises(ConfigError, match="do not fit a segmentation grid"):
+        load_config(GridConfig, None, ["kind=segmentation", "axes.method=[lf]"])
+    cfg = load_config(GridConfig, None, ["kind=segmentation"])
+    assert cfg.axes.method == ["frozen", "full"]

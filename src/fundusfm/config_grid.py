@@ -75,6 +75,9 @@ class ExternalSet(Strict):
     manifest: Path
     task: str | None = None
     label_map: Path | None = None
+    split: str | None = Field(
+        None, description="segmentation: only rows whose split column has this value"
+    )
 
 
 class ProbeConfig(Strict):

@@ -28,6 +28,7 @@ import pandas as pd
 
 from .config import ConfigError, FinetuneConfig, changed_settings
 from .config_grid import GridConfig
+from .config_segment import SegmentConfig
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class Cell:
 
 def _default_task(cfg: GridConfig) -> str | None:
     """The base task, else the first task the manifest declares (so every cell names one)."""
+    if cfg.kind == "segmentation":
+        return "vessels"
     if cfg.base.data.task or cfg.base.data.manifest is None:
         return cfg.base.data.task
     from .manifest import load_manifest
@@ -103,8 +106,20 @@ def cell_dir(cfg: GridConfig, cell: Cell) -> Path:
     return Path(cfg.out) / "cells" / cell.id
 
 
-def cell_config(cfg: GridConfig, cell: Cell) -> FinetuneConfig:
+def _segment_config(cfg: GridConfig, cell: Cell) -> SegmentConfig:
+    base = cfg.segment
+    data = base.data.model_copy(
+        update={"fold": cell.fold, "fraction": cell.fraction, "resolution": cell.resolution}
+    )
+    model = base.model.model_copy(update={"init": cell.init, "encoder": cell.method})
+    run = base.run.model_copy(update={"out": cell_dir(cfg, cell), "resume": True})
+    return base.model_copy(update={"data": data, "model": model, "run": run})
+
+
+def cell_config(cfg: GridConfig, cell: Cell) -> FinetuneConfig | SegmentConfig:
     """The base settings with the cell's coordinates filled in."""
+    if cfg.kind == "segmentation":
+        return _segment_config(cfg, cell)
     base = cfg.base
     data = base.data.model_copy(
         update={
@@ -119,7 +134,7 @@ def cell_config(cfg: GridConfig, cell: Cell) -> FinetuneConfig:
     return base.model_copy(update={"data": data, "model": model, "method": cell.method, "run": run})
 
 
-def _settings(c: FinetuneConfig) -> dict:
+def _settings(c: FinetuneConfig | SegmentConfig) -> dict:
     """What a cell's result depends on: everything but run.* (output folder, progress)."""
     return {k: v for k, v in c.model_dump(mode="json").items() if k != "run"}
 
@@ -164,6 +179,21 @@ def run_cell(cfg: GridConfig, cell: Cell, progress: bool = False) -> Path:
 
     c = cell_config(cfg, cell)
     c = c.model_copy(update={"run": c.run.model_copy(update={"progress": progress})})
+    if isinstance(c, SegmentConfig):
+        from .segment import evaluate_segmentation, train_segmentation
+
+        out = train_segmentation(c)
+        for ext in cfg.external:
+            evaluate_segmentation(
+                out / "bundle",
+                ext.manifest,
+                out / "external" / ext.name,
+                ext.split,
+                c.train.device,
+                progress,
+            )
+        (out / "done").write_text(fingerprint(cfg, cell))
+        return out
     if cell.method == "lf" and cfg.probe.mode == "features":
         out = probe_finetune(c, cfg.probe, Path(cfg.out) / "features")
     else:

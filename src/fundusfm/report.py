@@ -165,8 +165,10 @@ def external_table(results: pd.DataFrame, cfg: GridConfig) -> pd.DataFrame:
     return table.reset_index()
 
 
-def _line_figure(summary: pd.DataFrame, x: str, fixed: dict, path: Path, log: bool) -> bool:
-    """Mean test AUROC (sd as error bars) against `x`, one line per init, a panel per method."""
+def line_figure(
+    summary: pd.DataFrame, x: str, fixed: dict, path: Path, log: bool, metric: str = "auroc"
+) -> bool:
+    """Mean test `metric` (sd as error bars) against `x`, one line per init, a panel per method."""
     data = summary
     for k, v in fixed.items():
         data = data[data[k] == v]
@@ -179,13 +181,14 @@ def _line_figure(summary: pd.DataFrame, x: str, fixed: dict, path: Path, log: bo
             g = g.sort_values(x)
             ax.errorbar(
                 g[x],
-                g["test_auroc_mean"],
-                yerr=g["test_auroc_sd"],
+                g[f"test_{metric}_mean"],
+                yerr=g[f"test_{metric}_sd"],
                 marker="o",
                 capsize=3,
                 label=init,
             )
-        ax.set(title=f"{method.upper()}", xlabel=x, ylabel="test AUROC (mean, sd over folds)")
+        ylabel = f"test {metric.upper() if metric == 'auroc' else metric} (mean, sd over folds)"
+        ax.set(title=f"{method.upper()}", xlabel=x, ylabel=ylabel)
         if log:
             ax.set_xscale("log")
             ticks = sorted(data[x].unique())
@@ -242,7 +245,7 @@ def _roc_and_classes(preds, tasks, fixed: dict, out: Path) -> list[Path]:
     return written
 
 
-def _html(title: str, tables: dict[str, pd.DataFrame], images: list[Path]) -> str:
+def html_page(title: str, tables: dict[str, pd.DataFrame], images: list[Path]) -> str:
     parts = [f"<h1>{html.escape(title)}</h1>"]
     for img in images:
         data = base64.b64encode(img.read_bytes()).decode()
@@ -269,6 +272,10 @@ def _html(title: str, tables: dict[str, pd.DataFrame], images: list[Path]) -> st
 
 def build_report(cfg: GridConfig, n_boot: int = 1000) -> Path:
     """Write every table, figure and the HTML report; returns the report's path."""
+    if cfg.kind == "segmentation":
+        from .seg_report import build_seg_report
+
+        return build_seg_report(cfg, n_boot)
     out = Path(cfg.out) / "report"
     out.mkdir(parents=True, exist_ok=True)
     results, preds = collect(cfg)
@@ -292,11 +299,11 @@ def build_report(cfg: GridConfig, n_boot: int = 1000) -> Path:
         table.to_csv(out / f"{name}.csv", index=False)
     images = []
     top_res, top_frac = summary["resolution"].max(), summary["fraction"].max()
-    if _line_figure(
+    if line_figure(
         summary, "resolution", {"fraction": top_frac}, out / "auroc_vs_resolution.png", log=False
     ):
         images.append(out / "auroc_vs_resolution.png")
-    if _line_figure(
+    if line_figure(
         summary, "fraction", {"resolution": top_res}, out / "auroc_vs_fraction.png", log=True
     ):
         images.append(out / "auroc_vs_fraction.png")
@@ -316,7 +323,7 @@ def build_report(cfg: GridConfig, n_boot: int = 1000) -> Path:
             "pooled_images",
         )
     ]
-    page = _html(
+    page = html_page(
         f"fundusfm grid report: {cfg.name}",
         {
             "Summary (test part of every fold)": summary[brief],
