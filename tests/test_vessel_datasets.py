@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fundusfm.config import ConfigError
+from fundusfm.config import ConfigError, SplitConfig
 from fundusfm.decode import read_mask
 from fundusfm.manifest import load_manifest
+from fundusfm.splits import make_splits
 from fundusfm.validate import check_manifest
 from fundusfm.vessel_datasets import derive_fov, import_vessels
 
@@ -56,6 +57,9 @@ def test_drive(tmp_path: Path):
     assert row.vessel2_path == "test/2nd_manual/01_manual2.gif" and row.fov_source == "dataset"
     assert read_mask(root / row.vessel2_path).sum() == 400  # palette 0/1 read as foreground
     assert check_manifest(load_manifest(manifest), progress=False).problems == []
+    # no task declared: k-fold splits are grouped by patient only
+    splits = make_splits(load_manifest(manifest), SplitConfig(folds=2, val_fraction=0.0))
+    assert sorted(splits.fold.value_counts().to_list()) == [2, 2]
 
 
 def test_chase_flat_official_zip_with_derived_fov(tmp_path: Path):

@@ -45,6 +45,16 @@ def label_matrix(manifest: Manifest, task: TaskSpec) -> np.ndarray:
     return np.hstack([y, none])
 
 
+def _strata(manifest: Manifest, task_name: str | None) -> np.ndarray:
+    """The label matrix to stratify on; one constant column for a manifest without tasks
+    (vessel datasets): then the split is grouped by patient only."""
+    if task_name is None and not manifest.spec.tasks:
+        return np.ones((len(manifest.table), 1), dtype=np.int64)
+    _, task = manifest.task(task_name)
+    manifest.require(*task.columns)
+    return label_matrix(manifest, task)
+
+
 def stratified_assign(
     counts: np.ndarray, sizes: np.ndarray, proportions: list[float], rng: np.random.Generator
 ) -> np.ndarray:
@@ -97,9 +107,7 @@ def make_splits(manifest: Manifest, cfg: SplitConfig) -> pd.DataFrame:
     if not fractions or fractions[0] <= 0 or fractions[-1] > 1:
         raise ConfigError(f"fractions must lie in (0, 1], got {cfg.fractions}")
     manifest.require("image_id", "patient_id")
-    _, task = manifest.task(cfg.task)
-    manifest.require(*task.columns)
-    y = label_matrix(manifest, task)
+    y = _strata(manifest, cfg.task)
     t = manifest.table
     if (t["patient_id"] == "").any():
         i = int(np.flatnonzero((t["patient_id"] == "").to_numpy())[0])
@@ -205,8 +213,11 @@ def fold_sets(splits: pd.DataFrame, fold: int, fraction: float = 1.0) -> dict[st
 
 def summarise(splits: pd.DataFrame, manifest: Manifest, task_name: str | None) -> pd.DataFrame:
     """Per fold and fraction: part sizes and the smallest class count in the training part."""
-    _, task = manifest.task(task_name)
-    y = label_matrix(manifest, task)[:, : len(task.class_names)]
+    y = _strata(manifest, task_name)
+    names = ["all"]
+    if manifest.spec.tasks or task_name is not None:
+        names = manifest.task(task_name)[1].class_names
+        y = y[:, : len(names)]
     row_of = {iid: i for i, iid in enumerate(manifest.table["image_id"])}
     fractions = [float(c.removeprefix("frac_")) for c in splits.columns if c.startswith("frac_")]
     rows = []
@@ -223,7 +234,7 @@ def summarise(splits: pd.DataFrame, manifest: Manifest, task_name: str | None) -
                     "test": len(parts["test"]),
                     "min_class_train": int(per_class.min()) if len(per_class) else 0,
                     "classes_missing": ",".join(
-                        c for c, n in zip(task.class_names, per_class, strict=True) if n == 0
+                        c for c, n in zip(names, per_class, strict=True) if n == 0
                     ),
                 }
             )
