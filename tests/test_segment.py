@@ -269,3 +269,33 @@ def test_segmentation_grid_refuses_classification_methods():
         load_config(GridConfig, None, ["kind=segmentation", "axes.method=[lf]"])
     cfg = load_config(GridConfig, None, ["kind=segmentation"])
     assert cfg.axes.method == ["frozen", "full"]
+
+
+def test_interrupted_run_resumes_to_the_same_weights(vessel_set: dict, tmp_path: Path, monkeypatch):
+    import fundusfm.segment as segment
+
+    whole = train_segmentation(seg_config(vessel_set, tmp_path / "whole", "train.epochs=2"))
+    cfg = seg_config(vessel_set, tmp_path / "cut", "train.epochs=2")
+    real = segment.save_atomic
+
+    def stop_after_first_checkpoint(obj, path):
+        real(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(segment, "save_atomic", stop_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train_segmentation(cfg)
+    monkeypatch.setattr(segment, "save_atomic", real)
+    with pytest.raises(ConfigError, match="--resume"):
+        train_segmentation(cfg)
+    resumed = train_segmentation(
+        cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume": True})})
+    )
+    a, b = (
+        load_bundle(whole / "bundle").model.state_dict(),
+        load_bundle(resumed / "bundle").model.state_dict(),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(whole / "per_image.csv"), pd.read_csv(resumed / "per_image.csv")
+    )
