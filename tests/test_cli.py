@@ -261,7 +261,7 @@ def test_demo_refuses_other_settings_in_the_same_folder(tmp_path: Path):
 
 
 def test_data_import_command(tmp_path: Path):
-    bad = invoke("data", "import", "stare", tmp_path, "--out", tmp_path / "m.csv")
+    bad = invoke("data", "import", "messidor", tmp_path, "--out", tmp_path / "m.csv")
     assert bad.exit_code == 2 and "choose one of" in bad.output
     from .test_vessel_datasets import fundus, mask
 
