@@ -94,4 +94,10 @@ def run() -> None:  # pragma: no cover - console entry for `python -m fundusfm`
 
 
 # The commands register themselves on the apps above.
-from . import data_commands, grid_commands, model_commands, segment_commands  # noqa: E402, F401
+from . import (  # noqa: E402, F401
+    data_commands,
+    grid_commands,
+    model_commands,
+    segment_commands,
+    weights_commands,
+)

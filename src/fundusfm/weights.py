@@ -1,0 +1,219 @@
+"""Released weights: import the authors' checkpoints, print a bundle's card, export.
+
+The paper's released checkpoints are whole pickled models: an `nn.DataParallel` around a
+torchvision ResNet-50 whose `fc` is the MLP head Linear(2048, 512) - BatchNorm1d - ReLU -
+Linear(512, 2), so every key starts with `module.`. Loading a pickle runs code from the file,
+so `import_legacy` first tries PyTorch's weights-only loader (plain state dicts pass, with or
+without the prefix) and unpickles whole models only when the caller says it trusts the file.
+
+Exports: `torchvision` writes a plain torchvision ResNet state dict (the head as `fc.*`, in
+the authors' layout), loadable with `torch.load(weights_only=True)`; `onnx` writes a model
+that takes float images in [0, 1] (N x 3 x R x R, normalised inside) and returns the
+bundle's probabilities.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .bundle import file_sha256, load_bundle, provenance, read_bundle, save_bundle
+from .heads import Classifier, scores_from_logits
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+ARCH_BLOCKS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34"}
+BOTTLENECK_BLOCKS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
+
+
+class PickleRefused(ValueError):
+    """A checkpoint that can only be loaded by unpickling, without --trust-pickle."""
+
+
+def _load_checkpoint(path: Path, trust_pickle: bool):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError) as exc:
+        if not trust_pickle:
+            raise PickleRefused(
+                f"{path} holds pickled Python objects (a whole model, not only tensors). "
+                "Unpickling runs code stored in the file, so it is refused by default; if you "
+                "trust the file's source (e.g. the authors' release, checked against its "
+                "published hash), add --trust-pickle"
+            ) from exc
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _state_of(obj) -> dict[str, torch.Tensor]:
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict | nn.Module):
+                return _state_of(obj[key])
+        state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if state:
+            return {k.removeprefix("module."): v for k, v in state.items()}
+    raise ValueError("the checkpoint holds no state dict (expected a model or tensors by name)")
+
+
+def _arch_of(state: dict[str, torch.Tensor]) -> str:
+    blocks = tuple(
+        len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5)
+    )
+    table = BOTTLENECK_BLOCKS if "layer1.0.conv3.weight" in state else ARCH_BLOCKS
+    if blocks not in table:
+        raise ValueError(f"not a torchvision ResNet: residual blocks per stage {blocks}")
+    return table[blocks]
+
+
+def _head_of(state: dict[str, torch.Tensor]) -> tuple[str, int, int]:
+    """(head kind, hidden units, outputs) from the `fc.*` keys."""
+    if "fc.weight" in state:
+        return "linear", 512, state["fc.weight"].shape[0]
+    if {"fc.0.weight", "fc.1.running_mean", "fc.3.weight"} <= state.keys():
+        return "mlp", state["fc.0.weight"].shape[0], state["fc.3.weight"].shape[0]
+    fc = sorted(k for k in state if k.startswith("fc."))
+    raise ValueError(f"unrecognised classifier head (keys {fc[:6]}); expected fc.* or fc.0/1/3")
+
+
+def import_legacy(
+    path: Path,
+    out: Path,
+    trust_pickle: bool = False,
+    classes: list[str] | None = None,
+    resolution: int = 512,
+) -> Path:
+    """Convert a released checkpoint into a bundle; returns the bundle folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = _state_of(_load_checkpoint(path, trust_pickle))
+    arch = _arch_of(state)
+    head, hidden, outputs = _head_of(state)
+    classes = classes or (
+        ["normal", "abnormal"] if outputs == 2 else [str(i) for i in range(outputs)]
+    )
+    if len(classes) != outputs:
+        raise ValueError(f"{len(classes)} class names for a head with {outputs} outputs")
+    ours = {}
+    for key, value in state.items():
+        if key.startswith("fc."):
+            rest = key[3:]
+            ours["head." + ("0." + rest if head == "linear" else rest)] = value
+        else:
+            ours["backbone.net." + key] = value
+    meta = {
+        "architecture": {"arch": arch, "head": head, "hidden": hidden, "outputs": outputs},
+        "task": {
+            "name": "abnormal" if outputs == 2 else "imported",
+            "kind": "binary" if outputs == 2 else "multiclass",
+            "classes": classes,
+            "thresholds": [0.5] if outputs == 2 else [],
+            "thresholds_validated": False,
+        },
+        "preprocessing": {
+            "resolution": resolution,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        },
+        "provenance": {
+            **provenance({"imported_from": str(path)}, None),
+            "source_file": path.name,
+            "source_sha256": file_sha256(path),
+            "loaded_by": "unpickling (--trust-pickle)" if trust_pickle else "weights-only",
+        },
+    }
+    from .bundle import build_model
+
+    model = build_model(meta)
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return save_bundle(model, out, meta)
+
+
+def card(bundle_path: Path) -> str:
+    """A readable summary of a bundle (what it predicts, from what, made how)."""
+    meta, state = read_bundle(bundle_path)
+    a, t, p = meta["architecture"], meta["task"], meta["preprocessing"]
+    prov = meta.get("provenance", {})
+    params = sum(v.numel() for v in state.values())
+    lines = [
+        f"bundle        {bundle_path}",
+        f"model         {a['arch']} + {a.get('head', a.get('type', ''))}, {params:,} parameters",
+        f"task          {t['name']} ({t['kind']}): {', '.join(map(str, t['classes']))}",
+        f"thresholds    {t.get('thresholds')}"
+        + ("" if t.get("thresholds_validated", True) else " (not validated: imported weights)"),
+        f"input         {p['resolution']} px, mean {p['mean']}, std {p['std']}",
+        f"weights       sha256 {meta['weights_sha256']}",
+    ]
+    versions = prov.get("versions", {})
+    if versions:
+        lines.append("made with     " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    for key in ("created", "git_commit", "manifest", "manifest_sha256", "source_file"):
+        if prov.get(key):
+            lines.append(f"{key:<14}{prov[key]}")
+    if prov.get("source_sha256"):
+        lines.append(f"source sha256 {prov['source_sha256']} ({prov.get('loaded_by')})")
+    return "\n".join(lines)
+
+
+def torchvision_state(model: Classifier, head: str) -> dict[str, torch.Tensor]:
+    """The classifier as a torchvision ResNet state dict, the head as `fc.*`."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("backbone.net."):
+            out[key[len("backbone.net.") :]] = value
+        elif key.startswith("head."):
+            rest = key[len("head.") :]
+            if head == "linear":  # head.<i>.weight (after an optional dropout) -> fc.weight
+                rest = rest.split(".", 1)[1]
+            out["fc." + rest] = value
+    return out
+
+
+class _Exported(nn.Module):
+    def __init__(self, model: nn.Module, kind: str, mean, std):
+        super().__init__()
+        self.model, self.kind = model, kind
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return scores_from_logits(self.model((images - self.mean) / self.std), self.kind)
+
+
+def export(bundle_path: Path, fmt: str, out: Path) -> Path:
+    """Write the bundle as a torchvision state dict (.pth) or an ONNX model (.onnx)."""
+    bundle = load_bundle(bundle_path)
+    if bundle.kind == "segmentation":
+        raise ValueError("export supports classification bundles; this one segments vessels")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "torchvision":
+        torch.save(torchvision_state(bundle.model, bundle.meta["architecture"]["head"]), out)
+        return out
+    if fmt != "onnx":
+        raise ValueError(f"unknown format {fmt!r}; choose torchvision or onnx")
+    try:
+        import onnxscript  # noqa: F401  (the exporter needs it)
+    except ImportError as exc:
+        raise RuntimeError("ONNX export needs: pip install 'fundusfm[onnx]'") from exc
+    p = bundle.meta["preprocessing"]
+    wrapped = _Exported(bundle.model, bundle.kind, p["mean"], p["std"]).eval()
+    r = bundle.resolution
+    example = torch.rand(2, 3, r, r)
+    torch.onnx.export(
+        wrapped,
+        (example,),
+        str(out),
+        dynamo=True,
+        input_names=["images"],
+        output_names=["probabilities"],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+        verbose=False,
+    )
+    return out

@@ -1,0 +1,146 @@
+"""Weights: the authors' checkpoint format, refusing pickles, the card, exports."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+from typer.testing import CliRunner
+
+from fundusfm.bundle import load_bundle
+from fundusfm.cli import app
+from fundusfm.weights import PickleRefused, import_legacy, torchvision_state
+
+runner = CliRunner()
+
+
+def authors_model(arch=torchvision.models.resnet18, features=512) -> nn.Module:
+    """A ResNet with the paper's MLP head inside DataParallel, as the released files are."""
+    torch.manual_seed(0)
+    net = arch()
+    net.fc = nn.Sequential(
+        nn.Linear(features, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, 2)
+    )
+    with torch.no_grad():  # BatchNorm statistics that are not the defaults
+        net.fc[1].running_mean.uniform_(-1, 1)
+        net.fc[1].running_var.uniform_(0.5, 2)
+    return nn.DataParallel(net).eval()
+
+
+class Payload:
+    """Unpickling this creates a folder: proof that code from the file ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_pickled_dataparallel_model_imports_with_trust(tmp_path: Path):
+    legacy = authors_model()
+    torch.save(legacy, tmp_path / "fundus.pth")  # the whole pickled model
+    result = runner.invoke(
+        app,
+        ["weights", "import-legacy", str(tmp_path / "fundus.pth"), "--out", str(tmp_path / "b")],
+    )
+    assert result.exit_code == 2 and "--trust-pickle" in result.output
+    assert not (tmp_path / "b").exists()
+    result = runner.invoke(
+        app,
+        [
+            "weights",
+            "import-legacy",
+            str(tmp_path / "fundus.pth"),
+            "--out",
+            str(tmp_path / "b"),
+            "--trust-pickle",
+            "--resolution",
+            "64",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "resnet18 + mlp" in result.output and "normal, abnormal" in result.output
+    bundle = load_bundle(tmp_path / "b")
+    x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    with torch.no_grad():
+        expected = torch.softmax(legacy((x / 255.0 - mean[:, None, None]) / std[:, None, None]), 1)
+    assert np.allclose(bundle.predict(x), expected.numpy(), atol=1e-5)
+    assert bundle.meta["provenance"]["source_sha256"]
+    assert bundle.meta["task"]["thresholds_validated"] is False
+
+
+@pytest.mark.parametrize("prefix", ["module.", ""])
+def test_plain_state_dict_needs_no_trust(tmp_path: Path, prefix: str):
+    legacy = authors_model()
+    state = {f"{prefix}{k.removeprefix('module.')}": v for k, v in legacy.state_dict().items()}
+    torch.save(state, tmp_path / "sd.pth")
+    bundle = load_bundle(import_legacy(tmp_path / "sd.pth", tmp_path / "b", resolution=64))
+    assert bundle.meta["architecture"] == {
+        "arch": "resnet18",
+        "head": "mlp",
+        "hidden": 512,
+        "outputs": 2,
+    }
+    back = torchvision_state(bundle.model, "mlp")
+    for k, v in legacy.module.state_dict().items():
+        assert torch.equal(back[k], v), k
+
+
+def test_resnet50_is_recognised(tmp_path: Path):
+    net = authors_model(torchvision.models.resnet50, 2048).module
+    torch.save(net.state_dict(), tmp_path / "r50.pth")
+    bundle = load_bundle(import_legacy(tmp_path / "r50.pth", tmp_path / "b"))
+    assert bundle.meta["architecture"]["arch"] == "resnet50"
+    assert bundle.resolution == 512
+
+
+def test_malicious_pickle_never_runs_without_trust(tmp_path: Path):
+    marker = tmp_path / "code_ran"
+    torch.save({"weights": Payload(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(PickleRefused, match="--trust-pickle"):
+        import_legacy(tmp_path / "evil.pth", tmp_path / "b")
+    assert not marker.exists() and not (tmp_path / "b").exists()
+
+
+def test_info_and_exports_match(tmp_path: Path):
+    legacy = authors_model()
+    torch.save(legacy.module.state_dict(), tmp_path / "sd.pth")
+    path = import_legacy(tmp_path / "sd.pth", tmp_path / "b", resolution=64)
+    info = runner.invoke(app, ["weights", "info", str(path)])
+    assert info.exit_code == 0 and "sha256" in info.output and "64 px" in info.output
+
+    result = runner.invoke(
+        app,
+        [
+            "weights",
+            "export",
+            str(path),
+            "--format",
+            "torchvision",
+            "--out",
+            str(tmp_path / "tv.pth"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    state = torch.load(tmp_path / "tv.pth", weights_only=True)
+    net = torchvision.models.resnet18()  # the authors' layout loads strictly
+    net.fc = nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, 2))
+    net.load_state_dict(state)
+
+    result = runner.invoke(
+        app, ["weights", "export", str(path), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]
+    )
+    assert result.exit_code == 0, result.output
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    onnx_out = session.run(None, {"images": (x.float() / 255).numpy()})[0]
+    assert np.allclose(onnx_out, load_bundle(path).predict(x), atol=1e-4)
