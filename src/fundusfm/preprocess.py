@@ -120,22 +120,32 @@ def square_box(box: tuple[int, int, int, int], margin: float) -> tuple[float, fl
     return (x0 + x1) / 2 - side / 2, (y0 + y1) / 2 - side / 2, side
 
 
+def crop_resize(rgb: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, tuple]:
+    """Crop a decoded image to its FOV, pad to a square and resize; also return (x, y, side)."""
+    x, y, side = square_box(fov_box(rgb, cfg.fov_threshold, cfg.fov_min_fraction), cfg.margin)
+    crop = Image.fromarray(rgb).crop((round(x), round(y), round(x + side), round(y + side)))
+    out = crop.resize(
+        (cfg.resolution, cfg.resolution), _RESAMPLE[cfg.interpolation], reducing_gap=3.0
+    )
+    return np.asarray(out, dtype=np.uint8), (x, y, side)
+
+
+def decode_for(path: Path, cfg: PreprocessConfig) -> tuple[np.ndarray, float]:
+    """Decode at the size preprocessing needs (JPEG draft); returns RGB and the scale to full."""
+    img = open_image(path, draft_size=int(cfg.resolution * 1.25) if cfg.jpeg_draft else None)
+    with Image.open(path) as probe:  # size before any draft reduction (header only)
+        full_side = max(probe.size)
+    return to_rgb_array(img), full_side / max(img.size)  # scale > 1 after a reduced decode
+
+
 def preprocess_image(path: Path, cfg: PreprocessConfig) -> tuple[np.ndarray, dict]:
     """Decode, crop to the FOV, pad to a square and resize one file; also return the crop box.
 
     The box is in the source file's own pixel coordinates (after EXIF rotation), so masks of
     the same image can be cropped identically.
     """
-    img = open_image(path, draft_size=int(cfg.resolution * 1.25) if cfg.jpeg_draft else None)
-    with Image.open(path) as probe:  # size before any draft reduction (header only)
-        full_side = max(probe.size)
-    scale = full_side / max(img.size)  # > 1 after a reduced-size JPEG decode
-    rgb = to_rgb_array(img)
-    x, y, side = square_box(fov_box(rgb, cfg.fov_threshold, cfg.fov_min_fraction), cfg.margin)
-    crop = Image.fromarray(rgb).crop((round(x), round(y), round(x + side), round(y + side)))
-    out = crop.resize(
-        (cfg.resolution, cfg.resolution), _RESAMPLE[cfg.interpolation], reducing_gap=3.0
-    )
+    rgb, scale = decode_for(path, cfg)
+    out, (x, y, side) = crop_resize(rgb, cfg)
     info = {
         "box_x": x * scale,
         "box_y": y * scale,
@@ -143,7 +153,7 @@ def preprocess_image(path: Path, cfg: PreprocessConfig) -> tuple[np.ndarray, dic
         "width": rgb.shape[1] * scale,
         "height": rgb.shape[0] * scale,
     }
-    return np.asarray(out, dtype=np.uint8), info
+    return out, info
 
 
 def _array_name(source: str) -> str:
