@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.model_selection import KFold, StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from .backbone import create_backbone
@@ -53,15 +53,13 @@ def separation(points: np.ndarray, classes: np.ndarray) -> dict[str, float]:
     kinds, counts = np.unique(classes, return_counts=True)
     if len(kinds) < 2:
         return {"silhouette": float("nan"), "knn_accuracy": float("nan")}
-    folds = int(min(5, counts.min()))
     knn = KNeighborsClassifier(n_neighbors=min(5, len(points) - 1))
-    accuracy = (
-        cross_val_score(
-            knn, points, classes, cv=StratifiedKFold(folds, shuffle=True, random_state=0)
-        ).mean()
-        if folds >= 2
-        else float("nan")
+    cv = (  # stratified where every class can fill 5 folds; plain 5-fold otherwise
+        StratifiedKFold(5, shuffle=True, random_state=0)
+        if counts.min() >= 5
+        else KFold(min(5, len(points)), shuffle=True, random_state=0)
     )
+    accuracy = cross_val_score(knn, points, classes, cv=cv).mean()
     return {"silhouette": float(silhouette_score(points, classes)), "knn_accuracy": float(accuracy)}
 
 

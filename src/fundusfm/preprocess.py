@@ -127,7 +127,7 @@ def crop_resize(rgb: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, tup
     out = crop.resize(
         (cfg.resolution, cfg.resolution), _RESAMPLE[cfg.interpolation], reducing_gap=3.0
     )
-    return np.asarray(out, dtype=np.uint8), (x, y, side)
+    return np.array(out, dtype=np.uint8), (x, y, side)
 
 
 def decode_for(path: Path, cfg: PreprocessConfig) -> tuple[np.ndarray, float]:

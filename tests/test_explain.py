@@ -1,0 +1,226 @@
+"""Quality gate, Grad-CAM, t-SNE and folder screening, on generated images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageFilter
+from typer.testing import CliRunner
+
+from fundusfm.cli import app
+from fundusfm.config import FinetuneConfig, SplitConfig, load_config
+from fundusfm.config_screen import QualityConfig
+from fundusfm.decode import read_rgb
+from fundusfm.experiment import finetune
+from fundusfm.explain import explain_gradcam, lesion_overlap
+from fundusfm.manifest import load_manifest
+from fundusfm.quality import assess
+from fundusfm.splits import make_splits
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def bundles(synth_set: Path, tmp_path_factory) -> dict:
+    """Two tiny trained classifiers (binary and multilabel) on the generated set."""
+    out = tmp_path_factory.mktemp("explain")
+    splits = make_splits(load_manifest(synth_set), SplitConfig(folds=3, val_fraction=0.2))
+    splits.to_csv(out / "splits.csv", index=False)
+    made = {}
+    for task in ("abnormal", "diseases"):
+        sets = {
+            "data.manifest": synth_set,
+            "data.splits": out / "splits.csv",
+            "data.cache": out / "cache",
+            "data.task": task,
+            "data.resolution": 64,
+            "model.arch": "resnet18",
+            "model.init": "scratch",
+            "model.hidden": 16,
+            "train.epochs": 1,
+            "train.batch_size": 8,
+            "train.select_metric": "loss",
+            "run.out": out / task,
+            "run.progress": False,
+        }
+        cfg = load_config(FinetuneConfig, None, [f"{k}={v}" for k, v in sets.items()])
+        made[task] = finetune(cfg) / "bundle"
+    return {**made, "manifest": synth_set}
+
+
+def degraded(rgb: np.ndarray) -> dict[str, np.ndarray]:
+    img = Image.fromarray(rgb)
+    return {  # the reason the gate must give -> the degraded image
+        "out of focus": np.asarray(img.filter(ImageFilter.GaussianBlur(rgb.shape[0] / 30))),
+        "under-exposed": (rgb * 0.05).astype(np.uint8),
+        "over-exposed": np.clip(rgb.astype(int) * 4 + 80, 0, 255).astype(np.uint8),
+        "no field of view": np.zeros_like(rgb),
+    }
+
+
+def test_quality_gate_on_good_and_degraded_images(synth_set: Path):
+    m = load_manifest(synth_set)
+    cfg = QualityConfig()
+    images = [read_rgb(m.image_path(p)) for p in m.table["path"][:12]]
+    assert all(assess(rgb, cfg).gradable for rgb in images)
+    for rgb in images[:4]:
+        for fault, bad in degraded(rgb).items():
+            q = assess(bad, cfg)
+            assert not q.gradable, fault
+            assert any(r.startswith(fault) for r in q.reasons), (fault, q.reasons)
+    assert assess(degraded(images[0])["under-exposed"], cfg.model_copy(update={"enabled": False})).gradable
+
+
+def test_lesion_overlap_is_relative_to_chance():
+    lesions = np.zeros((10, 10), bool)
+    lesions[:2] = True  # 20% of the image
+    assert lesion_overlap(np.ones((10, 10)), lesions)["enrichment"] == pytest.approx(1.0)
+    focused = lesions.astype(float)
+    assert lesion_overlap(focused, lesions)["enrichment"] == pytest.approx(5.0)
+
+
+def test_gradcam_on_a_manifest_with_lesion_masks(bundles: dict, tmp_path: Path):
+    table = explain_gradcam(
+        bundles["abnormal"], tmp_path / "cam", manifest=bundles["manifest"], progress=False
+    )
+    n = len(load_manifest(bundles["manifest"]).table)
+    assert len(table) == n and len(list((tmp_path / "cam" / "overlays").glob("*.png"))) == n
+    cam = np.load(next((tmp_path / "cam" / "maps").glob("*.npy")))
+    assert cam.shape == (64, 64) and cam.min() >= 0 and cam.max() <= 1.0
+    assert table["road"].notna().all()
+    with_lesions = table.dropna(subset=["enrichment"])
+    assert len(with_lesions) > 0 and (with_lesions.lesion_area > 0).all()
+    summary = json.loads((tmp_path / "cam" / "summary.json").read_text())
+    assert summary["images_with_lesions"] == len(with_lesions)
+
+
+def test_gradcam_cli_per_label_and_chosen_class(bundles: dict, tmp_path: Path):
+    m = load_manifest(bundles["manifest"])
+    files = [str(m.image_path(p)) for p in m.table["path"][:3]]
+    result = runner.invoke(
+        app,
+        [
+            "explain",
+            "gradcam",
+            str(bundles["diseases"]),
+            *files,
+            "--out",
+            str(tmp_path / "ml"),
+            "--no-road",
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "ml" / "gradcam.csv")
+    labels = json.loads((bundles["diseases"] / "bundle.json").read_text())["task"]["classes"]
+    assert len(table) == 3 * len(labels)  # multilabel: one map per label
+    result = runner.invoke(
+        app,
+        [
+            "explain",
+            "gradcam",
+            str(bundles["abnormal"]),
+            files[0],
+            "--class",
+            "1",
+            "--out",
+            str(tmp_path / "one"),
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert pd.read_csv(tmp_path / "one" / "gradcam.csv")["class"].tolist() == [1]
+    bad = runner.invoke(
+        app,
+        [
+            "explain",
+            "gradcam",
+            str(bundles["abnormal"]),
+            files[0],
+            "--class",
+            "nope",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert bad.exit_code == 2 and "not one of" in bad.output
+
+
+def test_tsne_panels_and_separation(bundles: dict, tmp_path: Path):
+    result = runner.invoke(
+        app,
+        [
+            "explain",
+            "tsne",
+            str(bundles["abnormal"]),
+            "--init",
+            "scratch",
+            "--manifest",
+            str(bundles["manifest"]),
+            "--task",
+            "disease",
+            "--out",
+            str(tmp_path / "t"),
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "t" / "separation.csv")
+    assert table.model.tolist() == ["abnormal", "scratch"]
+    assert table.knn_accuracy_features.between(0, 1).all()
+    assert table.silhouette_features.between(-1, 1).all()
+    assert (tmp_path / "t" / "tsne.png").is_file()
+    assert len(pd.read_csv(tmp_path / "t" / "embedding.csv")) == 2 * 40
+
+
+def test_predict_reports_every_file_and_refuses_to_overwrite(bundles: dict, tmp_path: Path):
+    m = load_manifest(bundles["manifest"])
+    folder = tmp_path / "in"
+    (folder / "nested dir").mkdir(parents=True)
+    good = [m.image_path(p) for p in m.table["path"][:5]]
+    for k, p in enumerate(good):
+        target = folder / ("nested dir" if k % 2 else "") / f"img {k}.png"
+        Image.open(p).save(target)
+    rgb = read_rgb(good[0])
+    Image.fromarray(degraded(rgb)["out of focus"]).save(folder / "blurred.png")
+    (folder / "page.jpg").write_text("<html>not an image</html>")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("hello")
+    args = [
+        "predict",
+        str(bundles["abnormal"]),
+        str(folder),
+        "--out",
+        str(tmp_path / "out"),
+        "--workers",
+        "0",
+        "-q",
+    ]
+    result = runner.invoke(app, [*args, "--gradcam"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "out" / "predictions.csv").set_index("file")
+    assert len(table) == 9
+    assert (table.status == "scored").sum() == 5 and table.loc[
+        "nested dir/img 1.png", "decision"
+    ] in (0, 1)
+    assert table.loc["blurred.png", "status"] == "ungradable"
+    assert "focus" in table.loc["blurred.png", "reason"]
+    assert (
+        table.loc["page.jpg", "status"] == "unreadable"
+        and table.loc["empty.png", "status"] == "unreadable"
+    )
+    assert table.loc["notes.txt", "status"] == "unsupported"
+    scored = table[table.status == "scored"]
+    assert np.allclose(scored[["p_0", "p_1"]].sum(axis=1), 1.0)
+    assert len(list((tmp_path / "out" / "gradcam").glob("*.png"))) == 5
+    assert "data:image/png;base64" in (tmp_path / "out" / "report.html").read_text()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
+    strict = runner.invoke(app, [*args, "--overwrite", "--set", "min_focus=5.0"])
+    assert strict.exit_code == 0
+    assert (pd.read_csv(tmp_path / "out" / "predictions.csv").status == "scored").sum() == 0
