@@ -72,7 +72,8 @@ def test_quality_gate_on_good_and_degraded_images(synth_set: Path):
             q = assess(bad, cfg)
             assert not q.gradable, fault
             assert any(r.startswith(fault) for r in q.reasons), (fault, q.reasons)
-    assert assess(degraded(images[0])["under-exposed"], cfg.model_copy(update={"enabled": False})).gradable
+    off = cfg.model_copy(update={"enabled": False})
+    assert assess(degraded(images[0])["under-exposed"], off).gradable
 
 
 def test_lesion_overlap_is_relative_to_chance():

@@ -133,4 +133,12 @@ def predict(
             raise fail(str(exc)) from exc
     counts = table["status"].value_counts().to_dict()
     typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
+    meta = json.loads((Path(bundle) / "bundle.json").read_text())
+    if meta["task"].get("thresholds_validated") is False:
+        typer.secho(
+            "note: this bundle's threshold was not chosen on validation data (imported "
+            "weights); decisions use 0.5. Fine-tune or validate it before relying on them.",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     typer.echo(f"wrote {out / 'predictions.csv'} and {out / 'report.html'}")
