@@ -21,7 +21,7 @@ from fundusfm.decode import read_mask
 from fundusfm.heads import Classifier, make_head
 from fundusfm.manifest import load_manifest
 from fundusfm.seg_data import square, to_native
-from fundusfm.seg_metrics import count, scores, summary
+from fundusfm.seg_metrics import NAMES, count, scores, summary
 from fundusfm.seg_model import create_unet, encoder_state_equal
 from fundusfm.segment import seg_loss, train_segmentation
 from fundusfm.splits import make_splits
@@ -41,16 +41,7 @@ def vessels(shape=(40, 48), seed=0):
 def test_perfect_prediction_scores_one_and_outside_fov_does_not_count():
     truth, fov = vessels()
     m = scores(count(truth.astype(np.float32), truth, fov, 0.5))
-    for name in (
-        "dice",
-        "iou",
-        "sensitivity",
-        "specificity",
-        "accuracy",
-        "auroc",
-        "auprc",
-        "cldice",
-    ):
+    for name in NAMES:
         assert m[name] == pytest.approx(1.0), name
     noisy = truth.astype(np.float32)
     noisy[~fov] = 1 - noisy[~fov]  # every pixel outside the FOV is wrong

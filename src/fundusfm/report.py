@@ -38,6 +38,17 @@ from .stats import bootstrap_ci, delong_test, paired_bootstrap
 KEYS = ["task", "init", "method", "resolution", "fraction"]
 
 
+def external_metrics(cfg: GridConfig, d: Path) -> dict:
+    """`ext_<set>_<metric>` of a cell folder's external evaluations."""
+    row = {}
+    for ext in cfg.external:
+        path = d / "external" / ext.name / "metrics.json"
+        if path.is_file():
+            ext_metrics = json.loads(path.read_text())["external"]
+            row.update({f"ext_{ext.name}_{k}": v for k, v in ext_metrics.items()})
+    return row
+
+
 def collect(cfg: GridConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """results (one row per done cell) and all their test predictions with coordinates."""
     rows, preds = [], []
@@ -49,12 +60,7 @@ def collect(cfg: GridConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         row = {"cell": cell.id, **cell.coordinates()}
         for part in ("val", "test"):
             row.update({f"{part}_{k}": v for k, v in metrics.get(part, {}).items()})
-        for ext in cfg.external:
-            path = d / "external" / ext.name / "metrics.json"
-            if path.is_file():
-                ext_metrics = json.loads(path.read_text())["external"]
-                row.update({f"ext_{ext.name}_{k}": v for k, v in ext_metrics.items()})
-        rows.append(row)
+        rows.append({**row, **external_metrics(cfg, d)})
         p = pd.read_csv(d / "predictions.csv", dtype={"image_id": str})
         p = p[p.split == "test"]
         for key, value in cell.coordinates().items():

@@ -26,7 +26,7 @@ from scipy.stats import wilcoxon
 from .config_grid import GridConfig
 from .grid import cell_dir, expand, state
 from .manifest import load_manifest
-from .report import KEYS, html_page, line_figure
+from .report import KEYS, external_metrics, html_page, line_figure
 from .stats import bootstrap_ci
 
 SHOWN = ("dice", "dice_mean", "auroc", "auprc", "cldice", "sensitivity", "specificity")
@@ -42,12 +42,7 @@ def collect(cfg: GridConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         metrics = json.loads((d / "metrics.json").read_text())
         row = {"cell": cell.id, **cell.coordinates(), "test_images": metrics.get("images")}
         row.update({f"test_{k}": v for k, v in metrics.get("test", {}).items()})
-        for ext in cfg.external:
-            path = d / "external" / ext.name / "metrics.json"
-            if path.is_file():
-                ext_metrics = json.loads(path.read_text())["external"]
-                row.update({f"ext_{ext.name}_{k}": v for k, v in ext_metrics.items()})
-        rows.append(row)
+        rows.append({**row, **external_metrics(cfg, d)})
         table = pd.read_csv(d / "per_image.csv", dtype={"image_id": str})
         for key, value in cell.coordinates().items():
             table[key] = value
