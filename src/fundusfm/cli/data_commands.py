@@ -170,18 +170,41 @@ def split(
 
 @data_app.command("import")
 def data_import(
-    name: Annotated[str, typer.Argument(help="drive, chase_db1, stare, hrf or fives.")],
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="Vessels: drive, chase_db1, stare, hrf, fives. Classification: jsiec, rfmid, "
+            "odir, aptos, eyepacs, idrid, messidor2, eye_diseases, folder, csv."
+        ),
+    ],
     root: Annotated[Path, typer.Argument(help="The dataset's folder as downloaded.")],
-    out: Annotated[Path, typer.Option(help="Manifest to write (FOV masks derived beside it).")],
+    out: Annotated[Path, typer.Option(help="Manifest to write.")],
+    group_duplicates: Annotated[
+        bool, typer.Option(help="Join near-duplicate images into one patient (perceptual hash).")
+    ] = True,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Manifest of a public vessel dataset: images, vessel and FOV masks, official split."""
-    from ..vessel_datasets import import_vessels
+    """Manifest of a public dataset: images, labels, patients, official split, duplicates."""
+    from ..vessel_datasets import IMPORTERS, import_vessels
+
+    if name in IMPORTERS:
+        with user_errors():
+            path = import_vessels(name, root, out)
+        table = load_manifest(path).table
+        derived = int((table.fov_source == "derived").sum())
+        typer.echo(
+            f"wrote {path}: {len(table)} images ({table.split.value_counts().to_dict()}), "
+            f"{derived} FOV masks derived"
+        )
+        return
+    from ..public_datasets import import_dataset
 
     with user_errors():
-        path = import_vessels(name, root, out)
+        path, notes = import_dataset(name, root, out, group_duplicates, progress=not quiet)
     table = load_manifest(path).table
-    derived = int((table.fov_source == "derived").sum())
     typer.echo(
-        f"wrote {path}: {len(table)} images ({table.split.value_counts().to_dict()}), "
-        f"{derived} FOV masks derived"
+        f"wrote {path}: {len(table)} images, {table.patient_id.nunique()} patient groups, "
+        f"splits {table.split.value_counts().to_dict()}"
     )
+    for note in notes:
+        typer.echo(note)
