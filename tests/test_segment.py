@@ -257,9 +257,15 @@ def test_segmentation_grid_refuses_classification_methods():
     from fundusfm.config_grid import GridConfig
 
     with pytest.raises(ConfigError, match="do not fit a segmentation grid"):
-        load_config(GridConfig, None, ["kind=segmentation", "axes.method=[lf]"])
-    cfg = load_config(GridConfig, None, ["kind=segmentation"])
+        load_config(GridConfig, None, ["kind=segmentation", "axes.method=[lf]", "axes.fold=[0]"])
+    cfg = load_config(GridConfig, None, ["kind=segmentation", "axes.fold=[0]"])
     assert cfg.axes.method == ["frozen", "full"]
+    with pytest.raises(ConfigError, match="official split is the only fold"):
+        load_config(GridConfig, None, ["kind=segmentation"])
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        load_config(
+            GridConfig, None, ["kind=segmentation", "axes.fold=[0]", "axes.resolution=[600]"]
+        )
 
 
 def test_interrupted_run_resumes_to_the_same_weights(vessel_set: dict, tmp_path: Path, monkeypatch):
@@ -290,3 +296,12 @@ def test_interrupted_run_resumes_to_the_same_weights(vessel_set: dict, tmp_path:
     pd.testing.assert_frame_equal(
         pd.read_csv(whole / "per_image.csv"), pd.read_csv(resumed / "per_image.csv")
     )
+
+
+def test_cldice_counts_an_empty_prediction_as_zero():
+    truth, fov = vessels()
+    empty = np.zeros(truth.shape, np.float32)
+    assert scores(count(empty, truth, fov, 0.5))["cldice"] == 0.0
+    perfect = count(truth.astype(np.float32), truth, fov, 0.5)
+    mean = summary([count(empty, truth, fov, 0.5), perfect])["cldice_mean"]
+    assert mean == pytest.approx(0.5)

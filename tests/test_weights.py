@@ -144,3 +144,23 @@ def test_info_and_exports_match(tmp_path: Path):
     x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     onnx_out = session.run(None, {"images": (x.float() / 255).numpy()})[0]
     assert np.allclose(onnx_out, load_bundle(path).predict(x), atol=1e-4)
+
+
+def test_single_output_head_is_refused_and_dropout_mlp_exports_in_the_authors_layout(
+    tmp_path: Path,
+):
+    net = torchvision.models.resnet18()
+    net.fc = nn.Linear(512, 1)
+    torch.save(net.state_dict(), tmp_path / "one.pth")
+    with pytest.raises(ValueError, match="1 output"):
+        import_legacy(tmp_path / "one.pth", tmp_path / "b1")
+    from fundusfm.backbone import Backbone
+    from fundusfm.heads import Classifier, make_head
+
+    model = Classifier(Backbone("resnet18"), make_head("mlp", 512, 2, 512, dropout=0.2))
+    state = torchvision_state(model, "mlp")
+    assert {k for k in state if k.startswith("fc.")} >= {
+        "fc.0.weight",
+        "fc.1.weight",
+        "fc.3.weight",
+    }

@@ -123,8 +123,18 @@ class GridConfig(Strict):
             raise ValueError(
                 f"axes.method {wrong} do not fit a {self.kind} grid; use {list(allowed)}"
             )
-        if self.kind == "segmentation" and self.axes.task != [None]:
-            raise ValueError("axes.task: a segmentation grid has one task (vessels); remove it")
+        if self.kind == "segmentation":
+            if self.axes.task != [None]:
+                raise ValueError("axes.task: a segmentation grid has one task (vessels)")
+            if self.segment.data.splits is None and self.axes.fold != [0]:
+                raise ValueError(
+                    "axes.fold: without segment.data.splits the official split is the only "
+                    "fold; set axes.fold: [0] or make splits with `fundusfm split`"
+                )
+            for r in self.axes.resolution:
+                patch = self.segment.data.patch
+                if r % 32 or (patch is not None and patch > r):
+                    raise ValueError(f"axes.resolution {r}: needs a multiple of 32 >= the patch")
         return self
 
 

@@ -96,7 +96,13 @@ class Source:
 
 def _sources(bundle_images: list[Path] | None, manifest: Path | None) -> list[Source]:
     if manifest is None:
-        return [Source(Path(p).stem, Path(p), []) for p in bundle_images or []]
+        paths = [Path(p) for p in bundle_images or []]
+        stems = [p.stem for p in paths]
+        clash = {s for s in stems if stems.count(s) > 1}  # a/x.jpg and b/x.jpg stay apart
+        return [
+            Source(f"{k}_{p.stem}" if p.stem in clash else p.stem, p, [])
+            for k, p in enumerate(paths)
+        ]
     m = load_manifest(manifest)
     out = []
     for _, row in m.table.iterrows():
@@ -143,15 +149,21 @@ def explain_gradcam(
     out = Path(out)
     for sub in ("overlays", "maps"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, errors = [], []
     for i in tqdm(range(0, len(sources), batch_size), disable=not progress, desc="grad-cam"):
-        chunk = sources[i : i + batch_size]
-        arrays, boxes = [], []
-        for s in chunk:
-            rgb, scale = decode_for(s.path, pre)
-            arr, box = crop_resize(rgb, pre)
+        chunk, arrays, boxes = [], [], []
+        for s in sources[i : i + batch_size]:
+            try:  # one unreadable image is reported, the others are explained
+                rgb, scale = decode_for(s.path, pre)
+                arr, box = crop_resize(rgb, pre)
+            except Exception as exc:
+                errors.append({"image": s.name, "file": str(s.path), "reason": f"{exc}"})
+                continue
+            chunk.append(s)
             arrays.append(arr)
             boxes.append((box, scale))
+        if not chunk:
+            continue
         probs = bundle.predict(np.stack(arrays))
         jobs = []  # (index in chunk, class index)
         for k, p in enumerate(probs):
@@ -183,7 +195,16 @@ def explain_gradcam(
             rows.append(row)
     table = pd.DataFrame(rows)
     table.to_csv(out / "gradcam.csv", index=False)
-    summary = {"maps": len(table), "road_mean": float(table["road"].mean())}
+    pd.DataFrame(errors, columns=["image", "file", "reason"]).to_csv(
+        out / "errors.csv", index=False
+    )
+    if table.empty:
+        raise ValueError(f"no image could be read; see {out / 'errors.csv'}")
+    summary = {
+        "maps": len(table),
+        "unreadable": len(errors),
+        "road_mean": float(table["road"].mean()),
+    }
     if "enrichment" in table:
         with_lesions = table.dropna(subset=["enrichment"])
         summary.update(

@@ -107,13 +107,12 @@ def cell_dir(cfg: GridConfig, cell: Cell) -> Path:
 
 
 def _segment_config(cfg: GridConfig, cell: Cell) -> SegmentConfig:
-    base = cfg.segment
-    data = base.data.model_copy(
-        update={"fold": cell.fold, "fraction": cell.fraction, "resolution": cell.resolution}
-    )
-    model = base.model.model_copy(update={"init": cell.init, "encoder": cell.method})
-    run = base.run.model_copy(update={"out": cell_dir(cfg, cell), "resume": True})
-    return base.model_copy(update={"data": data, "model": model, "run": run})
+    """Built through validation, so a cell's resolution or patch is checked like a file's."""
+    d = cfg.segment.model_dump(mode="json")
+    d["data"].update(fold=cell.fold, fraction=cell.fraction, resolution=cell.resolution)
+    d["model"].update(init=cell.init, encoder=cell.method)
+    d["run"].update(out=str(cell_dir(cfg, cell)), resume=True)
+    return SegmentConfig.model_validate(d)
 
 
 def cell_config(cfg: GridConfig, cell: Cell) -> FinetuneConfig | SegmentConfig:

@@ -117,6 +117,8 @@ def screen(
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise FileNotFoundError(f"not a folder: {folder}")
+    if out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents:
+        raise ValueError(f"--out {out} would hold the input folder {folder}; choose another")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(

@@ -86,6 +86,8 @@ def native_masks(manifest: Manifest, row: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 _MEMO: dict[tuple, VesselImage] = {}
+_MEMO_SETS: list[tuple[str, int]] = []  # (manifest, size) pairs held, most recent last
+MEMO_SETS = 2  # a grid cell reads its training set and one external set at one size
 
 
 def load_images(
@@ -94,6 +96,14 @@ def load_images(
     """Read and square the given rows (kept in memory for the process: grids reuse them)."""
     out = []
     stamp = Path(manifest.path).stat().st_mtime_ns
+    current = (str(manifest.path), size)
+    if current in _MEMO_SETS:
+        _MEMO_SETS.remove(current)
+    _MEMO_SETS.append(current)
+    while len(_MEMO_SETS) > MEMO_SETS:  # bounded: drop the least recently used set
+        gone = _MEMO_SETS.pop(0)
+        for key in [k for k in _MEMO if (k[0], k[3]) == gone]:
+            del _MEMO[key]
     for row in tqdm(rows, desc=f"reading images at {size}px", disable=not progress, leave=False):
         key = (str(manifest.path), stamp, int(row), size)
         if key not in _MEMO:

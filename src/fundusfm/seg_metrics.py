@@ -104,8 +104,8 @@ def _auroc_auprc(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
 def scores(c: Counts) -> dict[str, float]:
     """Every metric of NAMES from counts (NaN where undefined, e.g. no vessel pixel)."""
     auroc, auprc = _auroc_auprc(c.pos_hist, c.neg_hist)
-    t_prec = _ratio(c.skel_pred_in_truth, c.skel_pred)
-    t_sens = _ratio(c.skel_truth_in_pred, c.skel_truth)
+    t_prec = c.skel_pred_in_truth / c.skel_pred if c.skel_pred else 0.0
+    t_sens = c.skel_truth_in_pred / c.skel_truth if c.skel_truth else 0.0
     return {
         "dice": _ratio(2 * c.tp, 2 * c.tp + c.fp + c.fn),
         "iou": _ratio(c.tp, c.tp + c.fp + c.fn),
@@ -114,7 +114,13 @@ def scores(c: Counts) -> dict[str, float]:
         "accuracy": _ratio(c.tp + c.tn, c.tp + c.tn + c.fp + c.fn),
         "auroc": auroc,
         "auprc": auprc,
-        "cldice": _ratio(2 * t_prec * t_sens, t_prec + t_sens),
+        # both skeletons empty: undefined; one empty or no overlap: 0 (not NaN, which a
+        # mean over images would silently skip)
+        "cldice": float("nan")
+        if not (c.skel_pred or c.skel_truth)
+        else _ratio(2 * t_prec * t_sens, t_prec + t_sens)
+        if t_prec + t_sens
+        else 0.0,
     }
 
 

@@ -28,6 +28,7 @@ from .decode import read_mask
 from .experiment import is_finished, prepare_run, write_json
 from .manifest import Manifest, load_manifest
 from .seg_data import (
+    TEST_NAMES,
     VesselImage,
     VesselTrainSet,
     batch_of,
@@ -36,7 +37,7 @@ from .seg_data import (
     seg_parts,
     to_native,
 )
-from .seg_metrics import Counts, count, scores, summary
+from .seg_metrics import NAMES, Counts, count, scores, summary
 from .seg_model import create_unet, freeze_encoder, set_train_mode
 from .train import (
     TrainingDiverged,
@@ -100,6 +101,7 @@ def fit_unet(model, train_images, val_images, cfg: SegmentConfig, out: Path) -> 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(steps * t.epochs, round(steps * t.warmup_epochs))
     )
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)  # fp16 underflows
     checkpoint, best_file = out / "checkpoint.pt", out / "best.safetensors"
     state = {"epoch": 0, "best_epoch": 0, "best_dice": -1.0, "history": []}
     if cfg.run.resume and checkpoint.is_file():
@@ -107,6 +109,8 @@ def fit_unet(model, train_images, val_images, cfg: SegmentConfig, out: Path) -> 
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        if saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["torch_rng"])
         state = saved["state"]
     else:
@@ -136,8 +140,9 @@ def fit_unet(model, train_images, val_images, cfg: SegmentConfig, out: Path) -> 
                     f"the loss became {loss.item()} at epoch {epoch + 1}; try a lower train.lr"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             total, seen = total + loss.item() * len(images), seen + len(images)
             bar.set_postfix(loss=f"{total / seen:.4f}")
@@ -157,6 +162,7 @@ def fit_unet(model, train_images, val_images, cfg: SegmentConfig, out: Path) -> 
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "state": state,
             },
@@ -198,6 +204,8 @@ def score_images(
             observer_counts.append(c2)
             table.append({"image_id": iid, "split": split, "reference": "observer2", **scores(c2)})
     metrics = {split: summary(model_counts), "images": len(model_counts)}
+    if not table:  # keep the columns, so reports can read an empty table
+        return pd.DataFrame(columns=["image_id", "split", "reference", *NAMES]), metrics
     if observer_counts:
         metrics["observer2"] = summary(observer_counts)
         metrics["observer2_images"] = len(observer_counts)
@@ -239,6 +247,7 @@ def train_segmentation(cfg: SegmentConfig) -> Path:
         return out
     manifest = load_manifest(cfg.data.manifest)
     parts = seg_parts(cfg.data, manifest, cfg.train.seed)
+    parts = {p: parts.get(p, np.array([], int)) for p in ("train", "val", "test")}
     size, progress = cfg.data.resolution, cfg.run.progress
     images = {p: load_images(manifest, rows, size, progress) for p, rows in parts.items()}
     torch.manual_seed(cfg.train.seed)
@@ -276,7 +285,8 @@ def evaluate_segmentation(
     t = manifest.table
     keep = (t["vessel_path"].astype(str) != "").to_numpy()
     if split and "split" in t.columns:
-        keep &= (t["split"].astype(str).str.lower() == split.lower()).to_numpy()
+        names = TEST_NAMES if split.lower() in TEST_NAMES else {split.lower()}
+        keep &= t["split"].astype(str).str.lower().isin(names).to_numpy()
     rows = np.flatnonzero(keep)
     if len(rows) == 0:
         raise ValueError(f"{manifest_path}: no images with vessel masks in split {split!r}")

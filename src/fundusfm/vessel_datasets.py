@@ -208,9 +208,15 @@ def _stare_codes(root: Path) -> dict[str, list[str]]:
     if found is None:
         return codes
     for line in found.read_text(errors="replace").splitlines():
-        m = re.match(r"\s*(im\d{4})\s+([\d\s]*?)(?:\t|$)", line)
-        if m:
-            codes[m.group(1)] = m.group(2).split()
+        tokens = line.split()
+        if tokens and re.fullmatch(r"im\d{4}", tokens[0]):
+            numbers = []
+            for token in tokens[1:]:  # the leading numbers are the codes, then free text
+                if not token.isdigit():
+                    break
+                numbers.append(token)
+            if numbers:  # no code: the diagnosis stays unknown (not "abnormal")
+                codes[tokens[0]] = numbers
     return codes
 
 

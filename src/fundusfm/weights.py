@@ -93,6 +93,11 @@ def import_legacy(
     state = _state_of(_load_checkpoint(path, trust_pickle))
     arch = _arch_of(state)
     head, hidden, outputs = _head_of(state)
+    if outputs < 2:
+        raise ValueError(
+            f"the head has {outputs} output; fundusfm bundles need one output per class "
+            "(a single-logit binary head would need a sigmoid, which is not supported here)"
+        )
     classes = classes or (
         ["normal", "abnormal"] if outputs == 2 else [str(i) for i in range(outputs)]
     )
@@ -164,14 +169,16 @@ def card(bundle_path: Path) -> str:
 def torchvision_state(model: Classifier, head: str) -> dict[str, torch.Tensor]:
     """The classifier as a torchvision ResNet state dict, the head as `fc.*`."""
     out = {}
+    layers = sorted({int(k.split(".")[1]) for k in model.state_dict() if k.startswith("head.")})
     for key, value in model.state_dict().items():
         if key.startswith("backbone.net."):
             out[key[len("backbone.net.") :]] = value
         elif key.startswith("head."):
-            rest = key[len("head.") :]
+            index, rest = key[len("head.") :].split(".", 1)
             if head == "linear":  # head.<i>.weight (after an optional dropout) -> fc.weight
-                rest = rest.split(".", 1)[1]
-            out["fc." + rest] = value
+                out["fc." + rest] = value
+            else:  # the last Linear is fc.3, as in the authors' files, with or without dropout
+                out[f"fc.{3 if int(index) == layers[-1] else int(index)}.{rest}"] = value
     return out
 
 
