@@ -270,19 +270,24 @@ def _external_labels(manifest, bundle, task_name: str | None, label_map: Path | 
                 f"({kind}, {classes}); pass --label-map FILE to map one onto the other"
             )
         return encode_labels(manifest, task), np.arange(len(manifest.table))
+    from .harmonise import mapping_file
+
+    label_map = mapping_file(label_map)  # a file, or the name of a shipped map
     # BaseLoader keeps every key and value a string: `no`, `01` or `1.0` stay as written
     spec = yaml.load(Path(label_map).read_text(), Loader=yaml.BaseLoader) or {}
     column = spec.get("column")
     nulls = ("", "null", "~", "None")
     mapping = {k: None if v in nulls else v for k, v in (spec.get("map") or {}).items()}
+    default = spec.get("default")  # for values the map does not name; unset: left out
+    default = None if default in nulls else default
     if kind == "multilabel":
         raise ConfigError("label maps are for binary and multiclass bundles")
     if column not in manifest.table.columns:
         raise ConfigError(f"{label_map}: column {column!r} is not in {manifest.path}")
-    bad = sorted({str(v) for v in mapping.values() if v is not None} - set(classes))
+    bad = sorted({str(v) for v in [*mapping.values(), default] if v is not None} - set(classes))
     if bad:
         raise ConfigError(f"{label_map}: {bad} are not classes of the bundle {classes}")
-    target = manifest.table[column].map(lambda v: mapping.get(v))
+    target = manifest.table[column].map(lambda v: mapping.get(v, default))
     keep = np.flatnonzero(target.notna().to_numpy())
     if len(keep) == 0:
         seen = sorted(manifest.table[column].unique())[:10]

@@ -208,3 +208,22 @@ def data_import(
     )
     for note in notes:
         typer.echo(note)
+
+
+@data_app.command("harmonise")
+def data_harmonise(
+    manifest: Annotated[Path, typer.Argument(help="Manifest from `fundusfm data import`.")],
+    mapping: Annotated[
+        str, typer.Option(help="Shipped mapping (jsiec, rfmid, odir, eye_diseases) or a file.")
+    ],
+    out: Annotated[Path, typer.Option(help="Harmonised manifest to write.")],
+) -> None:
+    """Add the shared vocabulary of conditions (tasks vocabulary and normal_abnormal)."""
+    from ..harmonise import harmonise
+
+    with user_errors():
+        path, counts = harmonise(manifest, mapping, out)
+    typer.echo(
+        f"wrote {path}: {counts['images']} images ({counts['left_out']} mapped to no term, "
+        f"left out); terms: {', '.join(counts['terms'])}"
+    )
