@@ -118,6 +118,7 @@ def test_rfmid_both_layouts_and_id_collision(tmp_path: Path, layout: str):
         "Training" in t.loc["rfmid_train_1", "path"]
         and m.task("conditions")[1].kind == "multilabel"
     )
+    assert "Test" in t.loc["rfmid_test_1", "path"]  # though ROOT's own path says "test_..."
     h, counts = harmonise(m.path, "rfmid", tmp_path / "h.csv")
     ht = load_manifest(h).table.set_index("image_id")
     assert ht.loc["rfmid_train_1", "terms"] == "dr;media_haze"  # MH is media haze
@@ -148,6 +149,19 @@ def test_odir_per_eye_labels_from_keywords(tmp_path: Path):
         **odir_eye("normal fundus"),
         "quality_flag": 1,
     }
+
+
+def test_oia_odir_reads_every_annotation_table_with_its_split(tmp_path: Path):
+    root = tmp_path / "OIA-ODIR"
+    header = "ID,Left-Fundus,Right-Fundus,Left-Diagnostic Keywords,Right-Diagnostic Keywords"
+    for folder, pid in (("Training Set", 1), ("Off-site Test Set", 2), ("On-site Test Set", 3)):
+        img(root / folder / "Images" / f"{pid}_left.jpg")
+        table(
+            root / folder / "Annotation" / f"{folder.lower()} annotation (English).csv",
+            f"{header}\n{pid},{pid}_left.jpg,{pid}_right.jpg,normal fundus,glaucoma\n",
+        )
+    t = load("odir", root, tmp_path)[0].table.set_index("image_id")
+    assert dict(t.split) == {"odir_1_left": "train", "odir_2_left": "val", "odir_3_left": "test"}
 
 
 def test_aptos_eyepacs_idrid_messidor2(tmp_path: Path):

@@ -1,15 +1,16 @@
 """Exact and near-duplicate images, grouped so that a split never puts copies on two sides.
 
 Each image gets a 256-bit perceptual hash (pHash: the signs of the low 16x16 DCT
-coefficients of a 64x64 grey thumbnail, standardised, against their median), made invariant
-to flips by taking the smallest hash of the image and its horizontal, vertical and double
-flips: resized, recompressed, flipped and colour-shifted copies land within a few bits of
-their source. (64-bit hashes are too coarse for fundus photographs: unrelated images came
-within 4 bits of each other on the 4-class eye-disease set; at 256 bits the closest
-unrelated pair in a sample of 200 was 22 bits apart.) Images whose hashes differ in at most
-`max_distance` bits, or whose bytes are identical, are joined, and so are images of the same
-patient; `group_patients` returns the joined patient id per image and a report. Copies
-that were also cropped or zoomed may escape the hash: adapters drop known augmented copies.
+coefficients of a 64x64 grey thumbnail, standardised, against their median) of itself and of
+its horizontal, vertical and double flips; two images are as far apart as the closest of
+one's hash to the other's four, so resized, recompressed, flipped and colour-shifted copies
+land within a few bits of their source. (64-bit hashes are too coarse for fundus
+photographs: unrelated images came within 4 bits of each other on the 4-class eye-disease
+set; at 256 bits the closest unrelated pair in a sample of 200 was 22 bits apart.)
+Images whose hashes differ in at most `max_distance` bits, or whose bytes are identical,
+are joined, and so are images of the same patient; `group_patients` returns the joined
+patient id per image and a report. Copies that were also cropped or zoomed may escape the
+hash: adapters drop known augmented copies.
 """
 
 from __future__ import annotations
@@ -23,28 +24,28 @@ from PIL import Image
 from scipy.fft import dctn
 from tqdm import tqdm
 
-from .decode import read_rgb
+from .decode import ImageDecodeError, read_rgb
 
 POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint16)
 
 
 def phash(rgb: np.ndarray) -> np.ndarray:
-    """Flip-invariant 256-bit perceptual hash of an HxWx3 image, as 32 bytes."""
+    """256-bit perceptual hashes of an image and its three flips, as 4 x 32 bytes."""
     grey = Image.fromarray(rgb).convert("L").resize((64, 64), Image.Resampling.LANCZOS)
     a = np.asarray(grey, dtype=np.float64)
     a = (a - a.mean()) / (a.std() + 1e-6)
-    best = None
+    out = []
     for view in (a, a[:, ::-1], a[::-1, :], a[::-1, ::-1]):
         low = dctn(view, norm="ortho")[:16, :16].ravel()
-        packed = np.packbits(low > np.median(low[1:]))
-        if best is None or packed.tobytes() < best.tobytes():
-            best = packed
-    return best
+        out.append(np.packbits(low > np.median(low[1:])))
+    return np.stack(out)
 
 
 def distances(block: np.ndarray, hashes: np.ndarray) -> np.ndarray:
-    """Bit differences between each hash of `block` (B x 32) and each of `hashes` (N x 32)."""
-    return POPCOUNT[block[:, None, :] ^ hashes[None, :, :]].sum(axis=2)
+    """Bits between each image of `block` (B x 4 x 32) and each of `hashes` (N x 4 x 32):
+    the unflipped hash of one against the closest flip of the other."""
+    x = block[:, None, None, 0, :] ^ hashes[None, :, :, :]
+    return POPCOUNT[x].sum(axis=3).min(axis=2)
 
 
 class _Union:
@@ -88,10 +89,13 @@ def group_patients(
 ) -> tuple[list[str], DuplicateReport]:
     """Patient ids joined across duplicates: a joined group takes its first member's id."""
     n = len(paths)
-    digests, hashes = [], np.zeros((n, 32), dtype=np.uint8)
+    digests, hashes, readable = [], np.zeros((n, 4, 32), dtype=np.uint8), np.ones(n, bool)
     for k, p in enumerate(tqdm(paths, desc="hashing", disable=not progress, unit="img")):
         digests.append(hashlib.md5(Path(p).read_bytes()).hexdigest())
-        hashes[k] = phash(read_rgb(p))
+        try:  # a thumbnail is all the hash needs: JPEGs decode at reduced size
+            hashes[k] = phash(read_rgb(p, draft_size=256))
+        except ImageDecodeError:
+            readable[k] = False  # left to `fundusfm data check`; joined by bytes only
     union = _Union(n)
     first_of_patient: dict[str, int] = {}
     for k, pid in enumerate(patients):
@@ -104,8 +108,10 @@ def group_patients(
             union.join(first_of_digest[d], k)
         else:
             first_of_digest[d] = k
-    for start in range(0, n, 256):  # blocks keep the distance matrix small
-        dist = distances(hashes[start : start + 256], hashes)
+    for start in range(0, n, 128):  # blocks keep the distance matrix small
+        dist = distances(hashes[start : start + 128], hashes)
+        dist[:, ~readable] = 999
+        dist[~readable[start : start + 128]] = 999
         for i, j in zip(*np.nonzero(dist <= max_distance), strict=True):
             a, b = start + int(i), int(j)
             if a < b and digests[a] != digests[b]:

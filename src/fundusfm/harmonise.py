@@ -88,10 +88,11 @@ def harmonise(manifest_path: Path, mapping: str | Path, out: Path) -> tuple[Path
     for t in present:
         table[f"vocab_{t}"] = ["1" if t in ts else "0" for ts in kept]
     table["terms"] = [";".join(ts) for ts in kept]
-    table["vocab_abnormal"] = ["0" if ts == ["normal"] else "1" for ts in kept]
     tasks = dict(m.spec.tasks)
     tasks["vocabulary"] = TaskSpec(kind="multilabel", columns=[f"vocab_{t}" for t in present])
-    tasks["normal_abnormal"] = TaskSpec(kind="binary", columns=["vocab_abnormal"])
+    if not any(ts == ["no_dr"] for ts in kept):  # "no DR" is not "normal": no binary task
+        table["vocab_abnormal"] = ["0" if ts == ["normal"] else "1" for ts in kept]
+        tasks["normal_abnormal"] = TaskSpec(kind="binary", columns=["vocab_abnormal"])
     path = save_manifest(table, m.spec.model_copy(update={"tasks": tasks}), out)
     counts = {"images": len(table), "left_out": len(terms) - len(table), "terms": present}
     return path, counts

@@ -161,6 +161,9 @@ def csv_table(root: Path):
     if missing:
         raise ConfigError(f"{table_path}: missing columns {missing}; needs path,label")
     ids = t["path"].str.replace(r"\.[^./]+$", "", regex=True)
+    t["label"] = t["label"].str.strip()
+    if "patient_id" in t:  # a blank patient id is the image's own, never one shared patient
+        t["patient_id"] = t["patient_id"].str.strip().where(t["patient_id"].str.strip() != "", ids)
     frame = pd.DataFrame(
         {
             "image_id": ids,
@@ -201,6 +204,9 @@ def import_dataset(
         raise ConfigError(
             f"no {name} images found under {root} (see `fundusfm data import --help`)"
         )
+    same_file = frame["path"][frame["path"].duplicated()]
+    if len(same_file):
+        raise ConfigError(f"{same_file.iloc[0]} is listed twice; report this layout")
     duplicated = frame["image_id"][frame["image_id"].duplicated()]
     if len(duplicated):
         raise ConfigError(f"image id {duplicated.iloc[0]!r} appears twice; report this layout")

@@ -38,9 +38,9 @@ def jsiec(root: Path):
     rows, seen = [], set()
     for path in images_under(root):
         label = path.parent.name
-        if label not in JSIEC_CLASSES or path.name in seen:
+        if label not in JSIEC_CLASSES or path.name.lower() in seen:
             continue  # the Kaggle copy nests 1000images/1000images/: the first copy wins
-        seen.add(path.name)
+        seen.add(path.name.lower())
         stem = path.name.split("..")[0].split(".")[0]
         rows.append(
             {
@@ -74,10 +74,10 @@ def _index(root: Path) -> dict[str, list[Path]]:
     return out
 
 
-def _in_split(paths: list[Path], words: tuple[str, ...]) -> Path | None:
-    """The file whose folder names the split (e.g. 'Training' or 'Test')."""
+def _in_split(paths: list[Path], words: tuple[str, ...], root: Path) -> Path | None:
+    """The file whose folders below ROOT name the split (e.g. 'Training' or 'Test')."""
     for p in paths:
-        parts = " ".join(p.parent.parts).lower()
+        parts = " ".join(p.relative_to(root).parent.parts).lower()
         if any(w in parts for w in words):
             return p
     return None
@@ -105,7 +105,7 @@ def rfmid(root: Path):
         conditions = [c for c in t.columns if c not in ("ID", "Disease_Risk")]
         rows = []
         for _, r in t.iterrows():
-            path = _in_split(images.get(r["ID"].strip().lower(), []), words)
+            path = _in_split(images.get(r["ID"].strip().lower(), []), words, root)
             if path is None:
                 notes.append(f"{split}: no image for ID {r['ID']}")
                 continue
@@ -179,25 +179,33 @@ def odir_eye(keywords: str) -> dict | None:
 @importer("odir")
 def odir(root: Path):
     """ODIR-5K: per-patient table (CSV, or XLSX with openpyxl) -> one row per eye."""
-    table_path = find_file(root, r"full_df\.csv") or find_file(root, r".*annotation.*\.(csv|xlsx)")
-    table_path = table_path or find_file(root, r"data\.xlsx")
-    if table_path is None:
-        raise ConfigError(f"no ODIR annotation table (full_df.csv, *annotation*.xlsx) under {root}")
-    if table_path.suffix.lower() == ".xlsx":
-        try:
-            t = pd.read_excel(table_path, dtype=str).fillna("")
-        except ImportError as exc:
-            raise ConfigError("reading ODIR's .xlsx needs openpyxl: pip install openpyxl") from exc
-        t.columns = [str(c).strip() for c in t.columns]
-    else:
-        t = read_table(table_path)
-    images, rows, dropped = _index(root), [], 0
-    t = t.drop_duplicates("ID")  # full_df.csv repeats a patient once per kept image
-    for _, r in t.iterrows():
+    rx = re.compile(r".*annotation.*\.(csv|xlsx)|data\.xlsx", re.IGNORECASE)
+    tables = [p for p in sorted(root.rglob("*")) if p.is_file() and rx.fullmatch(p.name)]
+    tables = tables or [p for p in [find_file(root, r"full_df\.csv")] if p]
+    if not tables:
+        raise ConfigError(f"no ODIR annotation table (*annotation*.xlsx, full_df.csv) under {root}")
+    frames = []
+    for table_path in tables:  # OIA-ODIR: training, off-site and on-site test tables
+        if table_path.suffix.lower() == ".xlsx":
+            try:
+                t = pd.read_excel(table_path, dtype=str).fillna("")
+            except ImportError as exc:
+                raise ConfigError(
+                    "reading ODIR's .xlsx needs openpyxl: pip install openpyxl"
+                ) from exc
+            t.columns = [str(c).replace("\u00a0", " ").strip() for c in t.columns]
+        else:
+            t = read_table(table_path)
+        where = " ".join(table_path.relative_to(root).parts).lower()
+        t["split"] = "test" if "on-site" in where else "val" if "off-site" in where else "train"
+        frames.append(t.drop_duplicates("ID"))  # full_df.csv repeats a patient per image
+    images, rows, dropped, missing = _index(root), [], 0, 0
+    for _, r in pd.concat(frames, ignore_index=True).iterrows():
         for side in ("Left", "Right"):
             name = str(r.get(f"{side}-Fundus", "")).strip()
             found = images.get(Path(name).stem.lower())
             if not name or not found:
+                missing += int(bool(name))
                 continue
             flags = odir_eye(str(r.get(f"{side}-Diagnostic Keywords", "")))
             if flags is None:
@@ -209,7 +217,7 @@ def odir(root: Path):
                     "path": found[0].relative_to(root).as_posix(),
                     "patient_id": f"odir_{r['ID']}",
                     "eye": side.lower(),
-                    "split": "train",
+                    "split": r["split"],
                     "source": "odir",
                     "keywords": str(r.get(f"{side}-Diagnostic Keywords", "")),
                     **flags,
@@ -225,7 +233,10 @@ def odir(root: Path):
         "abnormal": _binary(frame),
         "categories": TaskSpec(kind="multilabel", columns=letters),
     }
-    notes = [f"labels are per eye, from each eye's keywords; {dropped} quality-only eyes dropped"]
+    notes = [
+        f"labels are per eye, from each eye's keywords; {dropped} quality-only eyes dropped, "
+        f"{missing} listed images not found"
+    ]
     return frame, tasks, notes
 
 
@@ -282,7 +293,7 @@ def eyepacs(root: Path):
                 {
                     "image_id": f"eyepacs_{split}_{r['image']}",
                     "path": found[0].relative_to(root).as_posix(),
-                    "patient_id": f"eyepacs_{split}_{patient}",
+                    "patient_id": f"eyepacs_{patient}",  # one subject across val and test
                     "eye": side or "unknown",
                     "split": split,
                     "source": "eyepacs",
@@ -310,7 +321,7 @@ def idrid(root: Path):
             continue
         for _, r in read_table(csv).iterrows():
             name = r.get("Image name", "").strip()
-            path = _in_split(images.get(name.lower(), []), words)
+            path = _in_split(images.get(name.lower(), []), words, root)
             if not name or path is None:
                 continue
             grade, dme = r["Retinopathy grade"], r["Risk of macular edema"]
@@ -349,11 +360,13 @@ def messidor2(root: Path):
     if pairs is not None:
         for k, r in read_table(pairs, sep=";").iterrows():
             for side in ("left", "right"):
-                patient_of[r.get(side, "").strip().lower()] = f"messidor2_exam{k}"
+                stem = Path(r.get(side, "").strip()).stem.lower()
+                patient_of[stem] = (f"messidor2_exam{k}", side)
     images, rows, ungradable = _index(root), [], 0
     for _, r in read_table(csv).iterrows():
         name = r["image_id"].strip()
-        found = images.get(Path(name).stem.lower())
+        stem = Path(name).stem.lower()
+        found = images.get(stem)
         if not found:
             continue
         if r.get("adjudicated_gradable", "1") == "0":
@@ -364,8 +377,8 @@ def messidor2(root: Path):
             {
                 "image_id": f"messidor2_{Path(name).stem}",
                 "path": found[0].relative_to(root).as_posix(),
-                "patient_id": patient_of.get(name.lower(), f"messidor2_{Path(name).stem}"),
-                "eye": "unknown",
+                "patient_id": patient_of.get(stem, (f"messidor2_{Path(name).stem}",))[0],
+                "eye": patient_of.get(stem, ("", "unknown"))[1],
                 "split": "all",
                 "source": "messidor2",
                 "dr_grade": grade,
