@@ -182,31 +182,26 @@ def run_cell(cfg: GridConfig, cell: Cell, progress: bool = False) -> Path:
         from .segment import evaluate_segmentation, train_segmentation
 
         out = train_segmentation(c)
-        for ext in cfg.external:
+
+        def score(ext) -> None:
             evaluate_segmentation(
-                out / "bundle",
-                ext.manifest,
-                out / "external" / ext.name,
-                ext.split,
-                c.train.device,
-                progress,
-            )
-        (out / "done").write_text(fingerprint(cfg, cell))
-        return out
-    if cell.method == "lf" and cfg.probe.mode == "features":
-        out = probe_finetune(c, cfg.probe, Path(cfg.out) / "features")
+                out / "bundle", ext.manifest, out / "external" / ext.name, ext.split,
+                c.train.device, progress,
+            )  # fmt: skip
     else:
-        out = finetune(c)
+        if cell.method == "lf" and cfg.probe.mode == "features":
+            out = probe_finetune(c, cfg.probe, Path(cfg.out) / "features")
+        else:
+            out = finetune(c)
+
+        def score(ext) -> None:
+            evaluate(
+                out / "bundle", ext.manifest, out / "external" / ext.name, ext.label_map,
+                ext.task or c.data.task, device=c.train.device, progress=progress,
+            )  # fmt: skip
+
     for ext in cfg.external:
-        evaluate(
-            out / "bundle",
-            ext.manifest,
-            out / "external" / ext.name,
-            ext.label_map,
-            ext.task or c.data.task,
-            device=c.train.device,
-            progress=progress,
-        )
+        score(ext)
     (out / "done").write_text(fingerprint(cfg, cell))
     return out
 
