@@ -162,6 +162,9 @@ class TrainConfig(Strict):
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     workers: int = Field(0, ge=0, description="data loader processes")
+    sync_batchnorm: bool = Field(
+        False, description="under torchrun on GPUs: BatchNorm statistics over the global batch"
+    )
     seed: int = 0
     augment: AugmentConfig = AugmentConfig()
 

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 import yaml
 
+from . import distributed as ddp
 from .backbone import create_backbone
 from .bundle import load_bundle, provenance, save_bundle
 from .config import (
@@ -75,6 +76,13 @@ def prediction_frame(ids, fold: int, split: str, kind: str, classes, labels, sco
 def prepare_run(cfg) -> Path:
     """Create (or reopen, with --resume and the same settings) a run folder; save the config."""
     out = Path(cfg.run.out)
+    with ddp.main_first():  # under torchrun only rank 0 checks and writes; the others wait
+        if ddp.is_main():
+            _check_and_create(cfg, out)
+    return out
+
+
+def _check_and_create(cfg, out: Path) -> None:
     if (out / "metrics.json").exists() and not cfg.run.resume:
         raise ConfigError(f"{out} already holds a finished run; choose another run.out")
     if (out / "checkpoint.pt").exists() and not cfg.run.resume:
@@ -90,7 +98,6 @@ def prepare_run(cfg) -> Path:
         )
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, previous)
-    return out
 
 
 def is_finished(out: Path) -> bool:
@@ -136,10 +143,13 @@ def train_and_report(
     cfg: FinetuneConfig, init: str, val_fraction: float | None, extra: dict, on_epoch_end=None
 ) -> Path:
     """Shared body of pretrain and finetune: train, predict, score, bundle."""
+    device = ddp.setup(resolve_device(cfg.train.device))  # joins torchrun's group, if any
     out = prepare_run(cfg)
     if is_finished(out):
         return out
-    data = load_fold(cfg.data, val_fraction=val_fraction, progress=cfg.run.progress)
+    progress = cfg.run.progress and ddp.is_main()
+    with ddp.main_first():  # rank 0 builds the preprocessing cache; the others then read it
+        data = load_fold(cfg.data, val_fraction=val_fraction, progress=progress)
     kind, classes = data.task.kind, data.task.class_names
     model = _build_model(cfg, init, len(classes))
     result = fit(
@@ -150,23 +160,24 @@ def train_and_report(
         cfg.method,
         cfg.partial_stages,
         cfg.run.resume,
-        cfg.run.progress,
+        progress,
         on_epoch_end,
     )
-    device = resolve_device(cfg.train.device)
     amp = amp_dtype(cfg.train.amp, device)
-    parts = {}
+    eval_batch, parts = ddp.local_batch(cfg.train.batch_size), {}
     for part in ("val", "test"):
         if len(data.parts[part]):
-            scores, labels, index = predict(
-                model, data.dataset(part), cfg.train.batch_size, device, kind, amp
+            scores, labels, index = ddp.gather_predictions(
+                *predict(model, ddp.shard(data.dataset(part)), eval_batch, device, kind, amp)
             )
             parts[part] = (scores, labels, data.parts[part][index])
     summary = {"best_epoch": result.best_epoch, "history": result.history}
-    write_run(cfg, data, out, model, parts, extra, summary)
-    if not cfg.run.keep_checkpoint:
-        for name in ("checkpoint.pt", "best.safetensors"):
-            (out / name).unlink(missing_ok=True)
+    if ddp.is_main():
+        write_run(cfg, data, out, model, parts, extra, summary)
+        if not cfg.run.keep_checkpoint:
+            for name in ("checkpoint.pt", "best.safetensors"):
+                (out / name).unlink(missing_ok=True)
+    ddp.barrier()  # every rank returns once the run folder is complete
     return out
 
 

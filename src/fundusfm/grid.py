@@ -214,6 +214,13 @@ def run_grid(
     say: Callable[[str], None] = print,
 ) -> dict[str, int]:
     """Run this shard's cells that are not done yet; returns counts by outcome."""
+    from .distributed import launched
+
+    if launched():
+        raise ConfigError(
+            "grid run is not run under torchrun: it trains many small cells. Spread cells over "
+            "GPUs with --shard I/N (one process per GPU, e.g. a Slurm array); see the README"
+        )
     i, n = parse_shard(shard_spec)
     cells = shard(expand(cfg), i, n)
     counts = {"done": 0, "ran": 0, "failed": 0, "pending": 0}

@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from . import distributed as ddp
 from .bundle import load_bundle, provenance, save_bundle
+from .checkpoint import save_atomic, save_weights
 from .config_segment import SegmentConfig
 from .decode import read_mask
 from .experiment import is_finished, prepare_run, write_json
@@ -44,8 +46,6 @@ from .train import (
     amp_dtype,
     cosine_with_warmup,
     resolve_device,
-    save_atomic,
-    save_weights,
 )
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, normalise
 
@@ -74,17 +74,29 @@ def predict_probs(model, images: list[VesselImage], batch_size, device, amp) -> 
 
 
 def _val_dice(model, images, cfg: SegmentConfig, device, amp) -> float:
-    probs = predict_probs(model, images, cfg.train.batch_size, device, amp)
+    """Pooled validation Dice; under torchrun each rank counts its share and all are summed."""
+    mine = images[ddp.rank() :: ddp.world_size()]
+    probs = predict_probs(model, mine, ddp.local_batch(cfg.train.batch_size), device, amp)
     total = Counts()
-    for s, p in zip(images, probs, strict=True):
-        total = total + count(p, s.vessel, s.fov, cfg.train.threshold)
+    for c in ddp.gather_list(
+        [count(p, s.vessel, s.fov, cfg.train.threshold) for s, p in zip(mine, probs, strict=True)]
+    ):
+        total = total + c
     return scores(total)["dice"]
+
+
+def predict_all(model, images: list[VesselImage], batch_size, device, amp) -> np.ndarray:
+    """`predict_probs` of every image; under torchrun each rank predicts a share."""
+    rows = np.arange(ddp.rank(), len(images), ddp.world_size())
+    probs = predict_probs(model, [images[i] for i in rows], batch_size, device, amp)
+    return ddp.gather_predictions(probs, rows, rows)[0]
 
 
 def fit_unet(model, train_images, val_images, cfg: SegmentConfig, out: Path) -> dict:
     """Train; keep the best validation Dice (or the last epoch without a validation part)."""
     t = cfg.train
-    device = resolve_device(t.device)
+    device = ddp.setup(resolve_device(t.device))
+    progress = cfg.run.progress and ddp.is_main()
     amp = amp_dtype(t.amp, device)
     channels_last = t.channels_last == "on" or (t.channels_last == "auto" and device.type == "cuda")
     frozen = cfg.model.encoder == "frozen"
@@ -93,10 +105,14 @@ def fit_unet(model, train_images, val_images, cfg: SegmentConfig, out: Path) -> 
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    trained = ddp.wrap(model, device, t.sync_batchnorm)  # `model` itself with one process
+    batch_size = ddp.local_batch(t.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     data = VesselTrainSet(train_images, t.augment, cfg.data.patch, cfg.data.patches_per_image)
     drop_last = len(data) > t.batch_size
+    if len(data) < ddp.world_size():
+        raise ValueError(f"{len(data)} training images for {ddp.world_size()} processes")
     steps = len(data) // t.batch_size if drop_last else 1
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(steps * t.epochs, round(steps * t.warmup_epochs))
@@ -111,20 +127,29 @@ def fit_unet(model, train_images, val_images, cfg: SegmentConfig, out: Path) -> 
         scheduler.load_state_dict(saved["scheduler"])
         if saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
-        torch.set_rng_state(saved["torch_rng"])
+        ddp.restore_rng(saved.get("rank_rng", []), saved["torch_rng"])
         state = saved["state"]
     else:
-        torch.manual_seed(t.seed)
+        torch.manual_seed(t.seed + ddp.rank())  # patches and augmentation differ by rank
     for epoch in range(state["epoch"], t.epochs):
         set_train_mode(model, frozen)
+        sampler = None
+        if ddp.world_size() > 1:
+            sampler = DistributedSampler(data, shuffle=True, seed=t.seed, drop_last=True)
+            sampler.set_epoch(epoch)
         loader = DataLoader(
-            data, batch_size=t.batch_size, shuffle=True, drop_last=drop_last, num_workers=t.workers
+            data,
+            batch_size=batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=t.workers,
         )
         total, seen = 0.0, 0
         bar = tqdm(
             loader,
             desc=f"epoch {epoch + 1}/{t.epochs}",
-            disable=not cfg.run.progress,
+            disable=not progress,
             leave=False,
             unit="batch",
         )
@@ -133,7 +158,7 @@ def fit_unet(model, train_images, val_images, cfg: SegmentConfig, out: Path) -> 
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-                logits = model(x)
+                logits = trained(x)
             loss = seg_loss(logits, vessel.to(device), fov.to(device), t.bce_weight, t.dice_weight)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
@@ -146,6 +171,7 @@ def fit_unet(model, train_images, val_images, cfg: SegmentConfig, out: Path) -> 
             scheduler.step()
             total, seen = total + loss.item() * len(images), seen + len(images)
             bar.set_postfix(loss=f"{total / seen:.4f}")
+        total, seen = ddp.sum_all(total, seen)
         record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1)}
         if val_images:
             record["val_dice"] = _val_dice(model, val_images, cfg, device, amp)
@@ -153,23 +179,27 @@ def fit_unet(model, train_images, val_images, cfg: SegmentConfig, out: Path) -> 
         dice = record.get("val_dice", float(epoch))  # no validation part: the last epoch wins
         if math.isnan(dice):
             dice = -1.0
-        if dice > state["best_dice"]:
+        improved = dice > state["best_dice"]
+        if improved:
             state["best_dice"], state["best_epoch"] = dice, epoch + 1
-            save_weights(model, best_file)
         state["epoch"] = epoch + 1
-        save_atomic(
-            {
+        rank_rng = ddp.rng_states()  # collective: every rank takes part
+        if ddp.is_main():
+            if improved:
+                save_weights(model, best_file)
+            saved = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
+                "rank_rng": rank_rng,
                 "state": state,
-            },
-            checkpoint,
-        )
-        if cfg.run.progress:
+            }
+            save_atomic(saved, checkpoint)
+        if progress:
             tqdm.write(", ".join(f"{k} {v:.4g}" for k, v in record.items()))
+    ddp.barrier()  # rank 0 has written the best weights
     model.load_state_dict(load_file(best_file))
     return {"best_epoch": state["best_epoch"], "history": state["history"]}
 
@@ -242,21 +272,23 @@ def train_segmentation(cfg: SegmentConfig) -> Path:
     """Train a U-Net on the configured part, test it, write the run folder; returns it."""
     if cfg.data.manifest is None:
         raise ValueError("data.manifest is not set (e.g. --set data.manifest=PATH/manifest.csv)")
+    device = ddp.setup(resolve_device(cfg.train.device))  # joins torchrun's group, if any
     out = prepare_run(cfg)
     if is_finished(out):
         return out
     manifest = load_manifest(cfg.data.manifest)
     parts = seg_parts(cfg.data, manifest, cfg.train.seed)
     parts = {p: parts.get(p, np.array([], int)) for p in ("train", "val", "test")}
-    size, progress = cfg.data.resolution, cfg.run.progress
+    size, progress = cfg.data.resolution, cfg.run.progress and ddp.is_main()
     images = {p: load_images(manifest, rows, size, progress) for p, rows in parts.items()}
     torch.manual_seed(cfg.train.seed)
     model = create_unet(cfg.model)
     fitted = fit_unet(model, images["train"], images.get("val", []), cfg, out)
-    device = resolve_device(cfg.train.device)
-    probs = predict_probs(
-        model, images["test"], cfg.train.batch_size, device, amp_dtype(cfg.train.amp, device)
-    )
+    amp, batch = amp_dtype(cfg.train.amp, device), ddp.local_batch(cfg.train.batch_size)
+    probs = predict_all(model, images["test"], batch, device, amp)
+    if not ddp.is_main():
+        ddp.barrier()  # rank 0 scores and writes the run folder
+        return out
     table, metrics = score_images(manifest, parts["test"], probs, cfg.train.threshold, out)
     table.to_csv(out / "per_image.csv", index=False)
     metrics.update(fitted, parts={p: len(r) for p, r in parts.items()})
@@ -265,6 +297,7 @@ def train_segmentation(cfg: SegmentConfig) -> Path:
     if not cfg.run.keep_checkpoint:
         for name in ("checkpoint.pt", "best.safetensors"):
             (out / name).unlink(missing_ok=True)
+    ddp.barrier()
     return out
 
 

@@ -7,13 +7,13 @@ the model is scored on the validation part; the best epoch by `select_metric` is
 RNG state; tensors and numbers only, read back with `weights_only=True`) is written
 atomically, so `resume` continues a killed run to the same result as an uninterrupted one.
 A non-finite loss stops the run with a clear message; the last good checkpoint stays.
+Under torchrun the same loop runs data-parallel (see distributed.py): `batch_size` stays the
+global batch, rank 0 writes every file, and validation scores are gathered from all ranks.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -21,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 from tqdm import tqdm
 
+from . import distributed as ddp
+from .checkpoint import save_atomic, save_weights
 from .config import ConfigError, TrainConfig
 from .datasets import FoldData
 from .heads import Classifier, scores_from_logits
@@ -178,24 +180,9 @@ def predict(
         scores.append(scores_from_logits(logits.float(), kind).cpu())
         labels.append(y)
         index.append(i)
+    if not index:  # an empty share (more ranks than images)
+        return np.zeros((0,)), np.zeros((0,)), np.zeros((0,), dtype=np.int64)
     return torch.cat(scores).numpy(), torch.cat(labels).numpy(), torch.cat(index).numpy()
-
-
-def save_atomic(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_weights(model: nn.Module, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def fit(
@@ -212,7 +199,8 @@ def fit(
     """Train `model` on `data`'s training part; leaves the best epoch's weights in `model`."""
     run_dir = Path(run_dir)
     kind, n_classes = data.task.kind, len(data.task.class_names)
-    device = resolve_device(cfg.device)
+    device = ddp.setup(resolve_device(cfg.device))
+    progress = progress and ddp.is_main()
     amp = amp_dtype(cfg.amp, device)
     channels_last = cfg.channels_last == "on" or (
         cfg.channels_last == "auto" and device.type == "cuda"
@@ -224,6 +212,8 @@ def fit(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    trained = ddp.wrap(model, device, cfg.sync_batchnorm)  # `model` itself with one process
+    batch_size = ddp.local_batch(cfg.batch_size)
     train_set = data.dataset("train", cfg.augment, cfg.seed)
     val_set = data.dataset("val")
     train_labels = data.labels[data.parts["train"]]
@@ -254,14 +244,14 @@ def fit(
         scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty when the scaler was disabled (no fp16)
             scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and len(state["cuda_rng"]):
+        ddp.restore_rng(state.get("rank_rng", []), state["torch_rng"])
+        if device.type == "cuda" and len(state["cuda_rng"]) and not ddp.launched():
             torch.cuda.set_rng_state_all(list(state["cuda_rng"]))
         start, bad_epochs = state["epoch"] + 1, state["bad_epochs"]
         result = FitResult(
             state["best_epoch"], state["best_metric"], state["history"], state["stopped_early"]
         )
-        if result.best_epoch == start:  # killed between the checkpoint and the best weights
+        if result.best_epoch == start and ddp.is_main():  # killed before the best weights
             save_weights(model, best_file)
         if result.stopped_early:
             start = cfg.epochs
@@ -271,11 +261,12 @@ def fit(
         train_mode(model, frozen)
         train_set.set_epoch(epoch)
         generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        sampler = _sampler(train_labels, kind, cfg.balanced_sampler, generator)
         loader = DataLoader(
             train_set,
-            batch_size=cfg.batch_size,
+            batch_size=batch_size,
             drop_last=drop_last,
-            sampler=_sampler(train_labels, kind, cfg.balanced_sampler, generator),
+            sampler=ddp.ShardSampler(sampler) if ddp.world_size() > 1 else sampler,
             num_workers=cfg.workers,
             pin_memory=device.type == "cuda",
         )
@@ -293,16 +284,20 @@ def fit(
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             target = y.to(device).float() if kind == "multilabel" else y.to(device)
-            with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-                loss = criterion(model(x).float(), target)
+            last = (step + 1) % cfg.grad_accum == 0 or step + 1 == len(loader)
+            # DDP averages gradients across ranks on the last micro-batch of a step only
+            sync = nullcontext() if last or trained is model else trained.no_sync()
+            with sync, torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+                loss = criterion(trained(x).float(), target)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"the loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}; "
                     f"try a lower train.lr. The last good checkpoint is kept: {checkpoint}"
                 )
             group = min(cfg.grad_accum, len(loader) - step // cfg.grad_accum * cfg.grad_accum)
-            scaler.scale(loss / group).backward()
-            if (step + 1) % cfg.grad_accum == 0 or step + 1 == len(loader):
+            with sync:
+                scaler.scale(loss / group).backward()
+            if last:
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -311,9 +306,12 @@ def fit(
             seen += len(y)
             bar.set_postfix(loss=f"{total / seen:.4f}")
 
-        scores, labels, _ = predict(
-            model, val_set, cfg.batch_size, device, kind, amp, channels_last, cfg.workers
+        scores, labels, _ = ddp.gather_predictions(
+            *predict(
+                model, ddp.shard(val_set), batch_size, device, kind, amp, channels_last, cfg.workers
+            )
         )
+        total, seen = ddp.sum_all(total, seen)
         val = classification_metrics(kind, labels, scores)
         val["loss"] = validation_loss(kind, labels, scores)
         value = val[cfg.select_metric]
@@ -329,13 +327,15 @@ def fit(
         else:
             bad_epochs += 1
         result.stopped_early = bool(cfg.patience and bad_epochs >= cfg.patience)
-        save_atomic(
-            {
+        rank_rng = ddp.rng_states()  # collective: every rank takes part
+        if ddp.is_main():
+            state = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
+                "rank_rng": rank_rng,
                 "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
                 "epoch": epoch,
                 "bad_epochs": bad_epochs,
@@ -343,11 +343,10 @@ def fit(
                 "best_metric": result.best_metric,
                 "stopped_early": result.stopped_early,
                 "history": result.history,
-            },
-            checkpoint,
-        )
-        if improved:  # after the checkpoint, so that a resume can always restore it
-            save_weights(model, best_file)
+            }
+            save_atomic(state, checkpoint)
+            if improved:  # after the checkpoint, so that a resume can always restore it
+                save_weights(model, best_file)
         if progress:
             tqdm.write(
                 f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, "
@@ -358,5 +357,6 @@ def fit(
             on_epoch_end(epoch + 1, model)
         if result.stopped_early:
             break
+    ddp.barrier()  # rank 0 has written the best weights
     model.load_state_dict(load_file(best_file))
     return result

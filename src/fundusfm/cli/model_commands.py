@@ -59,6 +59,10 @@ def _train_command(model, config, set_, resume, quiet, runner) -> None:
             out = runner(cfg)
         except TrainingDiverged as exc:
             raise fail(str(exc), code=1) from exc
+    from ..distributed import is_main
+
+    if not is_main():  # under torchrun rank 0 reports
+        return
     metrics = json.loads((out / "metrics.json").read_text())
     for part in ("val", "test"):
         if part in metrics:

@@ -43,6 +43,10 @@ def train(
             out = train_segmentation(cfg)
         except TrainingDiverged as exc:
             raise fail(str(exc), code=1) from exc
+    from ..distributed import is_main
+
+    if not is_main():  # under torchrun rank 0 reports
+        return
     metrics = json.loads((out / "metrics.json").read_text())
     if metrics.get("test"):
         typer.echo(_line(f"test, {metrics['images']} images", metrics["test"]))

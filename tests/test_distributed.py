@@ -1,0 +1,231 @@
+"""Data-parallel training under torchrun: 2 CPU processes (gloo) against 1 process.
+
+The same global batch gives the same steps over the same images (distributed.shard_order),
+so a run whose BatchNorm statistics are frozen (LF) ends with the same scores to float
+rounding. Fully fine-tuned runs differ by BatchNorm statistics per process (SyncBatchNorm
+needs GPUs), which is why the exact comparison uses LF.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DistributedSampler, RandomSampler
+
+from fundusfm.config import ConfigError, FinetuneConfig, SplitConfig, load_config
+from fundusfm.distributed import local_batch, shard_order, wrap
+from fundusfm.experiment import finetune
+from fundusfm.manifest import load_manifest
+from fundusfm.splits import make_splits
+
+TOLERANCE = 1e-5  # scores of LF runs, 1 vs 2 processes (float summation order only)
+
+
+@pytest.fixture(scope="module")
+def setup(synth_set: Path, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ddp")
+    splits = make_splits(
+        load_manifest(synth_set), SplitConfig(folds=3, val_fraction=0.2, task="abnormal")
+    )
+    splits.to_csv(out / "splits.csv", index=False)
+    return {"manifest": synth_set, "splits": out / "splits.csv", "cache": out / "cache"}
+
+
+def sets(setup: dict, out: Path, **extra) -> list[str]:
+    values = {
+        "data.manifest": setup["manifest"],
+        "data.splits": setup["splits"],
+        "data.cache": setup["cache"],
+        "data.resolution": 64,
+        "data.task": "abnormal",
+        "model.arch": "resnet18",
+        "model.init": "scratch",
+        "model.head": "linear",
+        "method": "lf",
+        "train.epochs": 2,
+        "train.batch_size": 8,
+        "train.lr": 0.01,
+        "train.select_metric": "loss",
+        "train.device": "cpu",
+        "run.out": out,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def torchrun(args: list[str], **popen) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", "2", "-m", "fundusfm", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
+
+
+def finished(proc: subprocess.Popen) -> str:
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    return output
+
+
+def finetune_args(setup: dict, out: Path, *flags: str, **extra) -> list[str]:
+    return ["finetune", "-q", *flags, *[a for s in sets(setup, out, **extra) for a in ("--set", s)]]
+
+
+def workers_of(pid: int) -> list[int]:
+    """Child processes of `pid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def scores(run: Path) -> pd.DataFrame:
+    return pd.read_csv(run / "predictions.csv")
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    x, y = scores(a), scores(b)
+    assert list(x["image_id"]) == list(y["image_id"])  # every image, in the same order
+    cols = [c for c in x.columns if c.startswith("score_")]
+    assert np.abs(x[cols].to_numpy() - y[cols].to_numpy()).max() < TOLERANCE
+    hx = pd.read_json(a / "metrics.json", typ="series")["history"]
+    hy = pd.read_json(b / "metrics.json", typ="series")["history"]
+    for ex, ey in zip(hx, hy, strict=True):  # training loss gathered over both ranks
+        assert ex["train_loss"] == pytest.approx(ey["train_loss"], abs=TOLERANCE)
+        assert ex["val_loss"] == pytest.approx(ey["val_loss"], abs=TOLERANCE)
+
+
+def test_shards_together_hold_the_single_process_batches():
+    order = torch.randperm(103, generator=torch.Generator().manual_seed(5)).tolist()
+    world, global_batch = 4, 8
+    b = global_batch // world
+    shards = [shard_order(order, r, world) for r in range(world)]
+    for i in range(103 // global_batch):
+        together = sorted(x for s in shards for x in s[i * b : (i + 1) * b])
+        assert together == sorted(order[i * global_batch : (i + 1) * global_batch])
+    # for a uniform shuffle this is exactly torch's DistributedSampler
+    for r in range(world):
+        ds = DistributedSampler(range(103), world, r, shuffle=True, seed=11, drop_last=True)
+        ds.set_epoch(3)
+        random = RandomSampler(range(103), generator=torch.Generator().manual_seed(14))
+        assert list(ds) == shard_order(list(random), r, world)
+
+
+def test_single_process_needs_no_torchrun():
+    assert local_batch(6) == 6
+    model = torch.nn.Linear(2, 2)
+    assert wrap(model, torch.device("cpu"), sync_batchnorm=True) is model
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds workers through /proc")
+def test_two_processes_match_one_and_resume_after_kill(setup, tmp_path):
+    one = finetune(load_config(FinetuneConfig, None, sets(setup, tmp_path / "one", **{
+        "train.epochs": 6})))  # fmt: skip
+    two = tmp_path / "two"
+    finished(torchrun(finetune_args(setup, two, **{"train.epochs": 6})))
+    assert_same_run(one, two)
+    assert not (two / "checkpoint.pt").exists()  # rank 0 cleaned up; nothing left behind
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+    # kill -9 the whole job after its first checkpoint, then resume under torchrun
+    cut = tmp_path / "cut"
+    args = finetune_args(setup, cut, **{"train.epochs": 6})
+    proc = torchrun(args)
+    deadline = time.monotonic() + 240
+    while not (cut / "checkpoint.pt").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.05)
+    for pid in [*workers_of(proc.pid), proc.pid]:  # torchrun starts each worker in its own session
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate()
+    if (cut / "metrics.json").exists():
+        pytest.skip("the run finished before it could be killed")
+    epoch = torch.load(cut / "checkpoint.pt", weights_only=True)["epoch"]
+    assert epoch < 5
+    finished(torchrun([*args, "--resume"]))
+    assert_same_run(one, cut)
+
+
+def test_global_batch_must_divide_and_sync_batchnorm_needs_gpus(setup, tmp_path):
+    odd = torchrun(finetune_args(setup, tmp_path / "odd", **{"train.batch_size": 7}))
+    output, _ = odd.communicate(timeout=300)
+    assert odd.returncode != 0
+    assert "divisible by the 2 processes" in output
+    sync = torchrun(finetune_args(setup, tmp_path / "sync", **{"train.sync_batchnorm": True}))
+    output, _ = sync.communicate(timeout=300)
+    assert sync.returncode != 0
+    assert "SyncBatchNorm" in output
+    assert not (tmp_path / "odd" / "checkpoint.pt").exists()
+
+
+def test_grid_refuses_torchrun_and_points_to_shards(monkeypatch, tmp_path):
+    from fundusfm.config_grid import GridConfig
+    from fundusfm.grid import run_grid
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="--shard"):
+        run_grid(GridConfig(out=tmp_path / "grid"))
+
+
+def test_segmentation_under_torchrun_scores_every_test_image(setup, tmp_path):
+    from fundusfm.bundle import load_bundle
+    from fundusfm.config_segment import SegmentConfig
+    from fundusfm.seg_model import encoder_state_equal
+    from fundusfm.segment import train_segmentation
+
+    seg = [
+        f"data.manifest={setup['manifest']}",
+        f"data.splits={setup['splits']}",
+        "data.resolution=64",
+        "model.arch=resnet18",
+        "model.init=scratch",
+        "model.encoder=frozen",
+        "model.decoder_channels=[64, 32, 16, 16, 8]",
+        "train.epochs=2",
+        "train.batch_size=8",
+        "train.device=cpu",
+    ]
+    one = train_segmentation(
+        load_config(SegmentConfig, None, [*seg, f"run.out={tmp_path / 'one'}", "run.progress=0"])
+    )
+    two = tmp_path / "two"
+    out = finished(torchrun(["segment", "train", "-q", *[a for s in seg for a in ("--set", s)],
+                             "--set", f"run.out={two}"]))  # fmt: skip
+    assert out.count("run: ") == 1  # rank 0 alone reports
+    a, b = pd.read_csv(one / "per_image.csv"), pd.read_csv(two / "per_image.csv")
+    assert list(a["image_id"]) == list(b["image_id"])  # every test image, once, in order
+    assert np.isfinite(b["dice"]).all()
+    assert (two / "probabilities").is_dir() and not (two / "checkpoint.pt").exists()
+    history = pd.read_json(two / "metrics.json", typ="series")["history"]
+    assert len(history) == 2 and all(np.isfinite(h["val_dice"]) for h in history)
+    first, second = (load_bundle(r / "bundle").model for r in (one, two))
+    assert encoder_state_equal(second, first.encoder.state_dict())  # frozen under DDP too
+
+
+def test_a_one_process_checkpoint_resumes_under_two(setup, tmp_path):
+    reference = finetune(load_config(FinetuneConfig, None, sets(setup, tmp_path / "ref")))
+
+    def stop_after_first(epoch: int, model) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(load_config(FinetuneConfig, None, sets(setup, cut)), on_epoch_end=stop_after_first)
+    finished(torchrun([*finetune_args(setup, cut), "--resume"]))
+    assert_same_run(reference, cut)
