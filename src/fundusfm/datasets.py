@@ -126,6 +126,7 @@ def load_fold(cfg: DataConfig, val_fraction: float | None = None, progress: bool
         raise ConfigError("data.manifest is not set (e.g. --set data.manifest=PATH/manifest.csv)")
     manifest = load_manifest(cfg.manifest)
     manifest.require("image_id", "path", "patient_id")
+    manifest.require_unique_ids()  # rows are found by id: a repeated id would hide one
     name, task = manifest.task(cfg.task)
     labels = encode_labels(manifest, task)
     ids = manifest.table["image_id"].to_numpy()

@@ -18,6 +18,8 @@ per class. The task type is therefore always explicit, never guessed from the va
 
 from __future__ import annotations
 
+import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -103,6 +105,26 @@ class Manifest:
                 f"run `fundusfm data check {self.path}`"
             )
 
+    def require_unique_ids(self) -> None:
+        """Raise a clear error for an empty or repeated image_id (splits and runs key on it)."""
+        self.require("image_id")
+        ids = self.table["image_id"]
+        empty = np.flatnonzero((ids == "").to_numpy())
+        if len(empty):
+            raise ConfigError(
+                f"{self.path} line {self.line(int(empty[0]))}: empty image_id; every row needs "
+                f"a unique id (run `fundusfm data check {self.path}` to list all problems)"
+            )
+        repeated = np.flatnonzero(ids.duplicated().to_numpy())
+        if len(repeated):
+            i = int(repeated[0])
+            first = int(np.flatnonzero((ids == ids.iat[i]).to_numpy())[0])
+            raise ConfigError(
+                f"{self.path} line {self.line(i)}: image_id {ids.iat[i]!r} repeats line "
+                f"{self.line(first)} ({len(repeated)} repeated ids in all); ids must be unique: "
+                f"rename or remove the copies (run `fundusfm data check {self.path}`)"
+            )
+
     def task(self, name: str | None = None) -> tuple[str, TaskSpec]:
         """Return a declared task by name, or the first one when `name` is None."""
         if not self.spec.tasks:
@@ -149,7 +171,12 @@ def read_table(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
             encoding="utf-8-sig",
             skip_blank_lines=False,
         )
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "save it as UTF-8 (in Excel: 'CSV UTF-8')"
+        ) from exc
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as exc:
         raise ConfigError(f"{path}: cannot read as CSV ({exc})") from exc
     table.columns = [str(c).strip() for c in table.columns]
     table = table.fillna("").apply(lambda col: col.str.strip())  # " P1" is "P1"
@@ -173,21 +200,69 @@ def load_manifest(path: Path) -> Manifest:
     return Manifest(path=path, table=table, spec=spec, root=root, lines=lines)
 
 
+def printable(name: str) -> str:
+    """A file name as valid UTF-8 text: bytes that are not UTF-8 (Linux names decoded with
+    surrogate escapes) are shown as `\\xNN`, so `b"caf\\xe9.jpg"` reads `caf\\xe9.jpg`."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a file name can be written to a UTF-8 manifest as it is."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a temporary file beside `path`, then rename: a failure leaves `path` as it was."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # usual permissions, not 0600
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_manifest(table: pd.DataFrame, spec: DatasetSpec, path: Path) -> Path:
-    """Write a manifest CSV and its sidecar YAML."""
+    """Write a manifest CSV and its sidecar YAML (each whole or not at all)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path, index=False)
-    side = sidecar_path(path)
-    side.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "utf-8")
+    text = table.to_csv(index=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        where, value = next(
+            (
+                (f"line {i + 2}, column {c}", v)
+                for c in table.columns
+                for i, v in enumerate(table[c].astype(str))
+                if not is_utf8(v)
+            ),
+            ("the header", ",".join(map(str, table.columns))),
+        )
+        raise ConfigError(
+            f"cannot write {path}: {where}: '{printable(value)}' is not valid UTF-8 "
+            "(a file name in another system's encoding?); rename it"
+        ) from exc
+    _write_atomic(path, text)
+    spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    _write_atomic(sidecar_path(path), spec_text)
     return path
 
 
-def scan_folder(root: Path, pattern: str = "**/*") -> pd.DataFrame:
+def scan_folder(
+    root: Path, pattern: str = "**/*", skipped: list[str] | None = None
+) -> pd.DataFrame:
     """A label-free manifest of every supported image under `root` matching a glob pattern.
 
     image_id is the relative path without suffix; without patient information every image is
-    its own patient (say so in a paper: grouped splits need real patient ids).
+    its own patient (say so in a paper: grouped splits need real patient ids). Files whose
+    names are not valid UTF-8 cannot be written to a manifest: they are left out and their
+    names (as `printable` shows them) appended to `skipped`, when given.
     """
     from .decode import SUPPORTED_SUFFIXES
 
@@ -198,6 +273,10 @@ def scan_folder(root: Path, pattern: str = "**/*") -> pd.DataFrame:
     rows = []
     for p in files:
         rel = p.relative_to(root).as_posix()
+        if not is_utf8(rel):
+            if skipped is not None:
+                skipped.append(printable(rel))
+            continue
         iid = rel.rsplit(".", 1)[0]
         rows.append({"image_id": iid, "path": rel, "patient_id": iid, "eye": "unknown"})
     return pd.DataFrame(rows, columns=list(REQUIRED_COLUMNS))
@@ -209,24 +288,31 @@ def encode_labels(manifest: Manifest, task: TaskSpec) -> np.ndarray:
     Raises ConfigError naming the first offending row; run `fundusfm data check` for all of them.
     """
     t = manifest.table
+    manifest.require(*task.columns)  # a clear error, not a KeyError, for a missing column
     if task.kind == "multilabel":
         out = np.zeros((len(t), len(task.columns)), dtype=np.int64)
         for j, col in enumerate(task.columns):
             bad = ~t[col].isin(["0", "1"])
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
-                raise ConfigError(
-                    f"{manifest.path} line {manifest.line(i)}: {col}={t[col].iat[i]!r}, need 0/1"
-                )
+                _bad_label(manifest, i, col, "0/1")
             out[:, j] = t[col].astype(int).to_numpy()
         return out
     col = task.columns[0]
     lookup = {c: i for i, c in enumerate(task.class_names)}
     codes = t[col].map(lookup)
     if codes.isna().any():
-        i = int(np.flatnonzero(codes.isna().to_numpy())[0])
-        raise ConfigError(
-            f"{manifest.path} line {manifest.line(i)}: {col}={t[col].iat[i]!r} is not one of "
-            f"{task.classes}"
-        )
+        _bad_label(manifest, int(np.flatnonzero(codes.isna().to_numpy())[0]), col, task.classes)
     return codes.to_numpy(dtype=np.int64)
+
+
+def _bad_label(manifest: Manifest, i: int, col: str, allowed) -> None:
+    """Raise the error for the first row whose label is empty or not an allowed value."""
+    t, where = manifest.table, f"{manifest.path} line {manifest.line(i)}"
+    n = int((t[col] == "").sum())
+    if t[col].iat[i] == "":
+        raise ConfigError(
+            f"{where}: empty label in column {col} ({n} empty in all); fill in a label or "
+            f"remove the row (run `fundusfm data check {manifest.path}` to list all problems)"
+        )
+    raise ConfigError(f"{where}: {col}={t[col].iat[i]!r} is not one of {allowed}")

@@ -57,6 +57,10 @@ _RESAMPLE = {
 }
 
 
+# Images with a shorter side cannot hold a field of view worth finding (a 1x1 "image").
+MIN_SIDE = 16
+
+
 class NoFieldOfView(ImageDecodeError):
     """The image has no bright region that could be a fundus field of view."""
 
@@ -95,6 +99,11 @@ def fov_box(rgb: np.ndarray, threshold: float, min_fraction: float) -> tuple[int
     Works on a subsampled copy: the box only needs to be accurate to a pixel or two.
     """
     h, w = rgb.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise NoFieldOfView(
+            f"image is only {w}x{h} pixels, too small to hold a field of view "
+            f"(at least {MIN_SIDE} a side)"
+        )
     step = max(1, min(h, w) // 384)
     small = rgb[::step, ::step].max(axis=2)
     low, top = np.percentile(small, [1, 99])

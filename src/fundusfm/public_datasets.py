@@ -33,7 +33,8 @@ import pandas as pd
 from .config import ConfigError
 from .decode import SUPPORTED_SUFFIXES
 from .dedup import group_patients
-from .manifest import DatasetSpec, TaskSpec, save_manifest
+from .manifest import DatasetSpec, TaskSpec, is_utf8, printable, save_manifest
+from .manifest import read_table as read_sniffed
 
 Importer = Callable[[Path], tuple[pd.DataFrame, dict[str, TaskSpec], list[str]]]
 REGISTRY: dict[str, Importer] = {}
@@ -156,10 +157,35 @@ def csv_table(root: Path):
         if len(found) != 1:
             raise ConfigError(f"{root}: put the table in labels.csv (path,label[,patient_id])")
         table_path = found[0]
-    t = read_table(table_path)
+    t, lines = read_sniffed(table_path)  # a BOM, `;` or tab delimiters and CRLF are fine
     missing = [c for c in ("path", "label") if c not in t.columns]
     if missing:
-        raise ConfigError(f"{table_path}: missing columns {missing}; needs path,label")
+        raise ConfigError(
+            f"{table_path}: missing columns {missing}; needs path,label (found: "
+            f"{', '.join(t.columns)})"
+        )
+    for col in ("path", "label"):
+        if (t[col] == "").any():
+            i = int((t[col] == "").to_numpy().argmax())
+            raise ConfigError(
+                f"{table_path} line {lines[i]}: empty {col} ({int((t[col] == '').sum())} of "
+                f"{len(t)} rows); fill it in or remove the row"
+            )
+    repeated = t["path"].duplicated().to_numpy()
+    if repeated.any():
+        second = int(repeated.argmax())
+        first = int((t["path"] == t["path"].iat[second]).to_numpy().argmax())
+        raise ConfigError(
+            f"{table_path} lines {lines[first]} and {lines[second]} both list "
+            f"{t['path'].iat[second]!r}; keep one row per image"
+        )
+    absent = ~t["path"].map(lambda rel: (root / rel).is_file()).to_numpy()
+    if absent.any():
+        i = int(absent.argmax())
+        raise ConfigError(
+            f"{table_path} line {lines[i]}: no file {t['path'].iat[i]!r} under {root} "
+            f"({int(absent.sum())} of {len(t)} missing); paths are relative to that folder"
+        )
     ids = t["path"].str.replace(r"\.[^./]+$", "", regex=True)
     t["label"] = t["label"].str.strip()
     if "patient_id" in t:  # a blank patient id is the image's own, never one shared patient
@@ -200,6 +226,15 @@ def import_dataset(
     if not root.is_dir():
         raise ConfigError(f"not a folder: {root}")
     frame, tasks, notes = REGISTRY[name](root)
+    if not frame.empty:  # a manifest is UTF-8 text: names in another encoding cannot go in
+        bad = ~frame["path"].map(is_utf8)
+        if bad.any():
+            shown = ", ".join(printable(p) for p in frame["path"][bad][:3])
+            notes.append(
+                f"skipped {int(bad.sum())} files whose names are not valid UTF-8 ({shown}); "
+                "rename them to import them"
+            )
+            frame = frame[~bad].reset_index(drop=True)
     if frame.empty:
         raise ConfigError(
             f"no {name} images found under {root} (see `fundusfm data import --help`)"

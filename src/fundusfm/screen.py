@@ -1,7 +1,8 @@
 """Screening a folder with a bundle (`fundusfm predict BUNDLE FOLDER --out DIR`).
 
 Every file under the folder (recursively) gets one row of `predictions.csv`:
-    file        path relative to the folder
+    file        path relative to the folder (bytes of a name that are not UTF-8 are
+                written as `\\xNN`, so the CSV and the report are always valid UTF-8)
     status      scored | ungradable (failed the quality gate: not scored) |
                 unreadable (could not be decoded; `reason` says why) |
                 unsupported (not an image format fundusfm reads)
@@ -32,6 +33,7 @@ from .bundle import Bundle, load_bundle
 from .config_screen import QualityConfig
 from .decode import SUPPORTED_SUFFIXES
 from .explain import gradcam_maps, overlay, preprocess_config
+from .manifest import printable
 from .preprocess import crop_resize, decode_for
 from .quality import assess
 
@@ -119,22 +121,21 @@ def screen(
         raise FileNotFoundError(f"not a folder: {folder}")
     if out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents:
         raise ValueError(f"--out {out} would hold the input folder {folder}; choose another")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"{out} exists and is not empty; use --overwrite or another --out"
-            )
-        shutil.rmtree(out)
-    bundle = load_bundle(bundle_path, device)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; use --overwrite or another --out")
+    bundle = load_bundle(bundle_path, device)  # before --overwrite removes anything
     if bundle.kind == "segmentation":
         raise ValueError("predict screens with classifiers; use `fundusfm segment eval`")
+    if out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     images = [p for p in files if p.suffix.lower() in SUPPORTED_SUFFIXES]
     rows = [
         {
-            "file": p.relative_to(folder).as_posix(),
+            "file": printable(p.relative_to(folder).as_posix()),
             "status": "unsupported",
-            "reason": f"not an image format fundusfm reads ({p.suffix or 'no extension'})",
+            "reason": "not an image format fundusfm reads "
+            + printable(f"({p.suffix or 'no extension'})"),
         }
         for p in files
         if p.suffix.lower() not in SUPPORTED_SUFFIXES
@@ -159,12 +160,13 @@ def screen(
                 maps = gradcam_maps(bundle, [b["image"] for b in ok], targets)
             for b, cam in zip(ok, maps, strict=True):
                 thumb = Image.fromarray(overlay(b["image"], cam)).resize((160, 160))
-                thumb.save(out / "gradcam" / f"{images[b['index']].stem}_{b['index']}.png")
+                name = printable(images[b["index"]].stem)
+                thumb.save(out / "gradcam" / f"{name}_{b['index']}.png")
         for b in batch:
             row = {
-                "file": images[b["index"]].relative_to(folder).as_posix(),
+                "file": printable(images[b["index"]].relative_to(folder).as_posix()),
                 "status": b["status"],
-                "reason": b["reason"],
+                "reason": printable(b["reason"]),
             }
             if b["index"] in scored:
                 p, d = scored[b["index"]]

@@ -107,6 +107,7 @@ def make_splits(manifest: Manifest, cfg: SplitConfig) -> pd.DataFrame:
     if not fractions or fractions[0] <= 0 or fractions[-1] > 1:
         raise ConfigError(f"fractions must lie in (0, 1], got {cfg.fractions}")
     manifest.require("image_id", "patient_id")
+    manifest.require_unique_ids()
     y = _strata(manifest, cfg.task)
     t = manifest.table
     if (t["patient_id"] == "").any():

@@ -2,8 +2,9 @@
 
 Checks the required columns, ids (empty, duplicated), patient ids, eye values, paths (empty,
 outside the data root, missing), every image (decodes fully: empty, truncated, not an image,
-decompression bomb), the same pixels under two ids, and the labels of every declared task
-(missing, unknown, a class without images). Problems carry the CSV line an editor shows.
+decompression bomb, too small to hold a field of view), the same pixels under two ids, and
+the labels of every declared task (missing, unknown, a class without images). Problems
+carry the CSV line an editor shows.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from .decode import ImageDecodeError, read_rgb
 from .manifest import EYES, REQUIRED_COLUMNS, Manifest
+from .preprocess import MIN_SIDE
 
 
 @dataclass
@@ -55,6 +57,9 @@ def _decode_and_hash(path: Path) -> tuple[str | None, str | None]:
         arr = read_rgb(path)
     except ImageDecodeError as exc:
         return None, str(exc)
+    if min(arr.shape[:2]) < MIN_SIDE:
+        h, w = arr.shape[:2]
+        return None, f"only {w}x{h} pixels, too small for a fundus photograph (at least {MIN_SIDE})"
     digest = hashlib.blake2b(arr.tobytes(), digest_size=16)
     digest.update(str(arr.shape).encode())
     return digest.hexdigest(), None

@@ -82,7 +82,13 @@ def data_scan(
     """Write a label-free manifest of the images in a folder (each image its own patient)."""
     from ..manifest import DatasetSpec, save_manifest, scan_folder
 
-    table = scan_folder(root, pattern)
+    skipped: list[str] = []
+    table = scan_folder(root, pattern, skipped)
+    if skipped:
+        typer.echo(
+            f"skipped {len(skipped)} files whose names are not valid UTF-8 "
+            f"({', '.join(skipped[:3])}); rename them to include them"
+        )
     if table.empty:
         raise fail(f"no JPEG/PNG/TIFF/BMP/GIF images under {root} match {pattern!r}")
     spec = DatasetSpec(name=root.name, root=os.path.relpath(root.resolve(), out.parent.resolve()))
