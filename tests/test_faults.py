@@ -115,3 +115,16 @@ def test_disk_full_mid_run_then_resume_matches_an_uninterrupted_run(
     pd.testing.assert_frame_equal(
         pd.read_csv(whole / "predictions.csv"), pd.read_csv(out / "predictions.csv")
     )
+
+    # external validation keys its predictions on image_id: a repeated id is refused by line
+    from fundusfm.config import ConfigError
+    from fundusfm.experiment import evaluate
+
+    table = pd.read_csv(synth_set, dtype=str, keep_default_na=False)
+    table["path"] = [str(synth_set.parent / p) for p in table["path"]]  # absolute paths
+    repeated = pd.concat([table, table.iloc[[0]]])
+    bad = tmp_path / "repeated_id.csv"
+    repeated.to_csv(bad, index=False)
+    with pytest.raises(ConfigError, match=f"line {len(table) + 2}"):
+        evaluate(whole / "bundle", bad, tmp_path / "ext", device="cpu", progress=False)
+    assert not (tmp_path / "ext").exists()

@@ -325,6 +325,7 @@ def evaluate(
     bundle = load_bundle(bundle_path, device=str(dev))
     manifest = load_manifest(manifest_path)
     manifest.require("image_id", "path")
+    manifest.require_unique_ids()  # predictions are keyed on image_id
     labels, keep = _external_labels(manifest, bundle, task, label_map)
     pre_meta = bundle.meta["preprocessing"]
     pre = PreprocessConfig(resolution=pre_meta["resolution"], **pre_meta["crop"])

@@ -277,6 +277,7 @@ def train_segmentation(cfg: SegmentConfig) -> Path:
     if is_finished(out):
         return out
     manifest = load_manifest(cfg.data.manifest)
+    manifest.require_unique_ids()
     parts = seg_parts(cfg.data, manifest, cfg.train.seed)
     parts = {p: parts.get(p, np.array([], int)) for p in ("train", "val", "test")}
     size, progress = cfg.data.resolution, cfg.run.progress and ddp.is_main()
@@ -315,6 +316,7 @@ def evaluate_segmentation(
         raise ValueError(f"{bundle_path} is a {bundle.kind} bundle; use `fundusfm evaluate`")
     manifest = load_manifest(manifest_path)
     manifest.require("image_id", "path", "vessel_path")
+    manifest.require_unique_ids()  # probability PNGs and per_image rows are keyed on image_id
     t = manifest.table
     keep = (t["vessel_path"].astype(str) != "").to_numpy()
     if split and "split" in t.columns:
