@@ -3,7 +3,10 @@
 Images come out as uint8 3xRxR tensors; normalisation happens per batch on the training
 device (`transforms.normalise`). Augmentation parameters are drawn from a generator seeded by
 (seed, epoch, image index), so an epoch's images are the same whatever the number of loader
-workers, and a resumed run sees exactly what an uninterrupted one would.
+workers, and a resumed run sees exactly what an uninterrupted one would. The epoch lives in
+shared memory, so loader workers kept across epochs (`persistent_workers=True`) see
+`set_epoch` too; with a plain attribute they would keep augmenting with the epoch they
+started in.
 """
 
 from __future__ import annotations
@@ -60,10 +63,15 @@ class CachedImages(Dataset):
         seed: int = 0,
     ):
         self.cache, self.sources, self.labels = cache, sources, labels
-        self.augment_cfg, self.seed, self.epoch = augment_cfg, seed, 0
+        self.augment_cfg, self.seed = augment_cfg, seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # seen by workers
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.sources)

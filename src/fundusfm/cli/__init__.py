@@ -95,6 +95,7 @@ def run() -> None:  # pragma: no cover - console entry for `python -m fundusfm`
 
 # The commands register themselves on the apps above.
 from . import (  # noqa: E402, F401
+    bench_commands,
     data_commands,
     explain_commands,
     grid_commands,

@@ -1,17 +1,13 @@
-"""Grid and benchmark commands: grid run / status / report, bench lf / cache."""
+"""Grid commands: grid run / status / report."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ..config import PreprocessConfig
-from ..manifest import load_manifest
-from . import ConfigOpt, QuietOpt, SetOpt, bench_app, grid_app, resolve, user_errors
+from . import QuietOpt, SetOpt, grid_app, resolve, user_errors
 
 GridArg = Annotated[Path, typer.Argument(help="Grid YAML (see configs/grid*.yaml).")]
 
@@ -63,47 +59,3 @@ def grid_report(
     with user_errors():
         path = build_report(resolve(GridConfig, grid, set_), n_boot)
     typer.echo(f"report: {path}")
-
-
-@bench_app.command("lf")
-def bench_lf_cmd(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    fractions: Annotated[
-        str, typer.Option(help="Fractions of the grid.")
-    ] = "0.01,0.05,0.1,0.25,0.5,1",
-    folds: Annotated[int, typer.Option(help="Folds of the grid.")] = 5,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write figures here.")] = None,
-) -> None:
-    """LF through the feature cache vs frozen-backbone head training (a 5 x 6 grid)."""
-    from ..bench import bench_lf
-    from ..config import FinetuneConfig
-
-    cfg = resolve(FinetuneConfig, config, set_)
-    with user_errors():
-        figures = bench_lf(cfg, [float(f) for f in fractions.split(",")], list(range(folds)))
-    for key, value in figures.items():
-        typer.echo(f"{key:44s} {value:.3f}" if isinstance(value, float) else f"{key:44s} {value}")
-    if json_out:
-        json_out.write_text(json.dumps(figures, indent=2))
-
-
-@bench_app.command("cache")
-def bench_cache_cmd(
-    manifest: Annotated[Path, typer.Argument(help="manifest.csv of the images to time.")],
-    resolution: Annotated[int, typer.Option(help="Cache resolution.")] = 512,
-    limit: Annotated[int | None, typer.Option(help="Use only the first N images.")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write figures here.")] = None,
-) -> None:
-    """Cache build speed, and cached reads vs decode + preprocess, in images/s."""
-    from ..bench import bench_cache
-
-    cfg = PreprocessConfig(resolution=resolution)
-    with user_errors():
-        figures = bench_cache(load_manifest(manifest), cfg, limit=limit)
-    figures["build_workers"] = cfg.workers or os.cpu_count()
-    for key, value in figures.items():
-        typer.echo(f"{key:32s} {value:.1f}" if isinstance(value, float) else f"{key:32s} {value}")
-    if json_out:
-        with user_errors():
-            json_out.write_text(json.dumps(figures, indent=2))

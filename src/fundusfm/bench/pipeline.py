@@ -1,0 +1,177 @@
+"""Row (a): is training limited by the model's compute, or by the input pipeline?
+
+One training epoch through the real data path - `CachedImages` reading the preprocessing
+cache with augmentation, a `DataLoader` built as `train.fit` builds it (a new loader every
+epoch, `num_workers` from the setting, pinned memory on CUDA), normalisation on the device,
+forward, backward and optimiser step - is timed against the same number of steps on batches
+that are already on the device, normalised (and channels-last where training uses it). The
+two alternate (A B B A ...) so that drift on a shared machine falls on both sides; the
+ratio is the pipeline's total time over the in-memory total. 1.00 means the loader costs
+nothing; the issue's goal is at most 1.10.
+
+Loader variants: `train` is exactly what `train.fit` builds; `persistent` keeps its worker
+processes across epochs (`persistent_workers=True`, `prefetch_factor` 4), which saves a
+fork and the empty pipeline at the start of every epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from ..backbone import Backbone
+from ..config import AugmentConfig, TrainConfig
+from ..datasets import FoldData
+from ..heads import Classifier, make_head
+from ..train import amp_dtype, make_loss
+from ..transforms import normalise
+
+LOADERS = ("train", "persistent")
+
+
+@dataclass
+class PipelineSetting:
+    arch: str = "resnet50"
+    resolution: int = 224
+    batch_size: int = 32
+    workers: int = 0
+    loader: str = "train"
+    rounds: int = 2
+    device: str = "cpu"
+    amp: bool = False  # CUDA only: bf16 (or fp16) autocast, as train.amp=auto
+    channels_last: bool = False
+    seed: int = 0
+
+    def describe(self) -> str:
+        extra = [f"workers {self.workers}"]
+        if self.loader != "train":
+            extra.append(f"{self.loader} workers")
+        if self.amp:
+            extra.append("AMP")
+        if self.channels_last:
+            extra.append("channels_last")
+        return (
+            f"{self.arch}, {self.resolution} px, batch {self.batch_size}, "
+            f"{', '.join(extra)}, {self.device}"
+        )
+
+
+class _Trainer:
+    """Model, optimiser and the training step of `train.fit` (one micro-batch per step)."""
+
+    def __init__(self, s: PipelineSetting, data: FoldData, train_labels):
+        self.device = torch.device(s.device)
+        kind, n_classes = data.task.kind, len(data.task.class_names)
+        self.multilabel = kind == "multilabel"
+        torch.manual_seed(s.seed)
+        backbone = Backbone(s.arch)
+        self.model = Classifier(backbone, make_head("mlp", backbone.num_features, n_classes))
+        self.model.to(self.device).train()
+        self.channels_last = s.channels_last
+        if s.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        cfg = TrainConfig()
+        self.amp = amp_dtype("auto" if s.amp else "off", self.device)
+        self.criterion = make_loss(kind, cfg, train_labels, n_classes).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+
+    def inputs(self, images: torch.Tensor, y: torch.Tensor):
+        """What the training loop does to a loader batch before the forward pass."""
+        x = normalise(images.to(self.device, non_blocking=True))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(self.device)
+        return x, (y.float() if self.multilabel else y)
+
+    def step(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        with torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext():
+            loss = self.criterion(self.model(x).float(), target)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"the loss became {loss.item()} during the benchmark")
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.item()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def make_loader(dataset, s: PipelineSetting, epoch: int, drop_last: bool) -> DataLoader:
+    """The training loader of one epoch, as `train.fit` builds it (variant `train`)."""
+    generator = torch.Generator().manual_seed(s.seed * 100_003 + epoch)
+    extra = {}
+    if s.loader == "persistent" and s.workers > 0:
+        extra = {"persistent_workers": True, "prefetch_factor": 4}
+    return DataLoader(
+        dataset,
+        batch_size=s.batch_size,
+        drop_last=drop_last,
+        sampler=RandomSampler(range(len(dataset)), generator=generator),
+        num_workers=s.workers,
+        pin_memory=s.device == "cuda",
+        **extra,
+    )
+
+
+def bench_pipeline(data: FoldData, s: PipelineSetting) -> dict:
+    """Alternate training epochs through the loader and on in-memory batches; time both."""
+    if s.loader not in LOADERS:
+        raise ValueError(f"unknown loader variant {s.loader!r}; choose one of {LOADERS}")
+    train_rows = data.parts["train"]
+    dataset = data.dataset("train", AugmentConfig(), s.seed)
+    drop_last = len(dataset) > s.batch_size
+    trainer = _Trainer(s, data, data.labels[train_rows])
+
+    # The in-memory side: the epoch's batches, already normalised on the device.
+    resident = [trainer.inputs(images, y) for images, y, _ in make_loader(dataset, s, 0, drop_last)]
+    steps, images = len(resident), sum(len(y) for _, y in resident)
+    trainer.step(*resident[0])  # first-call set-up (kernel selection, allocations), untimed
+    trainer.sync()
+
+    persistent = make_loader(dataset, s, 0, drop_last) if s.loader == "persistent" else None
+
+    def through_loader(epoch: int) -> float:
+        dataset.set_epoch(epoch)
+        start = time.perf_counter()
+        loader = make_loader(dataset, s, epoch, drop_last) if persistent is None else persistent
+        for images, y, _ in loader:
+            trainer.step(*trainer.inputs(images, y))
+        trainer.sync()
+        return time.perf_counter() - start
+
+    def in_memory() -> float:
+        start = time.perf_counter()
+        for x, target in resident:
+            trainer.step(x, target)
+        trainer.sync()
+        return time.perf_counter() - start
+
+    loader_s, memory_s = [], []
+    for r in range(s.rounds):  # A B, then B A: a trend in machine speed hits both sides
+        if r % 2 == 0:
+            loader_s.append(through_loader(r + 1))
+            memory_s.append(in_memory())
+        else:
+            memory_s.append(in_memory())
+            loader_s.append(through_loader(r + 1))
+    ratio = sum(loader_s) / sum(memory_s)
+    return {
+        "setting": s.describe(),
+        "steps_per_epoch": steps,
+        "images_per_epoch": images,
+        "loader_epoch_s": loader_s,
+        "memory_epoch_s": memory_s,
+        "loader_images_per_s": images * len(loader_s) / sum(loader_s),
+        "memory_images_per_s": images * len(memory_s) / sum(memory_s),
+        "ratio": ratio,
+    }

@@ -1,0 +1,96 @@
+"""`fundusfm bench run`: every row present with a finite positive figure; no timed assertions."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fundusfm.bench import screening
+from fundusfm.bench.runner import parse_only
+from fundusfm.bench.workspace import replicated_cache
+from fundusfm.cli import app
+from fundusfm.config import ConfigError
+from fundusfm.preprocess import ImageCache
+
+QUICK_ROWS = {
+    "a.cpu.64",
+    "a.cpu.96",
+    "a.cpu.64.w1p",
+    "b",
+    "c.64.eager",
+    "c.64.onnxruntime",
+    "c.64.torch.compile",
+    "d",
+}
+
+
+def test_quick_run_prints_table_and_writes_every_row(tmp_path: Path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        app, ["bench", "run", "--quick", "--json", str(out)], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    rows = {r["id"]: r for r in report["rows"]}
+    assert set(rows) >= QUICK_ROWS
+    compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    for rid in QUICK_ROWS:
+        r = rows[rid]
+        if rid.endswith("torch.compile") and not compiler:  # Inductor needs a C++ compiler
+            assert r["status"] == "failed" and r["reason"]
+            continue
+        assert r["status"] == "ok", (rid, r["reason"])
+        assert r["ratio"] is not None and math.isfinite(r["ratio"]) and r["ratio"] > 0, rid
+        assert r["figure"] and r["setting"] and r["goal"]
+    memory = rows["d"]["values"]
+    assert memory["peak_mb_small"] > 0 and memory["peak_mb_large"] > 0
+    assert rows["b"]["values"]["cells"] == 4  # 2 folds x 2 fractions
+    assert report["command"].startswith("fundusfm bench run --quick")
+    table = result.stdout
+    assert table.splitlines()[0].split() == ["row", "setting", "figure", "ratio", "goal"]
+    for rid in QUICK_ROWS:
+        assert rid in table
+
+
+def test_screening_rows_say_why_a_backend_cannot_run(monkeypatch):
+    def no_compiler(*_):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(screening, "missing_onnx_packages", lambda: ["onnxruntime"])
+    monkeypatch.setitem(screening.MAKERS, "torch.compile", no_compiler)
+    results = screening.bench_screening(screening.ScreenSetting("resnet18", 32, 1, 1))
+    assert results["eager"]["status"] == "ok" and results["eager"]["ratio"] == 1.0
+    assert results["onnxruntime"]["status"] == "not installed"
+    assert "pip install 'fundusfm[onnx]'" in results["onnxruntime"]["reason"]
+    assert results["torch.compile"] == {
+        "backend": "torch.compile",
+        "setting": "resnet18, 32 px, batch 1, cpu",
+        "status": "failed",
+        "reason": "RuntimeError: InvalidCxxCompiler: no working C++ compiler found",
+    }
+
+
+def test_replicated_cache_holds_one_array(tmp_path: Path, synth_set: Path):
+    image = sorted((synth_set.parent / "images").iterdir())[0]
+    cache = replicated_cache(tmp_path / "cache", image, 64, 50)
+    reread = ImageCache(cache.dir)  # a valid cache as `ImageCache` reads it
+    assert len(reread.index) == 50 and reread.resolution == 64
+    sources = list(reread.index)
+    first, last = reread.read(Path(sources[0])), reread.read(Path(sources[-1]))
+    assert first.shape == (64, 64, 3) and np.array_equal(first, last)
+    files = sorted((cache.dir / "arrays").iterdir())
+    assert len({os.stat(f).st_ino for f in files}) == 1  # hard links: one array on disk
+
+
+def test_only_accepts_letters_and_names():
+    assert parse_only("c, memory,a") == ["a", "c", "d"]
+    assert parse_only(None) == ["a", "b", "c", "d"]
+    with pytest.raises(ConfigError, match="unknown row 'x'"):
+        parse_only("a,x")
