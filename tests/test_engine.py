@@ -375,3 +375,13 @@ def test_wrong_inputs_give_clear_errors(tiny, tmp_path):
         progress=False,
     )
     assert metrics["images"] == 40
+
+
+def test_loader_workers_kept_across_epochs_change_nothing(tiny, tmp_path):
+    # workers live across epochs (persistent): they must see each epoch's augmentation
+    sets = {"train.epochs": 2, "method": "ff"}
+    inline = finetune(config(tiny, tmp_path / "w0", **sets))
+    workers = finetune(config(tiny, tmp_path / "w2", **{**sets, "train.workers": 2}))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(inline / "predictions.csv"), pd.read_csv(workers / "predictions.csv")
+    )

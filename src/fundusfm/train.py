@@ -257,19 +257,21 @@ def fit(
             start = cfg.epochs
     better = (lambda a, b: a < b) if cfg.select_metric in LOWER_IS_BETTER else (lambda a, b: a > b)
 
+    generator = torch.Generator()  # reseeded per epoch: the order depends on (seed, epoch) only
+    sampler = _sampler(train_labels, kind, cfg.balanced_sampler, generator)
+    loader = DataLoader(  # workers live across epochs and see set_epoch (datasets.py)
+        train_set,
+        batch_size=batch_size,
+        drop_last=drop_last,
+        sampler=ddp.ShardSampler(sampler) if ddp.world_size() > 1 else sampler,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.workers > 0,
+    )
     for epoch in range(start, cfg.epochs):
         train_mode(model, frozen)
         train_set.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        sampler = _sampler(train_labels, kind, cfg.balanced_sampler, generator)
-        loader = DataLoader(
-            train_set,
-            batch_size=batch_size,
-            drop_last=drop_last,
-            sampler=ddp.ShardSampler(sampler) if ddp.world_size() > 1 else sampler,
-            num_workers=cfg.workers,
-            pin_memory=device.type == "cuda",
-        )
+        generator.manual_seed(cfg.seed * 100_003 + epoch)
         bar = tqdm(
             loader,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
