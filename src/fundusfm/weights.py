@@ -33,17 +33,19 @@ class PickleRefused(ValueError):
 
 
 def _load_checkpoint(path: Path, trust_pickle: bool):
+    """Tensors only (PyTorch's weights-only loader); full unpickling only with --trust-pickle."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError) as exc:
-        if not trust_pickle:
-            raise PickleRefused(
-                f"{path} holds pickled Python objects (a whole model, not only tensors). "
-                "Unpickling runs code stored in the file, so it is refused by default; if you "
-                "trust the file's source (e.g. the authors' release, checked against its "
-                "published hash), add --trust-pickle"
-            ) from exc
-    return torch.load(path, map_location="cpu", weights_only=False)
+        refused = exc
+    if trust_pickle:  # the one place that unpickles: the user vouched for the file
+        return torch.load(path, map_location="cpu", weights_only=False)
+    raise PickleRefused(
+        f"{path} holds pickled Python objects (a whole model, not only tensors). "
+        "Unpickling runs code stored in the file, so it is refused by default; if you "
+        "trust the file's source (e.g. the authors' release, checked against its "
+        "published hash), add --trust-pickle"
+    ) from refused
 
 
 def _state_of(obj) -> dict[str, torch.Tensor]:
