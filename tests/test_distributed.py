@@ -53,6 +53,7 @@ def sets(setup: dict, out: Path, **extra) -> list[str]:
         "method": "lf",
         "train.epochs": 2,
         "train.batch_size": 8,
+        "train.grad_accum": 2,  # DDP syncs gradients on the last micro-batch only (no_sync)
         "train.lr": 0.01,
         "train.select_metric": "loss",
         "train.device": "cpu",

@@ -288,16 +288,15 @@ def fit(
             target = y.to(device).float() if kind == "multilabel" else y.to(device)
             last = (step + 1) % cfg.grad_accum == 0 or step + 1 == len(loader)
             # DDP averages gradients across ranks on the last micro-batch of a step only
-            sync = nullcontext() if last or trained is model else trained.no_sync()
-            with sync, torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-                loss = criterion(trained(x).float(), target)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}; "
-                    f"try a lower train.lr. The last good checkpoint is kept: {checkpoint}"
-                )
-            group = min(cfg.grad_accum, len(loader) - step // cfg.grad_accum * cfg.grad_accum)
-            with sync:
+            with nullcontext() if last or trained is model else trained.no_sync():
+                with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+                    loss = criterion(trained(x).float(), target)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"the loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}; "
+                        f"try a lower train.lr. The last good checkpoint is kept: {checkpoint}"
+                    )
+                group = min(cfg.grad_accum, len(loader) - step // cfg.grad_accum * cfg.grad_accum)
                 scaler.scale(loss / group).backward()
             if last:
                 scaler.step(optimizer)
