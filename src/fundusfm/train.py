@@ -146,6 +146,34 @@ def _sampler(labels: np.ndarray, kind: str, balanced: bool, generator: torch.Gen
     return WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
 
 
+def training_loader(
+    train_set,
+    labels: np.ndarray,
+    kind: str,
+    cfg: TrainConfig,
+    batch_size: int,
+    drop_last: bool,
+    device: torch.device,
+) -> tuple[DataLoader, torch.Generator]:
+    """`fit`'s training loader, built once per run; reseed the generator before each epoch.
+
+    Worker processes live across epochs (they see `set_epoch`, see datasets.py); under
+    torchrun each rank takes its share of the same global order.
+    """
+    generator = torch.Generator()
+    sampler = _sampler(labels, kind, cfg.balanced_sampler, generator)
+    loader = DataLoader(
+        train_set,
+        batch_size=batch_size,
+        drop_last=drop_last,
+        sampler=ddp.ShardSampler(sampler) if ddp.world_size() > 1 else sampler,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.workers > 0,
+    )
+    return loader, generator
+
+
 def cosine_with_warmup(total: int, warmup: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
@@ -257,21 +285,13 @@ def fit(
             start = cfg.epochs
     better = (lambda a, b: a < b) if cfg.select_metric in LOWER_IS_BETTER else (lambda a, b: a > b)
 
-    generator = torch.Generator()  # reseeded per epoch: the order depends on (seed, epoch) only
-    sampler = _sampler(train_labels, kind, cfg.balanced_sampler, generator)
-    loader = DataLoader(  # workers live across epochs and see set_epoch (datasets.py)
-        train_set,
-        batch_size=batch_size,
-        drop_last=drop_last,
-        sampler=ddp.ShardSampler(sampler) if ddp.world_size() > 1 else sampler,
-        num_workers=cfg.workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=cfg.workers > 0,
+    loader, generator = training_loader(
+        train_set, train_labels, kind, cfg, batch_size, drop_last, device
     )
     for epoch in range(start, cfg.epochs):
         train_mode(model, frozen)
         train_set.set_epoch(epoch)
-        generator.manual_seed(cfg.seed * 100_003 + epoch)
+        generator.manual_seed(cfg.seed * 100_003 + epoch)  # the order: (seed, epoch) only
         bar = tqdm(
             loader,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",

@@ -1,17 +1,13 @@
 """Row (a): is training limited by the model's compute, or by the input pipeline?
 
 One training epoch through the real data path - `CachedImages` reading the preprocessing
-cache with augmentation, a `DataLoader` built as `train.fit` builds it (a new loader every
-epoch, `num_workers` from the setting, pinned memory on CUDA), normalisation on the device,
-forward, backward and optimiser step - is timed against the same number of steps on batches
-that are already on the device, normalised (and channels-last where training uses it). The
-two alternate (A B B A ...) so that drift on a shared machine falls on both sides; the
-ratio is the pipeline's total time over the in-memory total. 1.00 means the loader costs
-nothing; the issue's goal is at most 1.10.
-
-Loader variants: `train` is exactly what `train.fit` builds; `persistent` keeps its worker
-processes across epochs (`persistent_workers=True`, `prefetch_factor` 4), which saves a
-fork and the empty pipeline at the start of every epoch.
+cache with augmentation, the loader `train.fit` uses (`train.training_loader`: built once,
+worker processes kept across epochs, reseeded per epoch, pinned memory on CUDA),
+normalisation on the device, forward, backward and optimiser step - is timed against the
+same number of steps on batches that are already on the device, normalised (and
+channels-last where training uses it). The two alternate (A B B A ...) so that drift on a
+shared machine falls on both sides; the ratio is the pipeline's total time over the
+in-memory total. 1.00 means the loader costs nothing; the issue's goal is at most 1.10.
 """
 
 from __future__ import annotations
@@ -21,16 +17,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
 
 from ..backbone import Backbone
 from ..config import AugmentConfig, TrainConfig
 from ..datasets import FoldData
 from ..heads import Classifier, make_head
-from ..train import amp_dtype, make_loss
+from ..train import amp_dtype, make_loss, training_loader
 from ..transforms import normalise
-
-LOADERS = ("train", "persistent")
 
 
 @dataclass
@@ -39,7 +32,6 @@ class PipelineSetting:
     resolution: int = 224
     batch_size: int = 32
     workers: int = 0
-    loader: str = "train"
     rounds: int = 2
     device: str = "cpu"
     amp: bool = False  # CUDA only: bf16 (or fp16) autocast, as train.amp=auto
@@ -48,8 +40,8 @@ class PipelineSetting:
 
     def describe(self) -> str:
         extra = [f"workers {self.workers}"]
-        if self.loader != "train":
-            extra.append(f"{self.loader} workers")
+        if self.workers:
+            extra.append("persistent workers")
         if self.amp:
             extra.append("AMP")
         if self.channels_last:
@@ -106,44 +98,33 @@ class _Trainer:
             torch.cuda.synchronize(self.device)
 
 
-def make_loader(dataset, s: PipelineSetting, epoch: int, drop_last: bool) -> DataLoader:
-    """The training loader of one epoch, as `train.fit` builds it (variant `train`)."""
-    generator = torch.Generator().manual_seed(s.seed * 100_003 + epoch)
-    extra = {}
-    if s.loader == "persistent" and s.workers > 0:
-        extra = {"persistent_workers": True, "prefetch_factor": 4}
-    return DataLoader(
-        dataset,
-        batch_size=s.batch_size,
-        drop_last=drop_last,
-        sampler=RandomSampler(range(len(dataset)), generator=generator),
-        num_workers=s.workers,
-        pin_memory=s.device == "cuda",
-        **extra,
+def make_loader(dataset, labels, s: PipelineSetting, drop_last: bool):
+    """The training loader and its generator, exactly as `train.fit` builds them."""
+    cfg = TrainConfig(batch_size=s.batch_size, workers=s.workers, seed=s.seed)
+    return training_loader(
+        dataset, labels, "binary", cfg, s.batch_size, drop_last, torch.device(s.device)
     )
 
 
 def bench_pipeline(data: FoldData, s: PipelineSetting) -> dict:
     """Alternate training epochs through the loader and on in-memory batches; time both."""
-    if s.loader not in LOADERS:
-        raise ValueError(f"unknown loader variant {s.loader!r}; choose one of {LOADERS}")
     train_rows = data.parts["train"]
     dataset = data.dataset("train", AugmentConfig(), s.seed)
     drop_last = len(dataset) > s.batch_size
     trainer = _Trainer(s, data, data.labels[train_rows])
 
     # The in-memory side: the epoch's batches, already normalised on the device.
-    resident = [trainer.inputs(images, y) for images, y, _ in make_loader(dataset, s, 0, drop_last)]
+    loader, generator = make_loader(dataset, data.labels[train_rows], s, drop_last)
+    generator.manual_seed(s.seed * 100_003)
+    resident = [trainer.inputs(images, y) for images, y, _ in loader]
     steps, images = len(resident), sum(len(y) for _, y in resident)
     trainer.step(*resident[0])  # first-call set-up (kernel selection, allocations), untimed
     trainer.sync()
 
-    persistent = make_loader(dataset, s, 0, drop_last) if s.loader == "persistent" else None
-
     def through_loader(epoch: int) -> float:
         dataset.set_epoch(epoch)
         start = time.perf_counter()
-        loader = make_loader(dataset, s, epoch, drop_last) if persistent is None else persistent
+        generator.manual_seed(s.seed * 100_003 + epoch)
         for images, y, _ in loader:
             trainer.step(*trainer.inputs(images, y))
         trainer.sync()

@@ -129,7 +129,7 @@ def _pipeline_rows(p: Preset, ws: Workspace, say) -> list[dict]:
         rows.append(_pipeline_row(f"a.cpu.{res}", s, ws, say))
     if p.cpu_variant_workers:  # worker processes on the CPU: they share the cores
         res, workers = p.pipeline_resolutions[0], p.cpu_variant_workers
-        s = PipelineSetting(p.arch, res, p.batch_size, workers, "persistent", rounds=p.rounds)
+        s = PipelineSetting(p.arch, res, p.batch_size, workers, rounds=p.rounds)
         rows.append(_pipeline_row(f"a.cpu.{res}.w{workers}p", s, ws, say))
     if not torch.cuda.is_available():
         rows.append(
@@ -149,7 +149,6 @@ def _pipeline_rows(p: Preset, ws: Workspace, say) -> list[dict]:
             p.gpu_resolution,
             p.gpu_batch,
             workers,
-            loader="train" if workers == 0 else "persistent",
             rounds=p.rounds,
             device="cuda",
             amp=True,
@@ -198,10 +197,9 @@ def _screen_rows(p: Preset, say) -> list[dict]:
                 continue
             figure = f"{r['images_per_s']:.1f} img/s"
             if name != "eager":
-                figure += (
-                    f" (set-up {r['setup_s']:.0f} s; max |p - eager| "
-                    f"{r['max_abs_diff_vs_eager']:.0e})"
-                )
+                diff = r["max_abs_diff_vs_eager"]
+                diff = "n/a" if diff is None else f"{diff:.0e}"
+                figure += f" (set-up {r['setup_s']:.0f} s; max |p - eager| {diff})"
             goal = "reference" if name == "eager" else "vs eager"
             rows.append(base | {"figure": figure, "ratio": r["ratio"], "goal": goal})
     return rows
@@ -277,10 +275,9 @@ def run_bench(
 ) -> dict:
     """Run the chosen rows of a preset; returns the report (rows, settings, machine)."""
     only = only or list(GROUPS)
-    start = time.perf_counter()
     report = {"command": command, "preset": dataclasses.asdict(preset), "machine": machine()}
     rows: list[dict] = []
-    clock = time.perf_counter()
+    clock = start = time.perf_counter()
 
     def said(message: str) -> None:  # progress, with the time since the run started
         say(f"[{time.perf_counter() - clock:6.1f} s] {message}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +91,3 @@ def replicated_cache(directory: Path, source: Path, resolution: int, images: int
         rows[-1].update(file=name, **info)
     pd.DataFrame(rows, columns=INDEX_COLUMNS).to_csv(directory / "index.csv", index=False)
     return ImageCache(directory)
-
-
-def remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
