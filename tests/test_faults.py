@@ -128,3 +128,24 @@ def test_disk_full_mid_run_then_resume_matches_an_uninterrupted_run(
     with pytest.raises(ConfigError, match=f"line {len(table) + 2}"):
         evaluate(whole / "bundle", bad, tmp_path / "ext", device="cpu", progress=False)
     assert not (tmp_path / "ext").exists()
+
+
+def test_failed_manifest_write_keeps_the_previous_manifest(tmp_path, monkeypatch):
+    import os
+
+    from fundusfm.manifest import DatasetSpec, save_manifest
+
+    table = pd.DataFrame(
+        {"image_id": ["a"], "path": ["a.png"], "patient_id": ["a"], "eye": ["left"]}
+    )
+    path = save_manifest(table, DatasetSpec(), tmp_path / "manifest.csv")
+    before = path.read_bytes()
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)  # the rename that would publish the new file
+    with pytest.raises(OSError, match="No space left"):
+        save_manifest(table.assign(path="b.png"), DatasetSpec(), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.csv", "manifest.yaml"]

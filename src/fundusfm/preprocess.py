@@ -61,6 +61,16 @@ _RESAMPLE = {
 MIN_SIDE = 16
 
 
+def check_min_side(rgb: np.ndarray) -> None:
+    """Refuse an image too small to be a fundus photograph (the one rule for every command)."""
+    h, w = rgb.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise NoFieldOfView(
+            f"image is only {w}x{h} pixels, too small to hold a field of view "
+            f"(at least {MIN_SIDE} a side)"
+        )
+
+
 class NoFieldOfView(ImageDecodeError):
     """The image has no bright region that could be a fundus field of view."""
 
@@ -98,12 +108,8 @@ def fov_box(rgb: np.ndarray, threshold: float, min_fraction: float) -> tuple[int
     unbroken run of such rows and columns (so edge artefacts and text labels do not count).
     Works on a subsampled copy: the box only needs to be accurate to a pixel or two.
     """
+    check_min_side(rgb)
     h, w = rgb.shape[:2]
-    if min(h, w) < MIN_SIDE:
-        raise NoFieldOfView(
-            f"image is only {w}x{h} pixels, too small to hold a field of view "
-            f"(at least {MIN_SIDE} a side)"
-        )
     step = max(1, min(h, w) // 384)
     small = rgb[::step, ::step].max(axis=2)
     low, top = np.percentile(small, [1, 99])

@@ -187,9 +187,8 @@ def csv_table(root: Path):
             f"({int(absent.sum())} of {len(t)} missing); paths are relative to that folder"
         )
     ids = t["path"].str.replace(r"\.[^./]+$", "", regex=True)
-    t["label"] = t["label"].str.strip()
     if "patient_id" in t:  # a blank patient id is the image's own, never one shared patient
-        t["patient_id"] = t["patient_id"].str.strip().where(t["patient_id"].str.strip() != "", ids)
+        t["patient_id"] = t["patient_id"].where(t["patient_id"] != "", ids)
     frame = pd.DataFrame(
         {
             "image_id": ids,

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .decode import ImageDecodeError, read_rgb
 from .manifest import EYES, REQUIRED_COLUMNS, Manifest
-from .preprocess import MIN_SIDE
+from .preprocess import check_min_side
 
 
 @dataclass
@@ -55,11 +55,9 @@ class CheckReport:
 def _decode_and_hash(path: Path) -> tuple[str | None, str | None]:
     try:
         arr = read_rgb(path)
+        check_min_side(arr)
     except ImageDecodeError as exc:
         return None, str(exc)
-    if min(arr.shape[:2]) < MIN_SIDE:
-        h, w = arr.shape[:2]
-        return None, f"only {w}x{h} pixels, too small for a fundus photograph (at least {MIN_SIDE})"
     digest = hashlib.blake2b(arr.tobytes(), digest_size=16)
     digest.update(str(arr.shape).encode())
     return digest.hexdigest(), None
