@@ -195,6 +195,12 @@ class _Exported(nn.Module):
         return scores_from_logits(self.model((images - self.mean) / self.std), self.kind)
 
 
+def exported_module(bundle) -> nn.Module:
+    """The module `export --format onnx` writes: float images in, probabilities out."""
+    p = bundle.meta["preprocessing"]
+    return _Exported(bundle.model, bundle.kind, p["mean"], p["std"]).eval()
+
+
 def export(bundle_path: Path, fmt: str, out: Path) -> Path:
     """Write the bundle as a torchvision state dict (.pth) or an ONNX model (.onnx)."""
     bundle = load_bundle(bundle_path)
@@ -211,8 +217,7 @@ def export(bundle_path: Path, fmt: str, out: Path) -> Path:
         import onnxscript  # noqa: F401  (the exporter needs it)
     except ImportError as exc:
         raise RuntimeError("ONNX export needs: pip install 'fundusfm[onnx]'") from exc
-    p = bundle.meta["preprocessing"]
-    wrapped = _Exported(bundle.model, bundle.kind, p["mean"], p["std"]).eval()
+    wrapped = exported_module(bundle)
     r = bundle.resolution
     example = torch.rand(2, 3, r, r)
     torch.onnx.export(

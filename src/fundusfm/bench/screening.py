@@ -67,11 +67,9 @@ def missing_onnx_packages() -> list[str]:
 
 
 def _exported_module(bundle_path: Path) -> torch.nn.Module:
-    from ..weights import _Exported
+    from ..weights import exported_module
 
-    bundle = load_bundle(bundle_path)
-    p = bundle.meta["preprocessing"]
-    return _Exported(bundle.model, bundle.kind, p["mean"], p["std"]).eval()
+    return exported_module(load_bundle(bundle_path))
 
 
 def _eager(bundle_path: Path, _: Path) -> Callable[[torch.Tensor], np.ndarray]:
