@@ -1,11 +1,22 @@
-"""DeLong's test against a direct O(m*n) computation, and bootstrap sanity checks."""
+"""DeLong's and Obuchowski's tests against direct O(m*n) computations, their behaviour under
+the null with two correlated eyes per patient, and the bootstrap intervals and p-values."""
 
 import numpy as np
 import pytest
 from scipy import stats as st
 
 from fundusfm.metrics import binary_auroc
-from fundusfm.stats import bootstrap_ci, delong_components, delong_test, paired_bootstrap
+from fundusfm.stats import (
+    CLUSTERED_DELONG,
+    DELONG,
+    bootstrap_ci,
+    clustered_delong_test,
+    compare_aurocs,
+    delong_components,
+    delong_test,
+    obuchowski_components,
+    paired_bootstrap,
+)
 
 
 def reference_delong(y, a, b):
@@ -91,3 +102,116 @@ def test_delong_without_variance_gives_no_p_value():
     y = np.array([0, 0, 0, 1, 1, 1])
     perfect, constant = y.astype(float), np.full(6, 0.5)
     assert np.isnan(delong_test(y, perfect, constant)["p_value"])
+
+
+def reference_obuchowski(y, a, b, groups):
+    """Obuchowski (1997), written as the paper states it: explicit pairs, cluster sums, S10,
+    S01 and S11 terms for each variance and the analogous terms for the covariance."""
+    y, groups = y.astype(bool), np.asarray(groups)
+    clusters = np.unique(groups)
+    big_i, big_m, big_n = len(clusters), y.sum(), (~y).sum()
+    parts = []
+    for s in (a, b):
+        kernel = (s[y][:, None] > s[~y][None, :]) + 0.5 * (s[y][:, None] == s[~y][None, :])
+        area = kernel.mean()
+        v10 = kernel.mean(axis=1)  # per positive: V10(X_ij) = (1/N) sum psi
+        v01 = kernel.mean(axis=0)  # per negative: V01(Y_kl) = (1/M) sum psi
+        d10 = np.array(
+            [v10[groups[y] == c].sum() - (groups[y] == c).sum() * area for c in clusters]
+        )
+        d01 = np.array(
+            [v01[groups[~y] == c].sum() - (groups[~y] == c).sum() * area for c in clusters]
+        )
+        parts.append((area, d10, d01))
+    f = big_i / (big_i - 1)
+
+    def cov(r, s):
+        (_, d10r, d01r), (_, d10s, d01s) = parts[r], parts[s]
+        s10 = f / big_m * np.sum(d10r * d10s)
+        s01 = f / big_n * np.sum(d01r * d01s)
+        s11 = f * (np.sum(d10r * d01s) + np.sum(d01r * d10s)) / 2
+        return s10 / big_m + s01 / big_n + 2 * s11 / (big_m * big_n)
+
+    var = cov(0, 0) + cov(1, 1) - 2 * cov(0, 1)
+    diff = parts[0][0] - parts[1][0]
+    return parts[0][0], parts[1][0], cov(0, 0), 2 * st.norm.sf(abs(diff) / np.sqrt(var))
+
+
+def test_obuchowski_matches_direct_computation_with_ties_and_mixed_clusters():
+    rng = np.random.default_rng(4)
+    groups = np.repeat(np.arange(70), rng.integers(1, 4, 70))  # 1 to 3 images a patient
+    n = len(groups)
+    y = (rng.random(n) < 0.3 + 0.4 * (groups % 2)).astype(int)  # mixed and pure clusters
+    a = np.round(0.9 * y + rng.normal(0, 0.6, n), 1)
+    b = np.round(0.4 * y + rng.normal(0, 0.6, n), 1)
+    result = clustered_delong_test(y, a, b, groups)
+    auc_a, auc_b, var_a, p = reference_obuchowski(y, a, b, groups)
+    assert result["auroc_a"] == pytest.approx(auc_a, rel=1e-12)
+    assert result["auroc_b"] == pytest.approx(auc_b, rel=1e-12)
+    assert result["p_value"] == pytest.approx(p, rel=1e-9)
+    _, cov = obuchowski_components(y, np.stack([a, b], axis=1), groups)
+    assert cov[0, 0] == pytest.approx(var_a, rel=1e-9)
+    # the labels of the groups do not matter, only who is with whom
+    shuffled = rng.permutation(1000)[groups]
+    assert clustered_delong_test(y, a, b, shuffled)["p_value"] == pytest.approx(p, rel=1e-12)
+
+
+def test_one_image_per_patient_runs_plain_delong():
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 90)
+    a, b = y + rng.normal(0, 1, 90), 0.5 * y + rng.normal(0, 1, 90)
+    chosen = compare_aurocs(y, a, b, np.arange(90) * 7)
+    assert chosen["test"] == DELONG and chosen["patients"] == 90
+    assert chosen["p_value"] == pytest.approx(delong_test(y, a, b)["p_value"], rel=1e-9, abs=0)
+    # Obuchowski's I/(I-1) factors differ from DeLong's m/(m-1) with clusters of one image:
+    # close, not equal, which is why one-image-per-patient data gets plain DeLong
+    obu = clustered_delong_test(y, a, b, np.arange(90))["p_value"]
+    assert obu == pytest.approx(chosen["p_value"], rel=0.2) and obu != chosen["p_value"]
+    paired = compare_aurocs(y, a, b, np.arange(90) // 2)
+    assert paired["test"] == CLUSTERED_DELONG and paired["patients"] == 45
+
+
+def two_eye_null(rng, patients=150):
+    """Two models exactly as good as each other; eyes share a patient's risk and each
+    model's patient-level error, and the models share a patient-level component."""
+    risk = rng.normal(size=patients)
+    y = (rng.random((patients, 2)) < 1 / (1 + np.exp(-2.5 * risk[:, None]))).astype(int).ravel()
+    shared = np.repeat(rng.normal(0, 0.7, patients), 2)
+
+    def model():
+        own = np.repeat(rng.normal(0, 1.0, patients), 2)
+        return 1.5 * y + shared + own + rng.normal(0, 0.3, 2 * patients)
+
+    return y, model(), model(), np.repeat(np.arange(patients), 2)
+
+
+def test_clustered_delong_holds_its_level_with_two_eyes_and_image_level_does_not():
+    rng = np.random.default_rng(0)
+    p_clustered, p_images, z2_clustered, z2_images = [], [], [], []
+    for _ in range(200):
+        y, a, b, groups = two_eye_null(rng)
+        p_clustered.append(clustered_delong_test(y, a, b, groups)["p_value"])
+        p_images.append(delong_test(y, a, b)["p_value"])
+        for z2, (auc, cov) in (
+            (z2_clustered, obuchowski_components(y, np.stack([a, b], 1), groups)),
+            (z2_images, delong_components(y, np.stack([a, b], 1))),
+        ):
+            z2.append((auc[0] - auc[1]) ** 2 / (cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]))
+    rate_clustered = np.mean(np.asarray(p_clustered) < 0.05)
+    rate_images = np.mean(np.asarray(p_images) < 0.05)
+    print(f"rejections at 0.05: clustered {rate_clustered:.3f}, image-level {rate_images:.3f}")
+    assert 0.02 <= rate_clustered <= 0.09
+    # image-level DeLong counts two eyes as two cases: its z^2 averages well above 1 (the
+    # clustered one's stays near 1) and it rejects a true null more often
+    assert 0.8 < np.mean(z2_clustered) < 1.2 and np.mean(z2_images) > 1.25
+    assert rate_images >= rate_clustered + 0.03
+
+
+def test_paired_bootstrap_p_value_is_never_zero():
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 2, 300)
+    good, noise = y + rng.normal(0, 0.2, 300), rng.normal(0, 1, 300)
+    both = (good, noise)
+    res = paired_bootstrap(lambda r, w: binary_auroc(y[r], both[w][r]), 300, n_boot=99)
+    assert res["ci_low"] > 0.3  # every resample favours the good model
+    assert res["p_value"] == pytest.approx(2 / 100)
