@@ -4,16 +4,19 @@ the null with two correlated eyes per patient, and the bootstrap intervals and p
 import numpy as np
 import pytest
 from scipy import stats as st
+from sklearn.metrics import average_precision_score
 
-from fundusfm.metrics import binary_auroc
+from fundusfm.metrics import binary_auroc, classification_metrics, per_class_table
 from fundusfm.stats import (
     CLUSTERED_DELONG,
     DELONG,
+    average_precision,
     bootstrap_ci,
     clustered_delong_test,
     compare_aurocs,
     delong_components,
     delong_test,
+    metric_intervals,
     obuchowski_components,
     paired_bootstrap,
 )
@@ -215,3 +218,76 @@ def test_paired_bootstrap_p_value_is_never_zero():
     res = paired_bootstrap(lambda r, w: binary_auroc(y[r], both[w][r]), 300, n_boot=99)
     assert res["ci_low"] > 0.3  # every resample favours the good model
     assert res["p_value"] == pytest.approx(2 / 100)
+
+
+def task_data(kind, rng, n=120):
+    """Labels and (N, 3 or 2) scores of one task kind, informative but imperfect."""
+    c = 2 if kind == "binary" else 3
+    if kind == "multilabel":
+        y = (rng.random((n, c)) < 0.4).astype(int)
+        return y, 1 / (1 + np.exp(-(2 * y - 1 + rng.normal(0, 1.2, (n, c)))))
+    y = rng.integers(0, c, n)
+    logits = 1.5 * np.eye(c)[y] + rng.normal(0, 1, (n, c))
+    return y, np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+
+
+THRESHOLDS = {"binary": [0.4], "multiclass": None, "multilabel": [0.3, 0.5, 0.6]}
+
+
+@pytest.mark.parametrize("kind", ["binary", "multiclass", "multilabel"])
+def test_metric_intervals_values_are_the_metrics_modules(kind):
+    rng = np.random.default_rng(7)
+    y, s = task_data(kind, rng)
+    names = ["a", "b", "c"][: s.shape[1]]
+    groups = np.arange(len(s)) // 2
+    res = metric_intervals(kind, y, s, names, THRESHOLDS[kind], groups, n_boot=200, seed=1)
+    overall = classification_metrics(kind, y, s, THRESHOLDS[kind])
+    table = per_class_table(kind, y, s, names, THRESHOLDS[kind])
+    shown = ["auroc", "auprc"] + (["sensitivity", "specificity"] if kind == "binary" else [])
+    assert [k for k in res if isinstance(res[k], dict)] == shown
+    for name in shown:
+        assert res[name]["value"] == overall[name]
+        assert res[name]["ci_low"] < res[name]["value"] < res[name]["ci_high"]
+    assert [r["class"] for r in res["per_class"]] == names
+    for row, want in zip(res["per_class"], table.to_dict("records"), strict=True):
+        assert row["n"] == want["n"]
+        for m in ("auroc", "auprc", "sensitivity", "specificity"):
+            assert row[m]["value"] == want[m]
+            assert row[m]["ci_low"] <= want[m] <= row[m]["ci_high"]
+    assert res["patients"] == 60 and res["images"] == 120
+    # one patient: every resample is the whole set, so each statistic the bootstrap computes
+    # is the documented metric itself (thresholds and decisions included)
+    one = metric_intervals(kind, y, s, names, THRESHOLDS[kind], np.zeros(120), n_boot=4)
+    for name in shown:
+        assert one[name]["ci_low"] == pytest.approx(one[name]["value"], abs=1e-12)
+        assert one[name]["ci_high"] == pytest.approx(one[name]["value"], abs=1e-12)
+    for row in one["per_class"]:
+        for m in ("auroc", "auprc", "sensitivity", "specificity"):
+            assert row[m]["ci_low"] == pytest.approx(row[m]["value"], abs=1e-12), (row, m)
+
+
+def test_metric_intervals_resample_patients():
+    rng = np.random.default_rng(8)
+    patient_y = rng.integers(0, 2, 80)
+    y = np.repeat(patient_y, 2)
+    score = np.repeat(patient_y + rng.normal(0, 1, 80), 2) + rng.normal(0, 0.05, 160)
+    s = np.stack([1 - score, score], axis=1)
+    as_images = metric_intervals("binary", y, s, ["no", "yes"], [0.5], None, n_boot=300)
+    as_patients = metric_intervals(
+        "binary", y, s, ["no", "yes"], [0.5], np.repeat(np.arange(80), 2), n_boot=300
+    )
+
+    def width(r, name):
+        return r[name]["ci_high"] - r[name]["ci_low"]
+
+    for name in ("auroc", "sensitivity", "specificity"):
+        assert width(as_patients, name) > 1.2 * width(as_images, name), name
+
+
+def test_fast_average_precision_is_scikit_learns():
+    rng = np.random.default_rng(9)
+    for n, digits in ((30, 1), (200, 2), (500, 6)):  # coarse scores: many ties
+        y = rng.integers(0, 2, n)
+        s = np.round(0.3 * y + rng.random(n), digits)
+        assert average_precision(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    assert np.isnan(average_precision(np.ones(5), np.arange(5.0)))

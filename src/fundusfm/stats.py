@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 import numpy as np
 from scipy import stats as st
-from sklearn.metrics import average_precision_score
 
 from .metrics import binary_auroc, binary_counts, classification_metrics, per_class_table
 
@@ -137,15 +136,26 @@ def _decisions(kind: str, scores: np.ndarray, thresholds: list[float] | None) ->
     return (scores >= t[None, :]).astype(int)
 
 
-def _average_precision(yj: np.ndarray, sj: np.ndarray) -> float:
-    return float(average_precision_score(yj, sj)) if 0 < yj.sum() < len(yj) else float("nan")
+def average_precision(y: np.ndarray, score: np.ndarray) -> float:
+    """AUPRC as scikit-learn's `average_precision_score` computes it (precision at each
+    distinct score, weighted by the recall gained there, ties as one step), without its
+    input checks: ~20x faster, for bootstrap loops. NaN without both classes."""
+    y = np.asarray(y).astype(bool)
+    if not 0 < y.sum() < len(y):
+        return float("nan")
+    order = np.argsort(-np.asarray(score, dtype=float), kind="mergesort")
+    ranked = np.asarray(score, dtype=float)[order]
+    last = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # end of each tie run
+    tp = np.cumsum(y[order])[last]
+    recall_gain = np.diff(np.r_[0, tp]) / tp[-1]
+    return float(np.sum(recall_gain * tp / (last + 1)))
 
 
 def _sample_metrics(kind, onehot, scores, decisions, scorable, rows) -> dict[str, float]:
     """Every statistic of `metric_intervals` on one resample (`c<j>_<metric>` per class)."""
     aurocs = _resample_aurocs(onehot, scores, rows)
     auprcs = np.array(
-        [_average_precision(onehot[rows, j], scores[rows, j]) for j in range(scores.shape[1])]
+        [average_precision(onehot[rows, j], scores[rows, j]) for j in range(scores.shape[1])]
     )
     out = {"auroc": _headline(kind, aurocs, scorable), "auprc": _headline(kind, auprcs, scorable)}
     for j in range(scores.shape[1]):
@@ -184,7 +194,8 @@ def metric_intervals(
     Values are those of `classification_metrics` (macro over scorable classes for multiclass
     and multilabel) and `per_class_table`; intervals come from the same `n_boot` resamples of
     whole patients, each figure dropping resamples where it is undefined (NaN interval if
-    more than half are). Costs about n_boot x classes AUPRC evaluations.
+    more than half are). Inside the bootstrap AUROC is `metrics.binary_auroc` and AUPRC
+    `average_precision`, scikit-learn's figures computed faster (tests hold them equal).
     """
     y, scores = np.asarray(y), np.asarray(scores, dtype=float)
     onehot = _class_matrix(kind, y, scores.shape[1])
