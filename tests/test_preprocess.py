@@ -4,9 +4,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from fundusfm.config import PreprocessConfig
+from fundusfm.config import PreprocessConfig, SynthConfig
 from fundusfm.manifest import DatasetSpec, load_manifest, save_manifest
 from fundusfm.preprocess import (
     ImageCache,
@@ -16,6 +16,8 @@ from fundusfm.preprocess import (
     open_cache,
     preprocess_image,
 )
+from fundusfm.render import render_eye
+from fundusfm.synthetic import sample_patient
 
 
 def fundus_like(h: int, w: int, cx: float, cy: float, r: float, seed: int = 0) -> np.ndarray:
@@ -45,6 +47,55 @@ def test_fov_box_finds_circle():
     x0, y0, x1, y1 = fov_box(img, 0.06, 0.02)
     assert abs(x0 - 90) <= 3 and abs(x1 - 330) <= 3
     assert abs(y0 - 20) <= 3 and abs(y1 - 260) <= 3
+
+
+def camera_frame(seed: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A generated fundus photograph in a black 4:3 camera frame, and its true FOV's box."""
+    cfg = SynthConfig(size=128, seed=seed)
+    r = render_eye(128, sample_patient(cfg, 0)[0], cfg.camera, np.random.default_rng(seed))
+    frame = np.zeros((160, 213, 3), np.uint8)
+    frame[16:144, 42:170] = r.image
+    ys, xs = np.nonzero(r.fov)
+    return frame, (xs.min() + 42, ys.min() + 16, xs.max() + 43, ys.max() + 17)
+
+
+def dimmed(rgb: np.ndarray, factor: float, seed: int = 0) -> np.ndarray:
+    """The image at `factor` of its brightness, with 0-3 grey levels of noise everywhere."""
+    noise = np.random.default_rng(seed).integers(0, 4, rgb.shape)
+    return np.clip(np.round(rgb * factor) + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fov_box_of_dim_noisy_copies_is_the_same(seed: int):
+    # peak ~11 grey levels at x0.05: a share of the contrast alone would call the noise FOV
+    frame, truth = camera_frame(seed)
+    side = truth[2] - truth[0]
+    for factor in (1.0, 0.15, 0.05):
+        box = fov_box(dimmed(frame, factor, seed) if factor < 1 else frame, 0.06, 0.02)
+        assert max(abs(a - b) for a, b in zip(box, truth, strict=True)) <= 0.02 * side, factor
+
+
+def test_text_label_level_with_the_fov_does_not_stretch_the_box():
+    frame, truth = camera_frame(3)
+    clean = fov_box(frame, 0.06, 0.02)
+    img = Image.fromarray(frame)
+    draw = ImageDraw.Draw(img)
+    _, y0, x1, y1 = truth
+    # burnt-in labels in the black bands, their rows overlapping the FOV's top and bottom rows
+    for left, top in ((3, y0 - 10), (x1 + 3, y1 - 6)):
+        draw.rectangle((left, top, left + 36, top + 15), fill=(255, 255, 255))
+        draw.text((left + 2, top + 2), "OD 03", fill=(0, 0, 0))
+    box = fov_box(np.asarray(img), 0.06, 0.02)
+    assert max(abs(a - b) for a, b in zip(box, clean, strict=True)) <= 1
+    assert max(abs(a - b) for a, b in zip(box, truth, strict=True)) <= 2
+
+
+def test_fov_box_of_a_frame_without_background_is_the_frame():
+    # a crop inside the FOV has no background: no threshold may split it into two halves
+    frame, (x0, y0, x1, y1) = camera_frame(4)
+    cx, cy, r = (x0 + x1) // 2, (y0 + y1) // 2, (x1 - x0) // 3
+    crop = frame[cy - r : cy + r, cx - r : cx + r]
+    assert fov_box(crop, 0.06, 0.02) == (0, 0, 2 * r, 2 * r)
 
 
 def test_fov_box_rejects_black_image():

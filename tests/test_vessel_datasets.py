@@ -17,6 +17,7 @@ from fundusfm.validate import check_manifest
 from fundusfm.vessel_datasets import derive_fov, import_vessels
 
 from .conftest import SHARED_DATA
+from .test_preprocess import camera_frame, dimmed
 
 
 def fundus(path: Path, size=(64, 60), seed=0) -> None:
@@ -175,3 +176,17 @@ def test_real_drive_and_chase_and_derived_fov_agreement(tmp_path: Path):
     ours, official = derive_fov(drive.root / row.path), read_mask(drive.root / row.fov_path)
     assert (ours & official).sum() / (ours | official).sum() > 0.97
     assert pd.Series(chase.table.split).value_counts().to_dict() == {"train": 14, "test": 14}
+
+
+def test_derived_fov_of_a_dim_labelled_photograph(tmp_path: Path):
+    # the same rule as the crop box: noise of a dark photograph and a label are not FOV
+    frame, (x0, y0, x1, y1) = camera_frame(5)
+    yy, xx = np.mgrid[: frame.shape[0], : frame.shape[1]]
+    cx, cy, r = (x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2, (x1 - x0) / 2
+    truth = (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2
+    dim = dimmed(frame, 0.15)  # peak ~35 grey levels, 0-3 of noise everywhere
+    dim[2:14, 2:40] = 255  # a burnt-in label in the black band
+    Image.fromarray(dim).save(tmp_path / "dim.png")
+    fov = derive_fov(tmp_path / "dim.png")
+    assert (fov & truth).sum() / (fov | truth).sum() > 0.97
+    assert not fov[2:14, 2:40].any()

@@ -4,8 +4,8 @@
 whose rows carry the image (`path`, relative to ROOT), the vessel mask of the first observer
 (`vessel_path`), the second observer's where the dataset has one (`vessel2_path`), the
 field-of-view mask (`fov_path`), the official `split` (train/test) and `patient_id`/`eye`.
-A dataset that ships no FOV masks gets them derived from the image (bright region, holes
-filled, largest component) and written beside the manifest under `fov/`; the manifest says
+A dataset that ships no FOV masks gets them derived from the image (preprocessing's FOV
+region, holes filled) and written beside the manifest under `fov/`; the manifest says
 which with `fov_source`. HRF and FIVES also carry their diagnosis as a label column.
 
 Layouts (see shared DATASETS.md, section 7):
@@ -39,6 +39,7 @@ from scipy import ndimage
 from .config import ConfigError
 from .decode import read_rgb
 from .manifest import DatasetSpec, TaskSpec, save_manifest
+from .preprocess import NoFieldOfView, fov_mask
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".ppm", ".bmp"}
 
@@ -55,17 +56,12 @@ def _files(folder: Path) -> dict[str, Path]:
 
 
 def derive_fov(image: Path, threshold: float = 0.06) -> np.ndarray:
-    """Field-of-view mask of a fundus photograph: bright pixels, holes filled, largest blob."""
-    rgb = read_rgb(image)
-    value = rgb.max(axis=2).astype(float)
-    low, top = np.percentile(value, [1, 99])
-    bright = value > low + threshold * (top - low)
-    bright = ndimage.binary_opening(bright, iterations=2)
-    labels, n = ndimage.label(bright)
-    if n == 0:
-        raise ConfigError(f"{image}: no field of view found")
-    largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
-    return ndimage.binary_fill_holes(labels == largest)
+    """Field-of-view mask of a fundus photograph: preprocessing's FOV region, holes filled."""
+    try:
+        region = fov_mask(read_rgb(image).max(axis=2), threshold)
+    except NoFieldOfView as exc:
+        raise ConfigError(f"{image}: {exc}") from exc
+    return ndimage.binary_fill_holes(region)
 
 
 def _rel(path: Path | None, root: Path) -> str:
