@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from fundusfm.config import ConfigError, SplitConfig
-from fundusfm.manifest import load_manifest
-from fundusfm.splits import fold_sets, make_splits, summarise
+from fundusfm.manifest import DatasetSpec, Manifest, TaskSpec, load_manifest
+from fundusfm.splits import fold_sets, labelled_counts, make_splits, pools, summarise
 
 FRACTIONS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0]
 
@@ -50,19 +50,91 @@ def test_fold_parts_disjoint_and_patient_clean(splits):
         assert 0.05 <= len(val) / (len(train) + len(val)) <= 0.16
 
 
+PREVALENCE = [0.50, 0.25, 0.12, 0.08, 0.05]
+
+
+def prevalence_manifest(n_patients: int, seed: int = 0) -> Manifest:
+    """One image per patient, five classes at 50/25/12/8/5%."""
+    rng = np.random.default_rng(seed)
+    counts = np.round(np.array(PREVALENCE) * n_patients).astype(int)
+    counts[0] += n_patients - counts.sum()
+    labels = rng.permutation(np.repeat(np.arange(5), counts))
+    classes = [f"c{i}" for i in range(5)]
+    table = pd.DataFrame(
+        {
+            "image_id": [f"p{i}" for i in range(n_patients)],
+            "path": [f"p{i}.png" for i in range(n_patients)],
+            "patient_id": [f"p{i}" for i in range(n_patients)],
+            "eye": "left",
+            "disease": [classes[k] for k in labels],
+        }
+    )
+    task = TaskSpec(kind="multiclass", columns=["disease"], classes=classes)
+    spec = DatasetSpec(name="prevalence", tasks={"disease": task})
+    return Manifest(Path("prevalence.csv"), table, spec, Path("."))
+
+
+@pytest.mark.parametrize("n_patients", [300, 1000, 3000])
+def test_fractions_hold_their_share_and_the_pools_class_mix(n_patients):
+    m = prevalence_manifest(n_patients)
+    splits = make_splits(m, SplitConfig(folds=5, fractions=FRACTIONS, task="disease"))
+    label = dict(zip(m.table.image_id, m.table.disease, strict=True))
+    classes = [f"c{i}" for i in range(5)]
+    for k in range(5):
+        pool = splits.loc[pools(splits, k)["train"], "image_id"]
+        pool_counts = pool.map(label).value_counts()
+        previous: set[str] = set()
+        for f in FRACTIONS[:-1]:
+            train = fold_sets(splits, k, f)["train"]
+            # within one patient per stratum (five strata) of f of this fold's own pool
+            assert abs(len(train) - f * len(pool)) <= 5, (k, f, len(train), len(pool))
+            counts = pd.Series(train).map(label).value_counts()
+            for c in classes:  # the pool's class mix, each class kept
+                assert abs(counts.get(c, 0) - f * pool_counts[c]) <= 1, (k, f, c)
+                assert counts.get(c, 0) >= 1
+            assert previous <= set(train)  # nested
+            previous = set(train)
+            summary = labelled_counts(splits, k, f)
+            assert summary["train_images"] == len(train)
+            assert summary["share"] == pytest.approx(len(train) / len(pool))
+
+
+def test_validation_shrinks_with_the_fraction_unless_fixed():
+    m = prevalence_manifest(1000)
+    scaled = make_splits(m, SplitConfig(folds=5, fractions=FRACTIONS, task="disease"))
+    fixed = make_splits(
+        m, SplitConfig(folds=5, fractions=FRACTIONS, task="disease", val_policy="fixed")
+    )
+    for k in range(5):
+        at_1 = fold_sets(scaled, k, 0.01)
+        # at 1% validation is at most the training part plus one patient per class
+        assert len(at_1["val"]) <= len(at_1["train"]) + 5
+        full_val = fold_sets(scaled, k, 1.0)["val"]
+        assert len(at_1["val"]) < len(full_val) / 10
+        assert set(at_1["val"]) <= set(full_val)
+        label = dict(zip(m.table.image_id, m.table.disease, strict=True))
+        assert set(pd.Series(at_1["val"]).map(label)) == {f"c{i}" for i in range(5)}
+        assert fold_sets(fixed, k, 0.01)["val"] == full_val  # fixed: never shrinks
+        counts = labelled_counts(scaled, k, 0.01)
+        assert counts["labelled_images"] == len(at_1["train"]) + len(at_1["val"])
+
+
 def test_fractions_nested_stratified_with_every_class(splits, manifest):
     for k in range(5):
         previous: set[str] = set()
-        full = len(fold_sets(splits, k, 1.0)["train"])
         for f in FRACTIONS:
             train = set(fold_sets(splits, k, f)["train"])
             assert previous <= train
             previous = train
-            if f == 0.5:
-                assert abs(len(train) / full - 0.5) < 0.12
     summary = summarise(splits, manifest, "disease")
-    assert (summary["min_class_train"] >= 1).all()
     assert (summary["classes_missing"] == "").all()
+    assert summary.groupby("fold")["share"].apply(lambda s: s.is_monotonic_increasing).all()
+
+
+def test_old_splits_without_per_fold_fractions_are_refused(splits):
+    old = splits[["image_id", "patient_id", "fold", "holdout", "val_fold"]].assign(frac_1=1)
+    with pytest.raises(ConfigError, match="older fundusfm"):
+        fold_sets(old, 0, 1.0)
 
 
 def test_deterministic_for_seed(manifest, splits):

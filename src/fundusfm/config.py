@@ -87,6 +87,9 @@ class SplitConfig(Strict):
     folds: int = Field(5, ge=2, le=50)
     fractions: list[float] = Field(default_factory=lambda: [0.01, 0.05, 0.1, 0.25, 0.5, 1.0])
     val_fraction: float = Field(0.1, ge=0, lt=0.5, description="of each fold's training part")
+    val_policy: Literal["scaled", "fixed"] = Field(
+        "scaled", description="scaled: validation shrinks with the fraction; fixed: it never does"
+    )
     test_fraction: float = Field(0.0, ge=0, lt=0.9, description="held out from every fold")
     seed: int = 0
     task: str | None = Field(None, description="task to stratify on; default: the first declared")

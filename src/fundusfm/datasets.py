@@ -11,7 +11,7 @@ started in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from .config import AugmentConfig, ConfigError, DataConfig
 from .manifest import Manifest, TaskSpec, encode_labels, load_manifest
 from .preprocess import ImageCache, build_cache, open_cache
-from .splits import fold_sets, make_splits
+from .splits import fold_sets, labelled_counts, make_splits
 from .transforms import to_tensor
 
 
@@ -93,7 +93,8 @@ class FoldData:
     task: TaskSpec
     cache: ImageCache
     labels: np.ndarray  # per manifest row
-    parts: dict[str, np.ndarray]  # train / val / test -> manifest row indices
+    parts: dict[str, np.ndarray]  # train / val / test (/ holdout) -> manifest row indices
+    labelled: dict = field(default_factory=dict)  # splits.labelled_counts of the fold
 
     def sources(self, rows: np.ndarray) -> list[Path]:
         paths = self.manifest.table["path"].to_numpy()[rows]
@@ -115,7 +116,8 @@ def rows_of_parts(ids: np.ndarray, parts_ids: dict[str, list[str]], cfg: DataCon
         )
     parts = {
         p: np.array([row_of[i] for i in parts_ids.get(p, [])], dtype=int)
-        for p in ("train", "val", "test")
+        for p in ("train", "val", "test", "holdout")
+        if p != "holdout" or parts_ids.get(p)
     }
     if len(parts["train"]) == 0 or len(parts["val"]) == 0:
         raise ConfigError(
@@ -139,8 +141,9 @@ def load_fold(cfg: DataConfig, val_fraction: float | None = None, progress: bool
     labels = encode_labels(manifest, task)
     ids = manifest.table["image_id"].to_numpy()
     if cfg.splits is not None:
-        splits = pd.read_csv(cfg.splits, dtype={"image_id": str})
+        splits = pd.read_csv(cfg.splits, dtype={"image_id": str, "patient_id": str})
         parts_ids = fold_sets(splits, cfg.fold, cfg.fraction)
+        labelled = labelled_counts(splits, cfg.fold, cfg.fraction)
     elif val_fraction is not None:
         from .config import SplitConfig
 
@@ -150,6 +153,7 @@ def load_fold(cfg: DataConfig, val_fraction: float | None = None, progress: bool
         )
         held = fold_sets(splits, 0, cfg.fraction)
         parts_ids = {"train": held["train"], "val": held["test"], "test": []}
+        labelled = {"train_images": len(held["train"]), "val_images": len(held["test"])}
     else:
         raise ConfigError("data.splits is not set; make one with `fundusfm split MANIFEST`")
     parts = rows_of_parts(ids, parts_ids, cfg)
@@ -163,4 +167,4 @@ def load_fold(cfg: DataConfig, val_fraction: float | None = None, progress: bool
             f"{path}: {reason}); run `fundusfm data check {cfg.manifest}`"
         )
     cache = open_cache(manifest, pre, cache_root)
-    return FoldData(manifest, name, task, cache, labels, parts)
+    return FoldData(manifest, name, task, cache, labels, parts, labelled)

@@ -7,10 +7,12 @@
                            -1 for images in the held-out part
     holdout                1 if the image is in the optional held-out part (never trained on)
     val_fold               k if the image belongs to the validation part of fold k, else -1
-    frac_<f>               1 if the image is in the labelled fraction f (e.g. frac_0.1)
+    frac_<f>_fold<k>       1 if the image is labelled (trained or validated on) in fold k at
+                           fraction f (e.g. frac_0.1_fold3)
 
-For fold k: test = `fold == k`; validation = `val_fold == k`; training at fraction f =
-`fold != k and fold != -1 and val_fold != k and frac_<f> == 1`. `fold_sets` spells this out.
+For fold k: test = `fold == k`; validation at fraction f = `val_fold == k and
+frac_<f>_fold<k> == 1`; training at fraction f = `fold not in (k, -1) and val_fold != k and
+frac_<f>_fold<k> == 1`. `fold_sets` spells this out.
 
 How it is made (all assignments are of whole patients, so no patient is ever on two sides):
 1. Patients are assigned to the held-out part and then to K folds by iterative stratification
@@ -22,9 +24,18 @@ How it is made (all assignments are of whole patients, so no patient is ever on 
    training patients and is carved from them. In very small sets, where that share rounds
    to nobody, a fold's validation part gets one patient of the commonest class.
    A fold left with an empty training, validation or test part is an error, not a warning.
-3. Within each fold and stratum (a patient's rarest label) patients are put in a random
-   order; fraction f takes the first ceil(f * n) of them. Fractions are therefore nested
-   (1% inside 5% inside ...), stratified, and hold at least one patient of every stratum.
+3. Patients are ranked at random once within each stratum (a patient's rarest label)
+   across all cross-validation patients. Fraction f of fold k takes, per stratum, the
+   round(f * n) best-ranked patients of fold k's own training pool (n: the stratum's patients
+   in that pool), at least one; a label the pool has but the choice lacks (multilabel) adds
+   its best-ranked patient. So for every fold and fraction the training part holds f of its
+   pool to within one patient per stratum, with the pool's class mix (each class keeps at
+   least one patient where it has any); fractions are nested (1% inside 5% inside ...) and
+   deterministic. With `val_policy: scaled` (the default) the validation part shrinks by the
+   same rule, so a 1% cell selects its epoch, probe and threshold on about 1% of the
+   validation labels; `fixed` keeps the whole validation part at every fraction.
+   `summarise` (written beside splits.csv as `<name>.summary.csv`) gives the realised
+   shares and class counts of every fold x fraction.
 """
 
 from __future__ import annotations
@@ -155,17 +166,6 @@ def make_splits(manifest: Manifest, cfg: SplitConfig) -> pd.DataFrame:
                 best = free[counts[free, common] == counts[free, common].max()]
                 val_fold[rng.choice(best)] = j
 
-    # Nested fractions: a random order within each (fold, stratum); f takes the first ceil(f*n).
-    frequency = y.sum(axis=0)
-    rarest = np.where(counts > 0, frequency[None, :], np.inf).argmin(axis=1)
-    quantile = np.zeros(n_groups)
-    for j in range(-1, k):
-        for s in np.unique(rarest[fold == j]):
-            members = np.flatnonzero((fold == j) & (rarest == s))
-            quantile[members[rng.permutation(len(members))]] = np.arange(len(members)) / len(
-                members
-            )
-
     table = pd.DataFrame(
         {
             "image_id": t["image_id"].to_numpy(),
@@ -175,8 +175,9 @@ def make_splits(manifest: Manifest, cfg: SplitConfig) -> pd.DataFrame:
             "val_fold": val_fold[group],
         }
     )
-    for f in fractions:
-        table[fraction_column(f)] = (quantile[group] < f - 1e-12).astype(int)
+    labelled = labelled_fractions(counts, fold, val_fold, fractions, cfg.val_policy, rng)
+    for (f, j), chosen in labelled.items():
+        table[fraction_column(f, j)] = chosen[group].astype(int)
     for j in range(k):
         parts = fold_sets(table, j, fractions[0])
         empty = [p for p in ("train", "test") if not parts[p]]
@@ -190,53 +191,166 @@ def make_splits(manifest: Manifest, cfg: SplitConfig) -> pd.DataFrame:
     return table
 
 
-def fraction_column(fraction: float) -> str:
-    return f"frac_{fraction:g}"
+def stratum_of(counts: np.ndarray) -> np.ndarray:
+    """Each patient's stratum: the rarest label it has (over all patients)."""
+    frequency = counts.sum(axis=0)
+    return np.where(counts > 0, frequency[None, :], np.inf).argmin(axis=1)
+
+
+def take_fraction(
+    pool: np.ndarray, fraction: float, stratum: np.ndarray, rank: np.ndarray, counts: np.ndarray
+) -> np.ndarray:
+    """Patients (a bool mask) of the labelled fraction of one pool (a bool mask).
+
+    Per stratum, the `round(fraction * n)` best-ranked patients of the pool, at least one;
+    then every label the pool has but the choice lacks gets its best-ranked patient (only
+    possible for multilabel tasks, whose strata are the rarest label of each patient).
+    """
+    chosen = np.zeros(len(pool), dtype=bool)
+    for s in np.unique(stratum[pool]):
+        members = np.flatnonzero(pool & (stratum == s))
+        keep = (
+            len(members) if fraction >= 1 else max(1, int(np.floor(fraction * len(members) + 0.5)))
+        )
+        chosen[members[np.argsort(rank[members], kind="stable")[:keep]]] = True
+    for label in np.flatnonzero(counts[pool].sum(axis=0) > 0):
+        if not counts[chosen, label].any():
+            having = np.flatnonzero(pool & (counts[:, label] > 0))
+            chosen[having[np.argmin(rank[having])]] = True
+    return chosen
+
+
+def labelled_fractions(
+    counts: np.ndarray,
+    fold: np.ndarray,
+    val_fold: np.ndarray,
+    fractions: list[float],
+    val_policy: str,
+    rng: np.random.Generator,
+) -> dict[tuple[float, int], np.ndarray]:
+    """(fraction, fold) -> patients labelled in that fold's training or validation part.
+
+    Patients are ranked once within each stratum across all cross-validation patients;
+    each fold then takes the fraction of its own training pool (and, with `scaled`, of its
+    validation pool) by that rank, so fractions are nested, deterministic and the share
+    they claim of every fold's pool.
+    """
+    stratum = stratum_of(counts)
+    rank = np.zeros(len(counts))
+    for s in np.unique(stratum):
+        members = np.flatnonzero((stratum == s) & (fold >= 0))
+        rank[members[rng.permutation(len(members))]] = np.arange(len(members)) / len(members)
+    out = {}
+    for j in sorted(set(fold[fold >= 0].tolist())):
+        pools = {
+            "train": (fold >= 0) & (fold != j) & (val_fold != j),
+            "val": val_fold == j,
+        }
+        previous = {role: np.zeros(len(counts), dtype=bool) for role in pools}
+        for f in fractions:
+            labelled = np.zeros(len(counts), dtype=bool)
+            for role, pool in pools.items():
+                if role == "val" and val_policy == "fixed":
+                    part = pool
+                else:
+                    part = take_fraction(pool, f, stratum, rank, counts) | previous[role]
+                previous[role] = part
+                labelled |= part
+            out[(f, j)] = labelled
+    return out
+
+
+def fraction_column(fraction: float, fold: int) -> str:
+    return f"frac_{fraction:g}_fold{fold}"
+
+
+def fractions_of(splits: pd.DataFrame) -> list[float]:
+    """The labelled fractions a split table holds."""
+    found = {c.split("_")[1] for c in splits.columns if c.startswith("frac_") and "_fold" in c}
+    return sorted(float(f) for f in found)
+
+
+def _check_columns(splits: pd.DataFrame, fold: int, fraction: float) -> str:
+    if any(c.startswith("frac_") and "_fold" not in c for c in splits.columns):
+        raise ConfigError(
+            "these splits were made by an older fundusfm, whose fractions held more than their "
+            "share of small classes; make them again with `fundusfm split`"
+        )
+    if fold not in set(splits["fold"]):
+        raise ConfigError(f"fold {fold} is not in the splits (folds: {sorted(set(splits.fold))})")
+    col = fraction_column(fraction, fold)
+    if col not in splits.columns:
+        have = [f"{f:g}" for f in fractions_of(splits)]
+        raise ConfigError(f"fraction {fraction:g} is not in the splits; available: {have}")
+    return col
+
+
+def pools(splits: pd.DataFrame, fold: int) -> dict[str, pd.Series]:
+    """Row masks of one fold's training pool (all fractions draw from it), validation pool
+    (at full fraction) and test part."""
+    in_cv = splits["fold"] >= 0
+    return {
+        "train": in_cv & (splits["fold"] != fold) & (splits["val_fold"] != fold),
+        "val": splits["val_fold"] == fold,
+        "test": splits["fold"] == fold,
+    }
 
 
 def fold_sets(splits: pd.DataFrame, fold: int, fraction: float = 1.0) -> dict[str, list[str]]:
     """Image ids of the training, validation and test parts of one fold at one fraction."""
-    col = fraction_column(fraction)
-    if col not in splits.columns:
-        have = [c.removeprefix("frac_") for c in splits.columns if c.startswith("frac_")]
-        raise ConfigError(f"fraction {fraction:g} is not in the splits; available: {have}")
-    if fold not in set(splits["fold"]):
-        raise ConfigError(f"fold {fold} is not in the splits (folds: {sorted(set(splits.fold))})")
-    in_cv = splits["fold"] >= 0
-    train = in_cv & (splits["fold"] != fold) & (splits["val_fold"] != fold) & (splits[col] == 1)
+    labelled = splits[_check_columns(splits, fold, fraction)] == 1
+    pool = pools(splits, fold)
     return {
-        "train": splits.loc[train, "image_id"].tolist(),
-        "val": splits.loc[splits["val_fold"] == fold, "image_id"].tolist(),
-        "test": splits.loc[splits["fold"] == fold, "image_id"].tolist(),
+        "train": splits.loc[pool["train"] & labelled, "image_id"].tolist(),
+        "val": splits.loc[pool["val"] & labelled, "image_id"].tolist(),
+        "test": splits.loc[pool["test"], "image_id"].tolist(),
         "holdout": splits.loc[splits["holdout"] == 1, "image_id"].tolist(),
     }
 
 
+def labelled_counts(splits: pd.DataFrame, fold: int, fraction: float) -> dict:
+    """What one fold at one fraction trains and selects on, against its pools: the numbers
+    every cell's metrics.json and the report state (share = of the training pool's images)."""
+    labelled = splits[_check_columns(splits, fold, fraction)] == 1
+    pool = pools(splits, fold)
+    out: dict = {"fraction_nominal": float(fraction)}
+    for role in ("train", "val"):
+        part = pool[role] & labelled
+        out[f"{role}_images"] = int(part.sum())
+        out[f"{role}_patients"] = int(splits.loc[part, "patient_id"].nunique())
+        out[f"{role}_pool_images"] = int(pool[role].sum())
+        out[f"{role}_pool_patients"] = int(splits.loc[pool[role], "patient_id"].nunique())
+    out["labelled_images"] = out["train_images"] + out["val_images"]
+    out["share"] = out["train_images"] / max(1, out["train_pool_images"])
+    out["share_patients"] = out["train_patients"] / max(1, out["train_pool_patients"])
+    return out
+
+
 def summarise(splits: pd.DataFrame, manifest: Manifest, task_name: str | None) -> pd.DataFrame:
-    """Per fold and fraction: part sizes and the smallest class count in the training part."""
+    """Per fold and fraction: the realised share of the training pool, part sizes, and the
+    images of each class in the training and validation parts (the split's sidecar table)."""
     y = _strata(manifest, task_name)
     names = ["all"]
     if manifest.spec.tasks or task_name is not None:
         names = manifest.task(task_name)[1].class_names
         y = y[:, : len(names)]
     row_of = {iid: i for i, iid in enumerate(manifest.table["image_id"])}
-    fractions = [float(c.removeprefix("frac_")) for c in splits.columns if c.startswith("frac_")]
     rows = []
     for k in sorted(f for f in set(splits["fold"]) if f >= 0):
-        for f in fractions:
+        for f in fractions_of(splits):
             parts = fold_sets(splits, k, f)
-            per_class = y[[row_of[i] for i in parts["train"]]].sum(axis=0)
-            rows.append(
-                {
-                    "fold": k,
-                    "fraction": f,
-                    "train": len(parts["train"]),
-                    "val": len(parts["val"]),
-                    "test": len(parts["test"]),
-                    "min_class_train": int(per_class.min()) if len(per_class) else 0,
-                    "classes_missing": ",".join(
-                        c for c, n in zip(names, per_class, strict=True) if n == 0
-                    ),
-                }
+            counts = labelled_counts(splits, k, f)
+            row = {"fold": k, "fraction": f, "share": counts["share"], **counts}
+            row.pop("fraction_nominal")
+            row["test_images"] = len(parts["test"])
+            per_class = {}
+            for role in ("train", "val"):
+                per_class[role] = y[[row_of[i] for i in parts[role]]].sum(axis=0)
+                row.update(
+                    {f"{role}_{c}": int(n) for c, n in zip(names, per_class[role], strict=True)}
+                )
+            row["classes_missing"] = ",".join(
+                c for c, n in zip(names, per_class["train"], strict=True) if n == 0
             )
+            rows.append(row)
     return pd.DataFrame(rows)

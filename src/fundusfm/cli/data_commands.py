@@ -140,6 +140,10 @@ def split(
     ] = None,
     val_fraction: Annotated[float | None, typer.Option(help="Of each fold's training.")] = None,
     test_fraction: Annotated[float | None, typer.Option(help="Held out from all folds.")] = None,
+    val_policy: Annotated[
+        str | None,
+        typer.Option(help="scaled (default): validation shrinks with the fraction; fixed."),
+    ] = None,
     task: Annotated[str | None, typer.Option(help="Task to stratify on.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     config: ConfigOpt = None,
@@ -161,6 +165,7 @@ def split(
         seed=seed,
         task=task,
         val_fraction=val_fraction,
+        val_policy=val_policy,
         test_fraction=test_fraction,
     )
     with user_errors():
@@ -169,9 +174,19 @@ def split(
         summary = summarise(table, m, cfg.task)
         out.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(out, index=False)
+        summary.to_csv(out.with_suffix(".summary.csv"), index=False)
         dump_config(cfg, out.with_suffix(".config.yaml"))
     typer.echo(f"wrote {out} ({len(table)} images, {table.patient_id.nunique()} patients)")
-    typer.echo(summary.to_string(index=False))
+    shown = ["fold", "fraction", "share", "train_images", "val_images", "test_images"]
+    classes = [c for c in summary.columns if c.startswith("train_") and c not in shown]
+    classes = [c for c in classes if not c.startswith(("train_pool", "train_patients"))]
+    typer.echo(
+        summary[[*shown, *classes]].to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    )
+    typer.echo(
+        f"share = training images / the fold's training pool; validation is {cfg.val_policy} "
+        f"(class counts of both parts in {out.with_suffix('.summary.csv')})"
+    )
 
 
 @data_app.command("import")
