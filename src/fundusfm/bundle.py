@@ -8,7 +8,15 @@
     weights_sha256 of model.safetensors, verified on every load
 
 `load_bundle(path)` returns a `Bundle` whose `predict` takes images and returns probabilities,
-preprocessed exactly as the bundle says (never guessed).
+preprocessed exactly as the bundle says (never guessed). `read_preprocessing(meta)` is the one
+reader of the preprocessing block: every command that takes a bundle (evaluate, predict,
+explain, weights export, segment eval) gets its resolution, crop and mean/std from it.
+Older and imported bundles may lack parts of it; the reader fills those with the documented
+defaults below and names what it filled (`Preprocessing.defaulted`), so a command can say so.
+    crop        absent: fundusfm's default FOV crop (`CropConfig()`); segmentation bundles
+                have no crop (images are padded to a square, then resized)
+    mean, std   absent: ImageNet's (torchvision's ResNet normalisation)
+    resolution  required: a bundle without it is refused
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .backbone import Backbone
+from .config import CropConfig, PreprocessConfig
 from .heads import Classifier, make_head, scores_from_logits
-from .transforms import normalise, to_tensor
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, normalise, to_tensor
 
 FORMAT_VERSION = 1
 
@@ -110,6 +119,52 @@ def read_bundle(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, load_file(weights)
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a bundle's model expects as input; `crop` is None for segmentation bundles."""
+
+    resolution: int
+    crop: CropConfig | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    defaulted: tuple[str, ...] = ()  # the keys the bundle lacked and the defaults filled in
+
+    def config(self, workers: int = 0) -> PreprocessConfig:
+        """The settings `fundusfm preprocess` uses to produce this model's input images."""
+        if self.crop is None:
+            raise BundleError("a segmentation bundle pads to a square; it has no FOV crop")
+        return PreprocessConfig(
+            resolution=self.resolution, workers=workers, **self.crop.model_dump()
+        )
+
+
+def read_preprocessing(meta: dict) -> Preprocessing:
+    """The preprocessing block of `bundle.json`, with the module's defaults for what is absent."""
+    block = meta.get("preprocessing") or {}
+    if "resolution" not in block:
+        raise BundleError("bundle.json has no preprocessing.resolution; the input size is unknown")
+    defaulted = []
+    segmentation = (meta.get("task") or {}).get("kind") == "segmentation"
+    crop = None
+    if not segmentation:
+        if "crop" not in block:
+            defaulted.append("crop")
+        try:
+            crop = CropConfig.model_validate(block.get("crop") or {})
+        except ValueError as exc:
+            raise BundleError(f"bundle.json preprocessing.crop is not valid: {exc}") from exc
+    values = {}
+    for key, default in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+        if key not in block:
+            defaulted.append(key)
+        values[key] = tuple(float(v) for v in block.get(key, default))
+        if len(values[key]) != 3:
+            raise BundleError(f"bundle.json preprocessing.{key} needs 3 values (R, G, B)")
+    return Preprocessing(
+        int(block["resolution"]), crop, values["mean"], values["std"], tuple(defaulted)
+    )
+
+
 def build_model(meta: dict) -> torch.nn.Module:
     """An untrained model with the architecture a bundle describes (Classifier or U-Net)."""
     arch = meta["architecture"]
@@ -145,8 +200,22 @@ class Bundle:
         return list(self.meta["task"]["classes"])
 
     @property
+    def preprocessing(self) -> Preprocessing:
+        return read_preprocessing(self.meta)
+
+    @property
     def resolution(self) -> int:
-        return int(self.meta["preprocessing"]["resolution"])
+        return self.preprocessing.resolution
+
+    @property
+    def thresholds(self) -> list[float]:
+        """Decision thresholds (binary: of the positive class; multiclass: none, argmax)."""
+        return [float(t) for t in self.meta["task"].get("thresholds") or []]
+
+    @property
+    def thresholds_validated(self) -> bool:
+        """False when the thresholds were not chosen on validation data (imported, one class)."""
+        return bool(self.meta["task"].get("thresholds_validated", True))
 
     @torch.no_grad()
     def predict(self, images, batch_size: int = 32) -> np.ndarray:
@@ -170,7 +239,8 @@ class Bundle:
                 f"{self.resolution}x{self.resolution} (preprocess them with its settings)"
             )
         device = next(self.model.parameters()).device
-        mean, std = self.meta["preprocessing"]["mean"], self.meta["preprocessing"]["std"]
+        pre = self.preprocessing
+        mean, std = pre.mean, pre.std
         out = []
         for i in range(0, len(batch), batch_size):
             x = normalise(batch[i : i + batch_size].to(device), mean, std)

@@ -28,23 +28,16 @@ from pytorch_grad_cam.utils.model_targets import (
 from tqdm import tqdm
 
 from .bundle import Bundle, load_bundle
-from .config import PreprocessConfig
 from .decode import read_mask
 from .manifest import load_manifest
 from .preprocess import crop_resize, decode_for
 from .transforms import normalise
 
 
-def preprocess_config(bundle: Bundle) -> PreprocessConfig:
-    """The bundle's own preprocessing (FOV crop settings and resolution)."""
-    p = bundle.meta["preprocessing"]
-    return PreprocessConfig(resolution=int(p["resolution"]), **p.get("crop", {}))
-
-
 def _inputs(bundle: Bundle, images: list[np.ndarray]) -> torch.Tensor:
-    p = bundle.meta["preprocessing"]
+    p = bundle.preprocessing
     x = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in images])
-    return normalise(x, p["mean"], p["std"])
+    return normalise(x, p.mean, p.std)
 
 
 def gradcam_maps(bundle: Bundle, images: list[np.ndarray], targets: list[int]) -> np.ndarray:
@@ -145,7 +138,7 @@ def explain_gradcam(
     sources = _sources(images, manifest)
     if not sources:
         raise ValueError("no images: give image files or --manifest")
-    pre = preprocess_config(bundle)
+    pre = bundle.preprocessing.config()
     out = Path(out)
     for sub in ("overlays", "maps"):
         (out / sub).mkdir(parents=True, exist_ok=True)

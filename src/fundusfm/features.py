@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .backbone import Backbone
 from .datasets import CachedImages, FoldData
-from .transforms import normalise
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, normalise
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -51,14 +51,23 @@ def feature_key(backbone: Backbone, data: FoldData) -> str:
 
 @torch.no_grad()
 def extract(
-    backbone: Backbone, dataset, batch_size: int, device: torch.device, progress: bool = True
+    backbone: Backbone,
+    dataset,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
 ) -> np.ndarray:
-    """Pooled features (N x num_features) of every image of `dataset`, in its order."""
+    """Pooled features (N x num_features) of every image of `dataset`, in its order.
+
+    `mean`/`std`: the normalisation the backbone was trained with (a bundle's own).
+    """
     backbone.eval().to(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     out = []
     for images, _, _ in tqdm(loader, desc="features", disable=not progress, leave=False):
-        out.append(backbone.pool(normalise(images.to(device))).float().cpu())
+        out.append(backbone.pool(normalise(images.to(device), mean, std)).float().cpu())
     return torch.cat(out).numpy()
 
 

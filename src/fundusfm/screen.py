@@ -32,7 +32,7 @@ from tqdm import tqdm
 from .bundle import Bundle, load_bundle
 from .config_screen import QualityConfig
 from .decode import SUPPORTED_SUFFIXES
-from .explain import gradcam_maps, overlay, preprocess_config
+from .explain import gradcam_maps, overlay
 from .manifest import printable
 from .preprocess import crop_resize, decode_for
 from .quality import assess
@@ -44,7 +44,7 @@ class ScreenImages(Dataset):
     """Decode, assess and preprocess one file; errors become a row, never an exception."""
 
     def __init__(self, files: list[Path], bundle: Bundle, quality: QualityConfig):
-        self.files, self.pre, self.quality = files, preprocess_config(bundle), quality
+        self.files, self.pre, self.quality = files, bundle.preprocessing.config(), quality
 
     def __len__(self) -> int:
         return len(self.files)
@@ -66,7 +66,7 @@ class ScreenImages(Dataset):
 
 def decisions(bundle: Bundle, probs: np.ndarray) -> list[str]:
     """Class decisions at the bundle's thresholds (multiclass: argmax; multilabel: a list)."""
-    classes, thresholds = bundle.classes, bundle.meta["task"].get("thresholds") or []
+    classes, thresholds = bundle.classes, bundle.thresholds
     if bundle.kind == "binary" and thresholds:
         return [classes[1] if p[1] >= thresholds[0] else classes[0] for p in probs]
     if bundle.kind == "multilabel":

@@ -32,7 +32,7 @@ from .config import ConfigError, TrainConfig
 from .datasets import FoldData
 from .heads import Classifier, scores_from_logits
 from .metrics import classification_metrics
-from .transforms import normalise
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, normalise
 
 LOWER_IS_BETTER = {"brier", "loss"}
 
@@ -136,7 +136,8 @@ def check_select_metric(kind: str, metric: str, val_labels: np.ndarray, n_classe
         )
 
 
-def _sampler(labels: np.ndarray, kind: str, balanced: bool, generator: torch.Generator):
+def make_sampler(labels: np.ndarray, kind: str, balanced: bool, generator: torch.Generator):
+    """Training order: a shuffle, or draws in proportion 1/class count (`balanced_sampler`)."""
     if not balanced:
         return RandomSampler(range(len(labels)), generator=generator)
     if kind == "multilabel":
@@ -161,7 +162,7 @@ def training_loader(
     torchrun each rank takes its share of the same global order.
     """
     generator = torch.Generator()
-    sampler = _sampler(labels, kind, cfg.balanced_sampler, generator)
+    sampler = make_sampler(labels, kind, cfg.balanced_sampler, generator)
     loader = DataLoader(
         train_set,
         batch_size=batch_size,
@@ -194,13 +195,19 @@ def predict(
     amp: torch.dtype | None = None,
     channels_last: bool = False,
     workers: int = 0,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scores, labels and dataset indices of every image, in eval mode."""
+    """Scores, labels and dataset indices of every image, in eval mode.
+
+    `mean`/`std` normalise the uint8 images: a bundle's own (`Bundle.preprocessing`) when
+    scoring a bundle; models trained here use ImageNet's.
+    """
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     scores, labels, index = [], [], []
     for images, y, i in loader:
-        x = normalise(images.to(device, non_blocking=True))
+        x = normalise(images.to(device, non_blocking=True), mean, std)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp) if amp else nullcontext():

@@ -20,7 +20,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bundle import file_sha256, load_bundle, provenance, read_bundle, save_bundle
+from .bundle import (
+    file_sha256,
+    load_bundle,
+    provenance,
+    read_bundle,
+    read_preprocessing,
+    save_bundle,
+)
 from .heads import Classifier, scores_from_logits
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -145,7 +152,7 @@ def import_legacy(
 def card(bundle_path: Path) -> str:
     """A readable summary of a bundle (what it predicts, from what, made how)."""
     meta, state = read_bundle(bundle_path)
-    a, t, p = meta["architecture"], meta["task"], meta["preprocessing"]
+    a, t, p = meta["architecture"], meta["task"], read_preprocessing(meta)
     prov = meta.get("provenance", {})
     params = sum(v.numel() for v in state.values())
     lines = [
@@ -154,7 +161,8 @@ def card(bundle_path: Path) -> str:
         f"task          {t['name']} ({t['kind']}): {', '.join(map(str, t['classes']))}",
         f"thresholds    {t.get('thresholds')}"
         + ("" if t.get("thresholds_validated", True) else " (not validated: imported weights)"),
-        f"input         {p['resolution']} px, mean {p['mean']}, std {p['std']}",
+        f"input         {p.resolution} px, mean {list(p.mean)}, std {list(p.std)}"
+        + (f" ({', '.join(p.defaulted)}: not recorded, defaults used)" if p.defaulted else ""),
         f"weights       sha256 {meta['weights_sha256']}",
     ]
     versions = prov.get("versions", {})
@@ -197,8 +205,8 @@ class _Exported(nn.Module):
 
 def exported_module(bundle) -> nn.Module:
     """The module `export --format onnx` writes: float images in, probabilities out."""
-    p = bundle.meta["preprocessing"]
-    return _Exported(bundle.model, bundle.kind, p["mean"], p["std"]).eval()
+    p = bundle.preprocessing
+    return _Exported(bundle.model, bundle.kind, p.mean, p.std).eval()
 
 
 def export(bundle_path: Path, fmt: str, out: Path) -> Path:

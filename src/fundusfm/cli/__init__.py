@@ -2,6 +2,9 @@
 
 Every command that has settings takes `--config FILE.yaml` and any number of
 `--set key=value` overrides; the flags shown in `--help` are shortcuts for the same keys.
+Errors a user can fix end as one `error:` line with exit code 2 (`user_errors`); any other
+exception ends as one line naming the command and the error, also with exit code 2, and
+`fundusfm --debug COMMAND ...` shows its traceback instead (`CommandGroup`).
 """
 
 from __future__ import annotations
@@ -13,22 +16,55 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, TypeVar
 
+import click
 import typer
 from pydantic import BaseModel
+from typer.core import TyperGroup
 
 from .. import __version__
 from ..config import ConfigError, load_config
 from ..decode import ImageDecodeError
 
-app = typer.Typer(
-    help="fundusfm: disease-specific foundation models for retinal fundus photographs.",
-    no_args_is_help=True,
+DEBUG = {"traceback": False}  # set by `fundusfm --debug`
+
+
+class CommandGroup(TyperGroup):
+    """A command group whose commands end an unexpected exception with one line and exit 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            if DEBUG["traceback"]:
+                raise
+            words = [*ctx.command_path.split()[1:], ctx.invoked_subcommand or ""]
+            command = " ".join(words).strip()  # e.g. `data check`, without the program name
+            typer.secho(
+                f"error: fundusfm {command} failed: {type(exc).__name__}: {exc}. fundusfm does "
+                f"not check for this yet, or it is a bug: rerun as `fundusfm --debug {command} "
+                "...` to see the traceback, and please report it",
+                fg=typer.colors.RED,
+                err=True,
+            )
+            raise typer.Exit(2) from exc
+
+
+def group(help_text: str, **kwargs) -> typer.Typer:
+    return typer.Typer(help=help_text, no_args_is_help=True, cls=CommandGroup, **kwargs)
+
+
+app = group(
+    "fundusfm: disease-specific foundation models for retinal fundus photographs.",
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = typer.Typer(help="Inspect and validate image manifests.", no_args_is_help=True)
-grid_app = typer.Typer(help="Run and report the experiment grid.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks that print measured figures.", no_args_is_help=True)
+data_app = group("Inspect and validate image manifests.")
+grid_app = group("Run and report the experiment grid.")
+bench_app = group("Benchmarks that print measured figures.")
 app.add_typer(data_app, name="data")
 app.add_typer(grid_app, name="grid")
 app.add_typer(bench_app, name="bench")
@@ -84,8 +120,12 @@ def main(
             help="Print the version and exit.",
         ),
     ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback of an unexpected error.")
+    ] = False,
 ) -> None:
     """fundusfm: disease-specific foundation models for retinal fundus photographs."""
+    DEBUG["traceback"] = debug
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m fundusfm`

@@ -8,11 +8,9 @@ from typing import Annotated
 
 import typer
 
-from . import ConfigOpt, QuietOpt, SetOpt, app, fail, resolve, user_errors
+from . import ConfigOpt, QuietOpt, SetOpt, app, fail, group, resolve, user_errors
 
-explain_app = typer.Typer(
-    help="Grad-CAM maps and t-SNE of the initialisations.", no_args_is_help=True
-)
+explain_app = group("Grad-CAM maps and t-SNE of the initialisations.")
 app.add_typer(explain_app, name="explain")
 
 

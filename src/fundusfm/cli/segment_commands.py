@@ -8,11 +8,9 @@ from typing import Annotated
 
 import typer
 
-from . import ConfigOpt, QuietOpt, SetOpt, app, fail, resolve, user_errors
+from . import ConfigOpt, QuietOpt, SetOpt, app, fail, group, resolve, user_errors
 
-segment_app = typer.Typer(
-    help="Vessel segmentation: a U-Net on the foundation backbone.", no_args_is_help=True
-)
+segment_app = group("Vessel segmentation: a U-Net on the foundation backbone.")
 app.add_typer(segment_app, name="segment")
 
 SHOWN = ("dice", "auroc", "auprc", "cldice", "sensitivity", "specificity")

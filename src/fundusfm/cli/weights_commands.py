@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from . import app, fail, user_errors
+from . import app, fail, group, user_errors
 
-weights_app = typer.Typer(help="Import, inspect and export model weights.", no_args_is_help=True)
+weights_app = group("Import, inspect and export model weights.")
 app.add_typer(weights_app, name="weights")
 
 
