@@ -11,12 +11,19 @@ import torchvision
 import fundusfm
 from fundusfm.backbone import INITS, WeightsNotFound, create_backbone
 from fundusfm.bundle import BundleError, load_bundle
-from fundusfm.config import ConfigError, FinetuneConfig, PretrainConfig, SplitConfig, load_config
+from fundusfm.config import (
+    ConfigError,
+    FinetuneConfig,
+    PretrainConfig,
+    SplitConfig,
+    TrainConfig,
+    load_config,
+)
 from fundusfm.experiment import evaluate, finetune, pretrain
 from fundusfm.heads import make_head
 from fundusfm.manifest import load_manifest
 from fundusfm.splits import make_splits
-from fundusfm.train import TrainingDiverged
+from fundusfm.train import TrainingDiverged, make_loss, make_sampler
 
 
 @pytest.fixture(scope="module")
@@ -289,6 +296,35 @@ def test_training_options_run(tiny, tmp_path, sets):
     history = pd.read_json(out / "metrics.json", typ="series")["history"]
     assert len(history) == 2 and all(np.isfinite(h["train_loss"]) for h in history)
     assert load_bundle(out / "bundle").predict(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).size
+
+
+def test_balanced_sampler_class_weights_and_smoothing_change_batches_and_loss():
+    labels = np.array([0] * 90 + [1] * 10)
+    drawn = {}
+    for balanced in (False, True):
+        sampler = make_sampler(labels, "binary", balanced, torch.Generator().manual_seed(0))
+        drawn[balanced] = labels[list(sampler)].mean()
+    assert drawn[False] == 0.1  # a permutation: every image once
+    assert drawn[True] > 0.35  # drawn in proportion 1/count: about half are the rare class
+    logits, y = torch.tensor([[2.0, -1.0], [0.5, 0.5], [-1.0, 1.0]]), torch.tensor([0, 0, 1])
+    plain = TrainConfig()
+    weighted = TrainConfig(class_weighted_loss=True)
+    smooth = TrainConfig(label_smoothing=0.2)
+    base = make_loss("binary", plain, labels, 2)(logits, y)
+    # weights len / (classes * count): 100 / 180 for class 0, 100 / 20 for class 1
+    w = torch.tensor([100 / 180, 100 / 20])
+    nll = -torch.log_softmax(logits, 1)[torch.arange(3), y]
+    by_hand = (w[y] * nll).sum() / w[y].sum()
+    assert make_loss("binary", weighted, labels, 2)(logits, y) == pytest.approx(float(by_hand))
+    target = torch.full((3, 2), 0.1).scatter_(1, y[:, None], 0.9)  # 0.2 spread over 2 classes
+    smoothed = -(target * torch.log_softmax(logits, 1)).sum(1).mean()
+    assert make_loss("binary", smooth, labels, 2)(logits, y) == pytest.approx(float(smoothed))
+    assert float(base) != pytest.approx(float(smoothed)) and float(base) != pytest.approx(
+        float(by_hand)
+    )
+    multi = np.array([[1, 0], [0, 0], [1, 1], [0, 0]])
+    loss = make_loss("multilabel", weighted, multi, 2)
+    assert loss.pos_weight.tolist() == [1.0, 3.0]  # (N - positives) / positives
 
 
 def test_early_stopping_and_unknown_select_metric(tiny, tmp_path):

@@ -28,12 +28,35 @@ def test_binary_by_hand():
     assert m["brier"] == pytest.approx((0.01 + 0.16 + 0.4225 + 0.04) / 4)
 
 
-def test_youden_threshold_chosen_on_validation_and_applied():
+def test_youden_threshold_chosen_on_validation_and_applied_to_test():
     assert youden_threshold(Y, P) == pytest.approx(0.8)  # J = 0.5, first of the ties
-    (t,) = choose_thresholds("binary", Y, S)
-    m = classification_metrics("binary", Y, S, [t])
+    chosen = choose_thresholds("binary", Y, S)
+    assert chosen.values == [pytest.approx(0.8)] and chosen.validated
+    # other (test) images: at 0.8 only 0.85 is positive; at the default 0.5 three would be
+    y_test = np.array([0, 0, 1, 1, 1])
+    p_test = np.array([0.6, 0.2, 0.55, 0.85, 0.7])
+    m = classification_metrics("binary", y_test, np.stack([1 - p_test, p_test], 1), chosen.values)
     assert m["threshold"] == pytest.approx(0.8)
-    assert m["specificity"] == 1.0 and m["sensitivity"] == 0.5
+    assert m["sensitivity"] == pytest.approx(1 / 3) and m["specificity"] == 1.0
+    default = classification_metrics("binary", y_test, np.stack([1 - p_test, p_test], 1))
+    assert default["sensitivity"] == 1.0 and default["specificity"] == 0.5
+
+
+def test_threshold_from_one_class_validation_is_marked_not_validated():
+    chosen = choose_thresholds("binary", np.array([1, 1, 1]), S[:3])
+    assert chosen.values == [0.5] and chosen.validated is False
+    assert "one class" in chosen.note
+    y = np.array([[1, 0], [1, 1], [1, 0]])  # label 0 is always present: not validated
+    labels = choose_thresholds("multilabel", y, np.array([[0.9, 0.2], [0.8, 0.7], [0.7, 0.1]]))
+    assert labels.validated is False and labels.values[0] == 0.5
+    assert labels.values[1] == pytest.approx(0.7)  # label 1 has both classes: chosen
+
+
+def test_brier_is_one_definition_for_binary_and_multiclass():
+    binary = classification_metrics("binary", Y, S)["brier"]
+    multiclass = classification_metrics("multiclass", Y, S)["brier"]
+    assert binary == pytest.approx((0.01 + 0.16 + 0.4225 + 0.04) / 4)
+    assert multiclass == pytest.approx(binary)
 
 
 def test_multiclass_by_hand():
@@ -57,9 +80,14 @@ def test_multilabel_macro_and_micro():
     # label 0: positives 0.9, 0.6 vs negatives 0.3, 0.4 -> 1.0
     # label 1: positives 0.4, 0.7 vs negatives 0.2, 0.5 -> 3 of 4 pairs -> 0.75
     assert m["auroc"] == pytest.approx((1.0 + 0.75) / 2)
-    assert 0 < m["auroc_micro"] <= 1
-    thresholds = choose_thresholds("multilabel", y, scores)
-    assert len(thresholds) == 2
+    # micro: all 8 (image, label) scores as one binary problem; 14.5 of 16 pairs ordered
+    # (0.4 positive vs 0.4 negative counts a half, 0.4 vs 0.5: none)
+    pos, neg = scores[y == 1], scores[y == 0]
+    pairs = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    assert m["auroc_micro"] == pytest.approx(pairs.mean()) == pytest.approx(14.5 / 16)
+    chosen = choose_thresholds("multilabel", y, scores)
+    # label 0: 0.6 separates perfectly; label 1: J is best at 0.7 (sens 0.5, spec 1)
+    assert chosen.values == [pytest.approx(0.6), pytest.approx(0.7)] and chosen.validated
 
 
 def test_single_class_gives_nan_not_error():

@@ -27,7 +27,6 @@ from .bundle import load_bundle, provenance, save_bundle
 from .config import (
     ConfigError,
     FinetuneConfig,
-    PreprocessConfig,
     PretrainConfig,
     changed_settings,
     dump_config,
@@ -37,9 +36,10 @@ from .datasets import CachedImages, FoldData, load_fold
 from .features import cached_features
 from .heads import Classifier, make_head
 from .manifest import encode_labels, load_manifest
-from .metrics import choose_thresholds, classification_metrics, per_class_table
+from .metrics import Thresholds, choose_thresholds, classification_metrics, per_class_table
 from .preprocess import build_cache, open_cache
 from .probe import fit_probe
+from .stats import metric_intervals
 from .train import amp_dtype, fit, predict, resolve_device
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -113,7 +113,7 @@ def _build_model(cfg: FinetuneConfig, init: str, n_classes: int) -> Classifier:
     return Classifier(backbone, head)
 
 
-def _bundle_meta(cfg: FinetuneConfig, data: FoldData, thresholds, extra: dict) -> dict:
+def _bundle_meta(cfg: FinetuneConfig, data: FoldData, thresholds: Thresholds, extra: dict) -> dict:
     return {
         "architecture": {
             "arch": cfg.model.arch,
@@ -126,7 +126,8 @@ def _bundle_meta(cfg: FinetuneConfig, data: FoldData, thresholds, extra: dict) -
             "name": data.task_name,
             "kind": data.task.kind,
             "classes": data.task.class_names,
-            "thresholds": thresholds,
+            "thresholds": thresholds.values,
+            "thresholds_validated": thresholds.validated,
         },
         "preprocessing": {
             "resolution": cfg.data.resolution,
@@ -165,8 +166,8 @@ def train_and_report(
     )
     amp = amp_dtype(cfg.train.amp, device)
     eval_batch, parts = ddp.local_batch(cfg.train.batch_size), {}
-    for part in ("val", "test"):
-        if len(data.parts[part]):
+    for part in ("val", "test", "holdout"):
+        if len(data.parts.get(part, [])):
             scores, labels, index = ddp.gather_predictions(
                 *predict(model, ddp.shard(data.dataset(part)), eval_batch, device, kind, amp)
             )
@@ -186,26 +187,43 @@ def write_run(
 ) -> Path:
     """predictions.csv, metrics.json and the bundle of a finished cell.
 
-    `parts` maps "val"/"test" to (scores, labels, manifest rows); thresholds are chosen on
-    the validation scores and applied unchanged to the test scores.
+    `parts` maps "val"/"test"/"holdout" to (scores, labels, manifest rows); thresholds are
+    chosen on the validation scores and applied unchanged to the other parts. metrics.json
+    also states the labelled images the cell used (`labelled`: training and validation, and
+    their share of the fold's pools) and whether its thresholds were chosen on data.
     """
     kind, classes = data.task.kind, data.task.class_names
     ids = data.manifest.table["image_id"].to_numpy()
-    frames, metrics, thresholds = [], dict(summary), []
+    val_scores, val_labels, _ = parts["val"]
+    chosen = choose_thresholds(kind, val_labels, val_scores)
+    frames, metrics = [], {**summary, "labelled": data.labelled, "thresholds": chosen.record()}
     for part, (scores, labels, rows) in parts.items():
-        if part == "val":
-            thresholds = choose_thresholds(kind, labels, scores)
         frames.append(
             prediction_frame(ids[rows], cfg.data.fold, part, kind, classes, labels, scores)
         )
-        metrics[part] = classification_metrics(kind, labels, scores, thresholds)
+        metrics[part] = classification_metrics(kind, labels, scores, chosen.values)
         metrics[f"{part}_per_class"] = per_class_table(
-            kind, labels, scores, classes, thresholds
+            kind, labels, scores, classes, chosen.values
         ).to_dict("records")
     pd.concat(frames).to_csv(out / "predictions.csv", index=False)
-    save_bundle(model, out / "bundle", _bundle_meta(cfg, data, thresholds, extra))
+    save_bundle(model, out / "bundle", _bundle_meta(cfg, data, chosen, extra))
     write_json(metrics, out / "metrics.json")
     return out
+
+
+def run_notes(metrics: dict) -> list[str]:
+    """Warnings a finished run's metrics.json carries, to print (never to hide)."""
+    notes = []
+    thresholds = metrics.get("thresholds") or {}
+    if thresholds.get("validated") is False:
+        notes.append(f"threshold not validated: {thresholds.get('note')}")
+    probe = metrics.get("probe") or {}
+    if probe.get("convergence_warnings"):
+        notes.append(
+            f"{probe['convergence_warnings']} of {probe['fits']} probe fits stopped at "
+            "probe.max_iter before converging; raise it or check the features"
+        )
+    return notes
 
 
 def probe_finetune(cfg: FinetuneConfig, probe: ProbeConfig, features_root: Path) -> Path:
@@ -247,7 +265,14 @@ def probe_finetune(cfg: FinetuneConfig, probe: ProbeConfig, features_root: Path)
     }
     linear = cfg.model.model_copy(update={"head": "linear", "dropout": 0.0})
     cfg = cfg.model_copy(update={"model": linear})
-    summary = {"probe": {"C": fitted.C, "val_loss": fitted.val_loss}}
+    summary = {
+        "probe": {
+            "C": fitted.C,
+            "val_loss": fitted.val_loss,
+            "convergence_warnings": fitted.convergence_warnings,
+            "fits": fitted.fits,
+        }
+    }
     return write_run(cfg, data, out, model, parts, {"method": "lf", "probe": "logreg"}, summary)
 
 
@@ -319,16 +344,23 @@ def evaluate(
     cache: Path | None = None,
     device: str = "auto",
     progress: bool = True,
+    n_boot: int = 1000,
 ) -> dict:
-    """External validation: score a bundle on another manifest with its own thresholds."""
+    """External validation: score a bundle on another manifest with its own thresholds.
+
+    Every figure comes with a 95% bootstrap interval that resamples patients (`external_ci`,
+    `stats.metric_intervals`): an AUROC on fifty external images says little without one.
+    """
     dev = resolve_device(device)
     bundle = load_bundle(bundle_path, device=str(dev))
+    if bundle.kind == "segmentation":
+        raise ConfigError(f"{bundle_path} segments vessels; score it with `fundusfm segment eval`")
     manifest = load_manifest(manifest_path)
     manifest.require("image_id", "path")
     manifest.require_unique_ids()  # predictions are keyed on image_id
     labels, keep = _external_labels(manifest, bundle, task, label_map)
-    pre_meta = bundle.meta["preprocessing"]
-    pre = PreprocessConfig(resolution=pre_meta["resolution"], **pre_meta["crop"])
+    norm = bundle.preprocessing
+    pre = norm.config()
     cache_root = cache or Path(manifest_path).parent / "cache"
     report = build_cache(manifest, pre, cache_root, progress=progress)
     failed = {e[0] for e in report.errors}
@@ -337,19 +369,27 @@ def evaluate(
     image_cache = open_cache(kept, pre, cache_root)
     sources = [manifest.image_path(p).resolve() for p in manifest.table["path"].iloc[keep]]
     dataset = CachedImages(image_cache, sources, labels[keep])
-    scores, y, index = predict(bundle.model, dataset, 32, dev, bundle.kind)
-    thresholds = bundle.meta["task"].get("thresholds") or None
+    scores, y, index = predict(
+        bundle.model, dataset, 32, dev, bundle.kind, mean=norm.mean, std=norm.std
+    )
+    thresholds = bundle.thresholds or None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ids = manifest.table["image_id"].to_numpy()[keep][index]
     prediction_frame(ids, -1, "external", bundle.kind, bundle.classes, y, scores).to_csv(
         out / "predictions.csv", index=False
     )
+    rows = manifest.table.iloc[keep].iloc[index]
+    patients = rows["patient_id"] if "patient_id" in rows else rows["image_id"]
     metrics = {
         "external": classification_metrics(bundle.kind, y, scores, thresholds),
         "external_per_class": per_class_table(
             bundle.kind, y, scores, bundle.classes, thresholds
         ).to_dict("records"),
+        "external_ci": metric_intervals(
+            bundle.kind, y, scores, bundle.classes, thresholds, patients.to_numpy(), n_boot
+        ),
+        "thresholds_validated": bundle.thresholds_validated,
         "images": len(y),
         "unmapped_or_unreadable": int(len(manifest.table) - len(y)),
         "bundle": str(bundle_path),

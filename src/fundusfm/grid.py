@@ -206,6 +206,14 @@ def run_cell(cfg: GridConfig, cell: Cell, progress: bool = False) -> Path:
     return out
 
 
+def cell_notes(out: Path) -> list[str]:
+    """The warnings of a finished classification cell (segmentation cells have none yet)."""
+    from .experiment import run_notes
+
+    metrics = out / "metrics.json"
+    return run_notes(json.loads(metrics.read_text())) if metrics.is_file() else []
+
+
 def run_grid(
     cfg: GridConfig,
     shard_spec: str | None = None,
@@ -238,8 +246,10 @@ def run_grid(
         error.unlink(missing_ok=True)
         (cell_dir(cfg, cell) / "done").unlink(missing_ok=True)
         try:
-            run_cell(cfg, cell, progress)
+            out = run_cell(cfg, cell, progress)
             counts["ran"] += 1
+            for note in cell_notes(out):
+                say(f"  warning: {note}")
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # a failed cell is recorded; the others go on

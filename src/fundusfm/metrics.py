@@ -7,11 +7,19 @@ and a 0/1 matrix (N, C) for multilabel tasks.
 Thresholds for the threshold-dependent figures (sensitivity, specificity, PPV, NPV, F1) are
 chosen on the validation part by Youden's J and applied unchanged to the test part, as a
 clinical study would; `choose_thresholds` picks them and `classification_metrics` applies them.
+A validation part that lacks a class cannot choose a threshold: 0.5 is used and the result
+says `validated: False`, so it is never mistaken for a chosen one.
+
+Brier score, for every task kind: the mean over images and classes of (score - truth)^2,
+truth being the one-hot label (binary, multiclass) or the 0/1 labels (multilabel). For a
+binary task this equals the usual (p - y)^2 of the positive class, so the same 2-class
+predictions score the same whether the task is declared binary or multiclass.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -40,7 +48,8 @@ def auroc(kind: str, y: np.ndarray, scores: np.ndarray) -> float:
 
 
 def youden_threshold(y: np.ndarray, score: np.ndarray) -> float:
-    """The score threshold that maximises sensitivity + specificity - 1 on (y, score)."""
+    """The score threshold that maximises sensitivity + specificity - 1 on (y, score);
+    0.5 when `y` has one class (see `choose_thresholds`, which says so)."""
     if len(np.unique(y)) < 2:
         return 0.5
     fpr, tpr, thr = skm.roc_curve(y, score)
@@ -48,13 +57,36 @@ def youden_threshold(y: np.ndarray, score: np.ndarray) -> float:
     return float(min(thr[best], 1.0))
 
 
-def choose_thresholds(kind: str, y: np.ndarray, scores: np.ndarray) -> list[float]:
+@dataclass(frozen=True)
+class Thresholds:
+    """Decision thresholds and whether validation data chose them (else they are 0.5)."""
+
+    values: list[float]
+    validated: bool
+    note: str = ""
+
+    def record(self) -> dict:
+        return {"values": self.values, "validated": self.validated, "note": self.note}
+
+
+def choose_thresholds(kind: str, y: np.ndarray, scores: np.ndarray) -> Thresholds:
     """Per-class decision thresholds from validation data (one for binary: the positive class)."""
-    if kind == "binary":
-        return [youden_threshold(y, scores[:, 1])]
-    if kind == "multilabel":
-        return [youden_threshold(y[:, j], scores[:, j]) for j in range(scores.shape[1])]
-    return []  # multiclass decisions are the argmax
+    if kind == "multiclass":
+        return Thresholds([], True, "multiclass decisions are the argmax")
+    columns = [np.asarray(y)] if kind == "binary" else [y[:, j] for j in range(scores.shape[1])]
+    targets = [scores[:, 1]] if kind == "binary" else [scores[:, j] for j in range(len(columns))]
+    values = [youden_threshold(c, t) for c, t in zip(columns, targets, strict=True)]
+    lacking = [j for j, c in enumerate(columns) if len(np.unique(c)) < 2]
+    if not lacking:
+        return Thresholds(values, True)
+    which = "the validation part" if kind == "binary" else f"labels {lacking} of validation"
+    note = f"{which} holds one class only: threshold 0.5 used, not chosen on data"
+    return Thresholds(values, False, note)
+
+
+def brier(truth: np.ndarray, scores: np.ndarray) -> float:
+    """Mean over images and classes of (score - truth)^2 (see the module docstring)."""
+    return float(np.mean((np.asarray(scores, float) - truth) ** 2))
 
 
 def binary_counts(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
@@ -95,7 +127,7 @@ def _binary(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
         "f1": _safe(skm.f1_score, y, pred, zero_division=0),
         **binary_counts(y, pred),
         "kappa": _safe(skm.cohen_kappa_score, y, pred),
-        "brier": _safe(skm.brier_score_loss, y, p),
+        "brier": brier(np.eye(2)[np.asarray(y, int)], np.stack([1 - p, p], axis=1)),
         "threshold": threshold,
     }
 
@@ -135,7 +167,7 @@ def classification_metrics(
             "kappa_quadratic": _safe(
                 skm.cohen_kappa_score, y, pred, labels=labels, weights="quadratic"
             ),
-            "brier": float(np.mean(np.sum((scores - onehot) ** 2, axis=1))),
+            "brier": brier(onehot, scores),
         }
     thresholds = thresholds or [0.5] * n_classes
     pred = (scores >= np.asarray(thresholds)[None, :]).astype(int)
@@ -150,7 +182,7 @@ def classification_metrics(
             skm.f1_score, y[:, scored], pred[:, scored], average="macro", zero_division=0
         ),
         "accuracy_subset": _safe(skm.accuracy_score, y, pred),
-        "brier": float(np.mean((scores - y) ** 2)),
+        "brier": brier(y, scores),
     }
 
 

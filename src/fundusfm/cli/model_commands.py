@@ -64,7 +64,7 @@ def _train_command(model, config, set_, resume, quiet, runner) -> None:
     if not is_main():  # under torchrun rank 0 reports
         return
     metrics = json.loads((out / "metrics.json").read_text())
-    for part in ("val", "test"):
+    for part in ("val", "test", "holdout"):
         if part in metrics:
             shown = {
                 k: v
@@ -73,6 +73,10 @@ def _train_command(model, config, set_, resume, quiet, runner) -> None:
                 and v is not None
             }
             typer.echo(f"{part}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+    from ..experiment import run_notes
+
+    for note in run_notes(metrics):
+        typer.secho(f"warning: {note}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"run: {out}\nbundle: {out / 'bundle'}")
 
 
@@ -115,18 +119,31 @@ def evaluate(
     task: Annotated[str | None, typer.Option(help="Task of the manifest (no label map).")] = None,
     cache: Annotated[Path | None, typer.Option(help="Cache root.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples (patients) for CIs.")] = 1000,
     quiet: QuietOpt = False,
 ) -> None:
     """External validation of a bundle on another dataset: predictions.csv and metrics.json."""
     from ..experiment import evaluate as run
 
     with user_errors():
-        metrics = run(bundle, manifest, out, label_map, task, cache, device, not quiet)
-    ext = {k: v for k, v in metrics["external"].items() if v is not None}
-    typer.echo(
-        f"{metrics['images']} images: "
-        + ", ".join(
-            f"{k} {ext[k]:.3f}" for k in ("auroc", "accuracy", "balanced_accuracy") if k in ext
+        metrics = run(bundle, manifest, out, label_map, task, cache, device, not quiet, n_boot)
+    ci = metrics["external_ci"]
+    typer.echo(f"{metrics['images']} images of {ci['patients']} patients (95% CI, patients):")
+    for name in ("auroc", "auprc", "sensitivity", "specificity"):
+        if name in ci and ci[name]["value"] is not None:
+            c = ci[name]
+            typer.echo(
+                f"  {name:<12} {c['value']:.3f} ({_fmt(c['ci_low'])} to {_fmt(c['ci_high'])})"
+            )
+    if not metrics["thresholds_validated"]:
+        typer.secho(
+            "note: the bundle's threshold was not chosen on validation data; sensitivity and "
+            "specificity are at 0.5",
+            fg=typer.colors.YELLOW,
+            err=True,
         )
-    )
     typer.echo(f"wrote {out / 'predictions.csv'} and {out / 'metrics.json'}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
