@@ -19,11 +19,11 @@ from fundusfm.config import ConfigError, SplitConfig, load_config
 from fundusfm.config_segment import SegmentConfig
 from fundusfm.decode import read_mask
 from fundusfm.heads import Classifier, make_head
-from fundusfm.manifest import load_manifest
-from fundusfm.seg_data import square, to_native
+from fundusfm.manifest import load_manifest, save_manifest
+from fundusfm.seg_data import rows_without_fov, square, to_native
 from fundusfm.seg_metrics import NAMES, count, scores, summary
 from fundusfm.seg_model import create_unet, encoder_state_equal
-from fundusfm.segment import seg_loss, train_segmentation
+from fundusfm.segment import note_derived_fov, score_images, seg_loss, train_segmentation
 from fundusfm.splits import make_splits
 
 
@@ -63,6 +63,12 @@ def test_binned_auroc_and_auprc_match_sklearn():
     other = count(1 - prob, truth, fov, 0.5)
     s = summary([count(prob, truth, fov, 0.5), other])
     assert s["dice_mean"] == pytest.approx((m["dice"] + scores(other)["dice"]) / 2)
+    y, p = np.concatenate([y, y]), np.concatenate([p, 1 - p])
+    tp, fp, fn = ((p >= 0.5) & y).sum(), ((p >= 0.5) & ~y).sum(), ((p < 0.5) & y).sum()
+    assert s["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert s["specificity"] == pytest.approx(((p < 0.5) & ~y).sum() / (~y).sum())
+    assert s["auroc"] == pytest.approx(roc_auc_score(y, p), abs=2e-3)
+    assert abs(s["dice"] - s["dice_mean"]) > 0.01  # so the pooled check can tell them apart
 
 
 def test_loss_ignores_pixels_outside_the_fov():
@@ -131,6 +137,27 @@ def seg_config(vessel_set: dict, out: Path, *sets: str) -> SegmentConfig:
         "run.progress=false",
     ]
     return load_config(SegmentConfig, None, base + list(sets))
+
+
+def test_scores_without_fov_path_count_the_images_fov_only(
+    vessel_set: dict, tmp_path: Path, capsys
+):
+    # the same images and predictions, scored with the shipped FOV masks and without any
+    m = load_manifest(vessel_set["manifest"])
+    spec = m.spec.model_copy(update={"root": str(m.root)})
+    bare = load_manifest(save_manifest(m.table.drop(columns="fov_path"), spec, tmp_path / "b.csv"))
+    rows, rng = np.arange(8), np.random.default_rng(0)
+    probs = []
+    for r in rows:  # a noisy model, as unsure in the black border as anywhere else
+        vessel = read_mask(m.image_path(m.table.vessel_path.iat[r]))
+        probs.append(np.clip(0.45 * vessel + 0.6 * rng.random(vessel.shape), 0, 1))
+    _, shipped = score_images(m, rows, np.stack(probs), 0.5, tmp_path / "a")
+    _, derived = score_images(bare, rows, np.stack(probs), 0.5, tmp_path / "b")
+    for name in NAMES:
+        assert derived["test"][name] == pytest.approx(shipped["test"][name], abs=0.01), name
+    assert (rows_without_fov(m, rows), rows_without_fov(bare, rows)) == (0, 8)
+    assert note_derived_fov(bare, rows) == 8
+    assert "8 images had no fov_path: FOV derived from the image" in capsys.readouterr().out
 
 
 def test_frozen_encoder_does_not_change(vessel_set: dict, tmp_path: Path):

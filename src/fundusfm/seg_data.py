@@ -4,6 +4,7 @@ Images and masks are padded to a square (centred, black) and resized to `resolut
 (bilinear for the image, nearest for masks), so the U-Net sees the whole field of view.
 Predictions are mapped back to each image's own size (`to_native`), and every metric is
 computed there, against the masks as the dataset ships them: resizing never changes a score.
+Metrics count FOV pixels only; a row without `fov_path` gets its FOV derived from the image.
 
 Training samples apply the geometric augmentation to the image and both masks together
 (torchvision.transforms.v2 with `Mask`) and the colour augmentation to the image alone.
@@ -29,6 +30,7 @@ from .config_segment import SegAugmentConfig, SegDataConfig
 from .decode import read_mask, read_rgb
 from .manifest import Manifest
 from .splits import fold_sets
+from .vessel_datasets import derive_fov
 
 TRAIN_NAMES = {"train", "training"}
 TEST_NAMES = {"test", "testing"}
@@ -71,12 +73,29 @@ class VesselImage:
     shape: tuple[int, int]
 
 
+def _fov_rel(manifest: Manifest, row: int) -> str:
+    return str(manifest.table.iloc[row].get("fov_path", "") or "")
+
+
+def rows_without_fov(manifest: Manifest, rows: np.ndarray) -> int:
+    """How many of these rows have no `fov_path` (their FOV is derived from the image)."""
+    return sum(not _fov_rel(manifest, int(r)) for r in rows)
+
+
 def native_masks(manifest: Manifest, row: int) -> tuple[np.ndarray, np.ndarray]:
-    """Vessel and FOV masks of a manifest row at the image's own size."""
+    """Vessel and FOV masks of a manifest row at the image's own size.
+
+    A row without `fov_path` gets the FOV derived from its image, as the importers do: a
+    whole-image FOV would count the black border as true negatives and inflate specificity,
+    accuracy and AUROC.
+    """
     t = manifest.table.iloc[row]
     vessel = read_mask(manifest.image_path(t["vessel_path"]))
-    fov_rel = str(t.get("fov_path", "") or "")
-    fov = read_mask(manifest.image_path(fov_rel)) if fov_rel else np.ones_like(vessel)
+    fov_rel = _fov_rel(manifest, row)
+    if fov_rel:
+        fov = read_mask(manifest.image_path(fov_rel))
+    else:
+        fov = derive_fov(manifest.image_path(t["path"]))
     if fov.shape != vessel.shape:
         raise ConfigError(
             f"{manifest.path} line {manifest.line(row)}: FOV mask {fov.shape} and vessel mask "

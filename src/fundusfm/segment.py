@@ -36,6 +36,7 @@ from .seg_data import (
     batch_of,
     load_images,
     native_masks,
+    rows_without_fov,
     seg_parts,
     to_native,
 )
@@ -242,6 +243,14 @@ def score_images(
     return pd.DataFrame(table), metrics
 
 
+def note_derived_fov(manifest: Manifest, rows: np.ndarray) -> int:
+    """Count the rows scored inside a FOV derived from the image, and say so once per run."""
+    n = rows_without_fov(manifest, rows)
+    if n and ddp.is_main():
+        tqdm.write(f"{n} images had no fov_path: FOV derived from the image")
+    return n
+
+
 def _bundle_meta(cfg: SegmentConfig, threshold: float) -> dict:
     return {
         "architecture": {
@@ -281,6 +290,7 @@ def train_segmentation(cfg: SegmentConfig) -> Path:
     parts = seg_parts(cfg.data, manifest, cfg.train.seed)
     parts = {p: parts.get(p, np.array([], int)) for p in ("train", "val", "test")}
     size, progress = cfg.data.resolution, cfg.run.progress and ddp.is_main()
+    fov_derived = note_derived_fov(manifest, np.concatenate(list(parts.values())))
     images = {p: load_images(manifest, rows, size, progress) for p, rows in parts.items()}
     torch.manual_seed(cfg.train.seed)
     model = create_unet(cfg.model)
@@ -292,7 +302,7 @@ def train_segmentation(cfg: SegmentConfig) -> Path:
         return out
     table, metrics = score_images(manifest, parts["test"], probs, cfg.train.threshold, out)
     table.to_csv(out / "per_image.csv", index=False)
-    metrics.update(fitted, parts={p: len(r) for p, r in parts.items()})
+    metrics.update(fitted, parts={p: len(r) for p, r in parts.items()}, fov_derived=fov_derived)
     save_bundle(model.cpu(), out / "bundle", _bundle_meta(cfg, cfg.train.threshold))
     write_json(metrics, out / "metrics.json")
     if not cfg.run.keep_checkpoint:
@@ -325,6 +335,7 @@ def evaluate_segmentation(
     rows = np.flatnonzero(keep)
     if len(rows) == 0:
         raise ValueError(f"{manifest_path}: no images with vessel masks in split {split!r}")
+    fov_derived = note_derived_fov(manifest, rows)
     images = load_images(manifest, rows, bundle.resolution, progress)
     dev = resolve_device(device)
     model = bundle.model.to(dev)
@@ -334,5 +345,6 @@ def evaluate_segmentation(
     )
     table.to_csv(Path(out) / "per_image.csv", index=False)
     metrics["bundle"], metrics["manifest"] = str(bundle_path), str(manifest_path)
+    metrics["fov_derived"] = fov_derived
     write_json(metrics, Path(out) / "metrics.json")
     return metrics
