@@ -1,16 +1,36 @@
-"""The grid: expansion, shards, skip-if-done, failures, resume of a killed cell, the report."""
+"""The grid: expansion, shards, skip-if-done, failures, resume of a killed cell, the feature
+cache key, and the report read back (summary with completeness, comparisons, external)."""
 
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
 
-from fundusfm.config import SplitConfig, load_config
+from fundusfm.backbone import create_backbone
+from fundusfm.cli import app
+from fundusfm.config import (
+    CropConfig,
+    DataConfig,
+    PretrainConfig,
+    SplitConfig,
+    dump_config,
+    load_config,
+)
 from fundusfm.config_grid import GridConfig
+from fundusfm.datasets import load_fold
+from fundusfm.experiment import pretrain
+from fundusfm.features import feature_key
 from fundusfm.grid import cell_dir, expand, parse_shard, run_grid, shard, status
 from fundusfm.manifest import load_manifest
+from fundusfm.metrics import binary_auroc
 from fundusfm.report import build_report
 from fundusfm.splits import make_splits
+from fundusfm.stats import CLUSTERED_DELONG, clustered_delong_test
 
 
 @pytest.fixture(scope="module")
@@ -70,39 +90,176 @@ def test_expansion_and_shards(setup, tmp_path):
         parse_shard("4/4")
 
 
-def test_run_skip_fail_status_and_report(setup, tmp_path):
-    ext = [{"name": "same", "manifest": str(setup["manifest"]), "task": "abnormal"}]
-    cfg = grid_config(
-        setup,
-        tmp_path / "g",
-        **{"axes.init": "{a: scratch, broken: no/such/bundle}", "external": str(ext)},
+@pytest.fixture(scope="module")
+def pretrained(setup: dict, tmp_path_factory) -> Path:
+    """A tiny pretraining bundle (1 epoch, 64 px): an init whose weights are not scratch's."""
+    sets = {
+        "strategy": "fundus",
+        "data.manifest": setup["manifest"],
+        "data.cache": setup["root"] / "cache",
+        "data.resolution": 64,
+        "data.task": "abnormal",
+        "model.arch": "resnet18",
+        "model.hidden": 16,
+        "train.epochs": 1,
+        "train.batch_size": 8,
+        "train.select_metric": "loss",
+        "run.out": tmp_path_factory.mktemp("pre"),
+        "run.progress": False,
+    }
+    return pretrain(load_config(PretrainConfig, None, [f"{k}={v}" for k, v in sets.items()]))
+
+
+@pytest.fixture(scope="module")
+def external_set(setup: dict) -> Path:
+    """The first 12 images (6 patients, both eyes) of the set: a small external manifest."""
+    source = Path(setup["manifest"])
+    out = setup["root"] / "external.csv"
+    pd.read_csv(source, dtype=str).head(12).to_csv(out, index=False)
+    spec = yaml.safe_load(source.with_suffix(".yaml").read_text())
+    spec["root"] = str((source.parent / spec.get("root", ".")).resolve())
+    out.with_suffix(".yaml").write_text(yaml.safe_dump(spec))
+    return out
+
+
+def cell_frames(cfg: GridConfig, where: dict, part: str = "predictions.csv") -> list[pd.DataFrame]:
+    """Every fold's predictions (or `external/<set>/predictions.csv`) of one group, by fold."""
+    cells = [c for c in expand(cfg) if all(c.coordinates()[k] == v for k, v in where.items())]
+    return [pd.read_csv(cell_dir(cfg, c) / part, dtype={"image_id": str}) for c in cells]
+
+
+def check_comparisons(cfg: GridConfig, out: Path) -> None:
+    """comparisons.csv: one row for the pair (a, b), the clustered test, 20 patients, and the
+    p-value the test gives on the cells' own pooled predictions."""
+    (got,) = pd.read_csv(out / "comparisons.csv").itertuples()
+    assert (got.init_a, got.init_b, got.fraction, got.images) == ("a", "b", 1.0, 40)
+    assert got.test == CLUSTERED_DELONG and got.patients == 20 and got.complete
+    assert 0 < got.p_value <= 1
+    pooled = {
+        i: pd.concat(cell_frames(cfg, {"init": i, "fraction": 1.0})).query("split == 'test'")
+        for i in "ab"
+    }
+    pooled["b"] = pooled["b"].set_index("image_id").loc[pooled["a"].image_id].reset_index()
+    patients = (
+        pooled["a"]
+        .image_id.map(
+            dict(load_manifest(cfg.base.data.manifest).table[["image_id", "patient_id"]].to_numpy())
+        )
+        .to_numpy()
     )
+    want = clustered_delong_test(
+        pooled["a"].y_true, pooled["a"].score_1, pooled["b"].score_1, patients
+    )
+    assert got.auroc_a == pytest.approx(want["auroc_a"]) and got.auroc_b != got.auroc_a
+    assert got.p_value == pytest.approx(want["p_value"], rel=1e-9)
+
+
+def check_external(cfg: GridConfig, out: Path) -> None:
+    """external.csv: mean/sd over the folds' models and their ensemble's AUROC with a CI."""
+    external = pd.read_csv(out / "external.csv")
+    assert list(external.init) == ["a", "b"]  # broken has no models
+    assert (external.ext_same_ensemble_models == 3).all()
+    assert (external.ext_same_ensemble_images == 12).all()
+    low, high = external.ext_same_ensemble_auroc_ci_low, external.ext_same_ensemble_auroc_ci_high
+    assert (
+        (low <= external.ext_same_ensemble_auroc) & (external.ext_same_ensemble_auroc <= high)
+    ).all()
+    frames = cell_frames(cfg, {"init": "b", "fraction": 1.0}, "external/same/predictions.csv")
+    mean = pd.concat(frames).groupby("image_id")[["y_true", "score_1"]].mean()
+    row = external[(external.init == "b") & (external.fraction == 1.0)].iloc[0]
+    assert row.ext_same_ensemble_auroc == pytest.approx(binary_auroc(mean.y_true, mean.score_1))
+    per_model = [binary_auroc(f.y_true, f.score_1) for f in frames]
+    assert row.ext_same_auroc_mean == pytest.approx(np.mean(per_model))
+
+
+def test_run_skip_fail_status_and_report(setup, pretrained, external_set, tmp_path):
+    ext = [{"name": "same", "manifest": str(external_set), "task": "abnormal"}]
+    inits = f"{{a: scratch, b: {pretrained / 'bundle'}, broken: no/such/bundle}}"
+    sets = {"axes.init": inits, "axes.fraction": "[1.0]", "external": str(ext)}
+    cfg = grid_config(setup, tmp_path / "g", **sets)
     said: list[str] = []
     dry = run_grid(cfg, dry_run=True, say=said.append)
-    assert dry["pending"] == 12 and len(said) == 12
+    assert dry["pending"] == 9 and len(said) == 9
     counts = run_grid(cfg, say=lambda _: None)
-    assert counts == {"done": 0, "ran": 6, "failed": 6, "pending": 0}
+    assert counts == {"done": 0, "ran": 6, "failed": 3, "pending": 0}
     table = status(cfg)
-    assert (table.state == "done").sum() == 6 and (table.state == "failed").sum() == 6
+    assert (table.state == "done").sum() == 6 and (table.state == "failed").sum() == 3
     failed = table[table.state == "failed"].iloc[0]
     error = (tmp_path / "g" / "cells" / failed.cell / "error.txt").read_text()
     assert "unknown init" in error
     again = run_grid(cfg, say=lambda _: None)
-    assert again["done"] == 6 and again["ran"] == 0 and again["failed"] == 6
+    assert again["done"] == 6 and again["ran"] == 0 and again["failed"] == 3
     done_cell = table[table.state == "done"].iloc[0].cell
     assert (tmp_path / "g" / "cells" / done_cell / "external" / "same" / "metrics.json").exists()
-    # features were extracted once for the init, then reused by every fold x fraction cell
-    assert len(list((tmp_path / "g" / "features").glob("*.npy"))) == 1
+    # features were extracted once per init, then reused by every fold's cell
+    assert len(list((tmp_path / "g" / "features").glob("*.npy"))) == 2
 
     report = build_report(cfg, n_boot=50)
     html = report.read_text()
     assert "data:image/png;base64," in html and "Summary" in html
-    summary = pd.read_csv(report.parent / "summary.csv")
-    assert len(summary) == 2 and (summary.folds == 3).all()
-    assert (summary.pooled_auroc_ci_low <= summary.pooled_auroc_ci_high).all()
-    assert summary.pooled_images.iloc[0] == 40  # every image is a test image exactly once
+    summary = pd.read_csv(report.parent / "summary.csv", dtype={"failed_folds": str})
+    assert list(summary.init) == ["a", "b", "broken"] and (summary.folds_expected == 3).all()
+    done = summary[summary.init != "broken"]
+    assert (done.folds == 3).all() and done.complete.all()
+    assert (done.pooled_auroc_ci_low <= done.pooled_auroc_ci_high).all()
+    assert (done.pooled_images == 40).all()  # every image is a test image exactly once
+    broken = summary[summary.init == "broken"]
+    assert (broken.folds == 0).all() and not broken.complete.any()
+    assert (broken.failed_folds == "0 1 2").all()
     results = pd.read_csv(report.parent / "results.csv")
     assert len(results) == 6 and "ext_same_auroc" in results.columns
+    check_comparisons(cfg, report.parent)
+    check_external(cfg, report.parent)
+    check_incomplete_group_left_out(cfg, tmp_path)
+
+
+def check_incomplete_group_left_out(cfg: GridConfig, tmp_path: Path) -> None:
+    """A stale fold marks its group incomplete: out of comparisons unless allowed, and listed
+    by `grid report` (which group is left out, of several, tests/test_report.py shows)."""
+    (stale,) = [c for c in expand(cfg) if (c.init_label, c.fold) == ("b", 1)]
+    (cell_dir(cfg, stale) / "done").write_text("settings of another day")
+    out = build_report(cfg, n_boot=20).parent
+    summary = pd.read_csv(out / "summary.csv", dtype={"stale_folds": str})
+    row = summary[summary.init == "b"].iloc[0]
+    assert row.folds == 2 and not row.complete and row.stale_folds == "1"
+    assert row.pooled_images < 40
+    assert pd.read_csv(out / "comparisons.csv").empty  # the header, no rows
+    yaml_path = dump_config(cfg, tmp_path / "grid.yaml")
+    result = CliRunner().invoke(
+        app, ["grid", "report", str(yaml_path), "--n-boot", "20", "--allow-incomplete"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 incomplete groups" in result.output
+    assert "init=b method=lf resolution=64 fraction=1.0: 2/3 folds (stale: 1)" in result.output
+    assert "init=broken method=lf resolution=64 fraction=1.0: 0/3 folds (failed: 0 1 2)" in (
+        result.output
+    )
+    (allowed,) = pd.read_csv(out / "comparisons.csv").itertuples()
+    assert (allowed.init_a, allowed.init_b, allowed.complete) == ("a", "b", False)
+
+
+def test_feature_key_follows_weights_resolution_crop_and_images(setup):
+    """A changed input never returns another's features: each one changes the key."""
+
+    def fold(**data):
+        cfg = DataConfig(
+            manifest=setup["manifest"], splits=setup["splits"], task="abnormal",
+            cache=setup["root"] / "cache", resolution=data.pop("resolution", 64), **data,
+        )  # fmt: skip
+        return load_fold(cfg, progress=False)
+
+    torch.manual_seed(0)
+    net = create_backbone("resnet18", "scratch")
+    base = fold()
+    key = feature_key(net, base)
+    assert feature_key(net, fold()) == key  # the same inputs: the same key
+    torch.manual_seed(1)
+    assert feature_key(create_backbone("resnet18", "scratch"), base) != key
+    assert feature_key(net, fold(resolution=48)) != key
+    assert feature_key(net, fold(crop=CropConfig(margin=0.05))) != key
+    m = base.manifest
+    fewer = type(m)(m.path, m.table.iloc[:-1], m.spec, m.root)
+    assert feature_key(net, replace(base, manifest=fewer)) != key
 
 
 def test_killed_training_cell_resumes_to_the_same_result(setup, tmp_path, monkeypatch):

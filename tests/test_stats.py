@@ -4,12 +4,13 @@ the null with two correlated eyes per patient, and the bootstrap intervals and p
 import numpy as np
 import pytest
 from scipy import stats as st
-from sklearn.metrics import average_precision_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from fundusfm.metrics import binary_auroc, classification_metrics, per_class_table
 from fundusfm.stats import (
     CLUSTERED_DELONG,
     DELONG,
+    _Ranked,
     average_precision,
     bootstrap_ci,
     clustered_delong_test,
@@ -284,10 +285,22 @@ def test_metric_intervals_resample_patients():
         assert width(as_patients, name) > 1.2 * width(as_images, name), name
 
 
-def test_fast_average_precision_is_scikit_learns():
+def test_resample_figures_are_scikit_learns_on_the_drawn_rows():
+    """The bootstrap scores a resample as weights on the sorted full set; that must give
+    scikit-learn's AUROC and AUPRC of the resample itself, ties included."""
     rng = np.random.default_rng(9)
     for n, digits in ((30, 1), (200, 2), (500, 6)):  # coarse scores: many ties
-        y = rng.integers(0, 2, n)
-        s = np.round(0.3 * y + rng.random(n), digits)
-        assert average_precision(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+        y = rng.integers(0, 2, (n, 2))
+        s = np.round(0.3 * y + rng.random((n, 2)), digits)
+        ranked = _Ranked(y, s)
+        for rows in (np.arange(n), rng.integers(0, n, n)):
+            w = np.bincount(rows, minlength=n).astype(float)
+            aurocs, auprcs = ranked.figures(w)
+            for j in range(2):
+                yr, sr = y[rows, j], s[rows, j]
+                assert aurocs[j] == pytest.approx(roc_auc_score(yr, sr), abs=1e-12)
+                assert auprcs[j] == pytest.approx(average_precision_score(yr, sr), abs=1e-12)
+        assert average_precision(y[:, 0], s[:, 0]) == pytest.approx(
+            average_precision_score(y[:, 0], s[:, 0]), abs=1e-12
+        )
     assert np.isnan(average_precision(np.ones(5), np.arange(5.0)))

@@ -3,12 +3,18 @@
 Writes into `<grid out>/report/`:
     results.csv      one row per finished cell: coordinates, every validation, test and
                      external metric
-    summary.csv      per (task, init, method, resolution, fraction): mean and sd over folds,
-                     and the AUROC of the pooled out-of-fold test predictions with a 95%
+    summary.csv      per group (task, init, method, resolution, fraction): folds found and
+                     expected, `complete` and the folds that failed, are stale or pending;
+                     mean and sd over folds, and the AUROC of the pooled out-of-fold test
+                     predictions with a 95% patient-level bootstrap interval
+    comparisons.csv  every pair of inits on the same pooled images: for binary AUROC,
+                     Obuchowski's clustered DeLong test when a patient has several images
+                     (plain DeLong when none has); a paired patient-level bootstrap for macro
+                     AUROC otherwise. `test` names the test, `patients` counts the clusters.
+                     Incomplete groups are left out unless `allow_incomplete`.
+    external.csv     per group and external set: AUROC mean and sd over the folds' models,
+                     and the AUROC of their ensemble (mean score per image) with a 95%
                      patient-level bootstrap interval
-    comparisons.csv  every pair of inits on the same pooled images: DeLong's test for binary
-                     AUROC, a paired patient-level bootstrap for macro AUROC otherwise
-    external.csv     external-validation AUROC, mean and sd over the folds' models
     *.png, report.html
 Everything is recomputed from the cells' `metrics.json` and `predictions.csv`.
 """
@@ -29,13 +35,19 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_curve
 
-from .config_grid import GridConfig
+from .config_grid import ExternalSet, GridConfig
 from .grid import cell_dir, expand, state
 from .manifest import load_manifest
 from .metrics import auroc, per_class_table
-from .stats import bootstrap_ci, delong_test, paired_bootstrap
+from .stats import auroc_interval, compare_aurocs, paired_bootstrap
 
 KEYS = ["task", "init", "method", "resolution", "fraction"]
+NOT_DONE = ("failed", "stale", "pending")
+# the header of a comparisons.csv without rows (every group incomplete, or one init)
+COMPARISON_COLUMNS = [
+    *("task", "method", "resolution", "fraction", "init_a", "init_b", "images", "complete"),
+    *("auroc_a", "auroc_b", "difference", "p_value", "test", "patients"),
+]
 
 
 def external_metrics(cfg: GridConfig, d: Path) -> dict:
@@ -47,6 +59,48 @@ def external_metrics(cfg: GridConfig, d: Path) -> dict:
             ext_metrics = json.loads(path.read_text())["external"]
             row.update({f"ext_{ext.name}_{k}": v for k, v in ext_metrics.items()})
     return row
+
+
+def completeness(cfg: GridConfig) -> pd.DataFrame:
+    """Per group (KEYS): folds done vs expected, `complete`, and the folds not done by state.
+
+    A group pooled over fewer folds than the grid asks for covers fewer images and other
+    models than its label says; the report marks it instead of pooling silently.
+    """
+    rows: dict[tuple, dict] = {}
+    for cell in expand(cfg):
+        c = cell.coordinates()
+        blank = {"folds": 0, "folds_expected": 0, **{f"{s}_folds": [] for s in NOT_DONE}}
+        row = rows.setdefault(tuple(c[k] for k in KEYS), {**{k: c[k] for k in KEYS}, **blank})
+        row["folds_expected"] += 1
+        s = state(cfg, cell)
+        if s == "done":
+            row["folds"] += 1
+        else:
+            row[f"{s}_folds"].append(str(cell.fold))
+    table = pd.DataFrame(list(rows.values()))
+    table["complete"] = table["folds"] == table["folds_expected"]
+    for s in NOT_DONE:
+        table[f"{s}_folds"] = table[f"{s}_folds"].str.join(" ")
+    return table
+
+
+def incomplete_lines(table: pd.DataFrame) -> list[str]:
+    """One line per incomplete group of `completeness`, for the command line."""
+    lines = []
+    for row in table[~table["complete"]].to_dict("records"):
+        where = " ".join(f"{k}={row[k]}" for k in KEYS)
+        states = "; ".join(f"{s}: {row[f'{s}_folds']}" for s in NOT_DONE if row[f"{s}_folds"])
+        lines.append(f"{where}: {row['folds']}/{row['folds_expected']} folds ({states})")
+    return lines
+
+
+def in_groups(frame: pd.DataFrame, groups: pd.DataFrame) -> np.ndarray:
+    """Rows of `frame` whose KEYS belong to one of the rows of `groups`."""
+    if frame.empty:
+        return np.zeros(0, dtype=bool)
+    wanted = list(groups[KEYS].itertuples(index=False, name=None))
+    return pd.MultiIndex.from_frame(frame[KEYS]).isin(wanted)
 
 
 def collect(cfg: GridConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -77,33 +131,14 @@ def _arrays(frame: pd.DataFrame, kind: str, classes: list[str]):
     return frame["y_true"].to_numpy(int), scores
 
 
-def _same_classes_auroc(kind: str, y: np.ndarray, s: np.ndarray, rows: np.ndarray) -> float:
-    """AUROC of a bootstrap sample, NaN (dropped) when it lacks a class the full data scores.
-
-    Otherwise a macro average would silently run over fewer classes in some resamples.
-    """
-    if kind != "binary":
-        full = np.eye(s.shape[1])[y] if kind == "multiclass" else y
-        sample = full[rows]
-        scorable = (full.sum(0) > 0) & (full.sum(0) < len(full))
-        if ((sample.sum(0) == 0) | (sample.sum(0) == len(rows)))[scorable].any():
-            return float("nan")
-    return auroc(kind, y[rows], s[rows])
-
-
 def summarise(
-    cfg: GridConfig,
-    results: pd.DataFrame,
-    preds: pd.DataFrame,
-    tasks: dict,
-    patients: dict,
-    n_boot: int,
+    results: pd.DataFrame, preds: pd.DataFrame, tasks: dict, patients: dict, n_boot: int
 ) -> pd.DataFrame:
+    """Per group: mean and sd over folds, pooled out-of-fold AUROC with its patient CI."""
     metric_cols = [c for c in results.columns if c.startswith("test_")]
     out = []
     for key, group in results.groupby(KEYS, sort=False):
         row = dict(zip(KEYS, key, strict=True))
-        row["folds"] = len(group)
         for col in metric_cols:
             values = pd.to_numeric(group[col], errors="coerce")
             row[f"{col}_mean"], row[f"{col}_sd"] = values.mean(), values.std(ddof=1)
@@ -112,21 +147,45 @@ def summarise(
         y, s = _arrays(frame, kind, classes)
         groups = frame["image_id"].map(patients).to_numpy()
         row["pooled_auroc"] = auroc(kind, y, s)
-        row["pooled_auroc_ci_low"], row["pooled_auroc_ci_high"] = bootstrap_ci(
-            lambda r, y=y, s=s, kind=kind: _same_classes_auroc(kind, y, s, r),
-            len(y),
-            groups,
-            n_boot,
+        row["pooled_auroc_ci_low"], row["pooled_auroc_ci_high"] = auroc_interval(
+            kind, y, s, groups, n_boot
         )
         row["pooled_images"] = len(y)
+        row["pooled_patients"] = len(np.unique(groups))
         out.append(row)
     return pd.DataFrame(out)
 
 
-def compare(preds: pd.DataFrame, tasks: dict, patients: dict, n_boot: int) -> pd.DataFrame:
-    """Every pair of inits, same task/method/resolution/fraction, on the images both scored."""
+def _pair_test(kind, y, sa, sb, groups, n_boot) -> dict:
+    """Binary AUROC: (clustered) DeLong; otherwise a paired patient bootstrap of macro AUROC."""
+    if kind == "binary":
+        return compare_aurocs(y, sa[:, 1], sb[:, 1], groups)
+    both = (sa, sb)
+    res = paired_bootstrap(lambda r, w: auroc(kind, y[r], both[w][r]), len(y), groups, n_boot)
+    return {
+        "auroc_a": auroc(kind, y, sa),
+        "auroc_b": auroc(kind, y, sb),
+        **res,
+        "test": "paired bootstrap (patients)",
+        "patients": len(np.unique(groups)),
+    }
+
+
+def compare(
+    preds: pd.DataFrame,
+    tasks: dict,
+    patients: dict,
+    n_boot: int,
+    incomplete: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Every pair of inits, same task/method/resolution/fraction, on the images both scored.
+
+    `incomplete` (groups of `completeness`) only marks rows: `complete` is False when either
+    init's group lacks folds; leaving such groups out is the caller's choice.
+    """
     out = []
     fixed = ["task", "method", "resolution", "fraction"]
+    lacking = set() if incomplete is None else set(incomplete[KEYS].itertuples(index=False))
     for key, group in preds.groupby(fixed, sort=False):
         kind, classes = tasks[key[0]]
         by_init = {i: g.set_index("image_id") for i, g in group.groupby("init", sort=False)}
@@ -135,40 +194,77 @@ def compare(preds: pd.DataFrame, tasks: dict, patients: dict, n_boot: int) -> pd
             fa, fb = by_init[a].loc[common].reset_index(), by_init[b].loc[common].reset_index()
             y, sa = _arrays(fa, kind, classes)
             _, sb = _arrays(fb, kind, classes)
-            row = {
-                **dict(zip(fixed, key, strict=True)),
-                "init_a": a,
-                "init_b": b,
-                "images": len(common),
-            }
-            if kind == "binary":
-                row.update(delong_test(y, sa[:, 1], sb[:, 1]), test="DeLong")
-            else:
-                groups = fa["image_id"].map(patients).to_numpy()
-                both = (sa, sb)
-                res = paired_bootstrap(
-                    lambda r, w, y=y, both=both, kind=kind: auroc(kind, y[r], both[w][r]),
-                    len(y),
-                    groups,
-                    n_boot,
-                )
-                row.update(
-                    auroc_a=auroc(kind, y, sa),
-                    auroc_b=auroc(kind, y, sb),
-                    **res,
-                    test="paired bootstrap",
-                )
-            out.append(row)
-    return pd.DataFrame(out)
+            groups = fa["image_id"].map(patients).to_numpy()
+            coords = dict(zip(fixed, key, strict=True))
+            whole = all((coords["task"], i, *key[1:]) not in lacking for i in (a, b))
+            row = {**coords, "init_a": a, "init_b": b, "images": len(common), "complete": whole}
+            out.append({**row, **_pair_test(kind, y, sa, sb, groups, n_boot)})
+    return pd.DataFrame(out) if out else pd.DataFrame(columns=COMPARISON_COLUMNS)
 
 
-def external_table(results: pd.DataFrame, cfg: GridConfig) -> pd.DataFrame:
-    cols = [f"ext_{e.name}_auroc" for e in cfg.external if f"ext_{e.name}_auroc" in results]
-    if not cols:
+def _external_patients(ext: ExternalSet) -> dict:
+    """image_id -> patient_id of an external manifest (an image alone when there is none)."""
+    table = load_manifest(ext.manifest).table
+    ids = table["image_id"].astype(str)
+    who = table.get("patient_id", ids)
+    return dict(zip(ids, who.fillna(ids).astype(str), strict=True))
+
+
+def ensemble_external(
+    cfg: GridConfig, ext: ExternalSet, cells: list[str], task: tuple, patients: dict, n_boot: int
+) -> dict:
+    """AUROC with a patient-bootstrap CI of the folds' models' mean score per external image.
+
+    Every fold's model scores the same external images, so pooling their predictions would
+    count each image k times; the ensemble scores each image once. Images some model did not
+    score are left out.
+    """
+    paths = [Path(cfg.out) / "cells" / c / "external" / ext.name / "predictions.csv" for c in cells]
+    frames = [pd.read_csv(p, dtype={"image_id": str}) for p in paths if p.is_file()]
+    if not frames:
+        return {}
+    kind, classes = task
+    labels = ["y_true"] if kind != "multilabel" else [f"y_{c}" for c in classes]
+    grouped = pd.concat(frames).groupby("image_id", sort=False)
+    frame = pd.concat(
+        [grouped[labels].first(), grouped[[f"score_{c}" for c in classes]].mean()], axis=1
+    )[grouped.size() == len(frames)].reset_index()
+    y, s = _arrays(frame, kind, classes)
+    groups = frame["image_id"].map(patients).fillna(frame["image_id"]).to_numpy()
+    low, high = auroc_interval(kind, y, s, groups, n_boot)
+    p = f"ext_{ext.name}_ensemble"
+    return {
+        f"{p}_auroc": auroc(kind, y, s),
+        f"{p}_auroc_ci_low": low,
+        f"{p}_auroc_ci_high": high,
+        f"{p}_models": len(frames),
+        f"{p}_images": len(frame),
+    }
+
+
+def external_table(
+    cfg: GridConfig, results: pd.DataFrame, tasks: dict, n_boot: int
+) -> pd.DataFrame:
+    """Per group and external set: AUROC mean and sd over the folds' models, and their
+    ensemble's AUROC with a 95% patient-bootstrap interval."""
+    if not cfg.external or results.empty:
         return pd.DataFrame()
-    table = results.groupby(KEYS, sort=False)[cols].agg(["mean", "std"])
-    table.columns = [f"{c}_{stat}" for c, stat in table.columns]
-    return table.reset_index()
+    patients = {ext.name: _external_patients(ext) for ext in cfg.external}
+    out = []
+    for key, group in results.groupby(KEYS, sort=False):
+        row = {**dict(zip(KEYS, key, strict=True)), "models": len(group)}
+        for ext in cfg.external:
+            col = f"ext_{ext.name}_auroc"
+            if col in group:
+                values = pd.to_numeric(group[col], errors="coerce")
+                row[f"{col}_mean"], row[f"{col}_std"] = values.mean(), values.std(ddof=1)
+            row.update(
+                ensemble_external(
+                    cfg, ext, list(group["cell"]), tasks[row["task"]], patients[ext.name], n_boot
+                )
+            )
+        out.append(row)
+    return pd.DataFrame(out)
 
 
 def line_figure(
@@ -276,26 +372,70 @@ def html_page(title: str, tables: dict[str, pd.DataFrame], images: list[Path]) -
     )
 
 
-def build_report(cfg: GridConfig, n_boot: int = 1000) -> Path:
-    """Write every table, figure and the HTML report; returns the report's path."""
-    if cfg.kind == "segmentation":
-        from .seg_report import build_seg_report
-
-        return build_seg_report(cfg, n_boot)
-    out = Path(cfg.out) / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    results, preds = collect(cfg)
-    if results.empty:
-        raise FileNotFoundError(f"no finished cells under {cfg.out}; run `fundusfm grid run`")
+def _tasks(cfg: GridConfig, results: pd.DataFrame) -> tuple[dict, dict]:
+    """task -> (kind, class names) of the grid's tasks, and image_id -> patient_id."""
     manifest = load_manifest(cfg.base.data.manifest)
     tasks = {
         t: (manifest.task(t)[1].kind, manifest.task(t)[1].class_names)
         for t in results["task"].unique()
     }
     patients = dict(zip(manifest.table["image_id"], manifest.table["patient_id"], strict=True))
-    summary = summarise(cfg, results, preds, tasks, patients, n_boot)
-    comparisons = compare(preds, tasks, patients, n_boot)
-    external = external_table(results, cfg)
+    return tasks, patients
+
+
+def _figures(summary: pd.DataFrame, preds: pd.DataFrame, tasks: dict, out: Path) -> list[Path]:
+    images = []
+    top_res, top_frac = summary["resolution"].max(), summary["fraction"].max()
+    for x, fixed, log in (
+        ("resolution", {"fraction": top_frac}, False),
+        ("fraction", {"resolution": top_res}, True),
+    ):
+        path = out / f"auroc_vs_{x}.png"
+        if line_figure(summary, x, fixed, path, log=log):
+            images.append(path)
+    return images + _roc_and_classes(
+        preds, tasks, {"resolution": top_res, "fraction": top_frac}, out
+    )
+
+
+BRIEF = (
+    "folds",
+    "folds_expected",
+    "complete",
+    *(f"{s}_folds" for s in NOT_DONE),
+    "test_auroc_mean",
+    "test_auroc_sd",
+    "pooled_auroc",
+    "pooled_auroc_ci_low",
+    "pooled_auroc_ci_high",
+    "pooled_images",
+)
+
+
+def build_report(cfg: GridConfig, n_boot: int = 1000, allow_incomplete: bool = False) -> Path:
+    """Write every table, figure and the HTML report; returns the report's path.
+
+    Groups with failed, stale or missing folds are marked in the summary and left out of
+    the comparisons unless `allow_incomplete` (then their rows say `complete` False).
+    """
+    if cfg.kind == "segmentation":
+        from .seg_report import build_seg_report
+
+        return build_seg_report(cfg, n_boot, allow_incomplete)
+    out = Path(cfg.out) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    results, preds = collect(cfg)
+    if results.empty:
+        raise FileNotFoundError(f"no finished cells under {cfg.out}; run `fundusfm grid run`")
+    tasks, patients = _tasks(cfg, results)
+    groups = completeness(cfg)
+    incomplete = groups[~groups["complete"]]
+    summary = groups.merge(summarise(results, preds, tasks, patients, n_boot), how="left")
+    compared = preds if allow_incomplete else preds[~in_groups(preds, incomplete)]
+    comparisons = compare(compared, tasks, patients, n_boot, incomplete)
+    external = external_table(cfg, results, tasks, n_boot)
+    if not external.empty:
+        external = groups[[*KEYS, "complete"]].merge(external, how="inner")
     for name, table in [
         ("results", results),
         ("summary", summary),
@@ -303,38 +443,17 @@ def build_report(cfg: GridConfig, n_boot: int = 1000) -> Path:
         ("external", external),
     ]:
         table.to_csv(out / f"{name}.csv", index=False)
-    images = []
-    top_res, top_frac = summary["resolution"].max(), summary["fraction"].max()
-    if line_figure(
-        summary, "resolution", {"fraction": top_frac}, out / "auroc_vs_resolution.png", log=False
-    ):
-        images.append(out / "auroc_vs_resolution.png")
-    if line_figure(
-        summary, "fraction", {"resolution": top_res}, out / "auroc_vs_fraction.png", log=True
-    ):
-        images.append(out / "auroc_vs_fraction.png")
-    images += _roc_and_classes(preds, tasks, {"resolution": top_res, "fraction": top_frac}, out)
-    brief = [
-        c
-        for c in summary.columns
-        if c in KEYS
-        or c
-        in (
-            "folds",
-            "test_auroc_mean",
-            "test_auroc_sd",
-            "pooled_auroc",
-            "pooled_auroc_ci_low",
-            "pooled_auroc_ci_high",
-            "pooled_images",
-        )
-    ]
+    images = _figures(summary[summary["folds"] > 0], preds, tasks, out)
+    left_out = "" if allow_incomplete else "; groups with missing folds are left out"
     page = html_page(
         f"fundusfm grid report: {cfg.name}",
         {
-            "Summary (test part of every fold)": summary[brief],
-            "Paired comparisons of initialisations": comparisons,
-            "External validation (AUROC over the folds' models)": external,
+            "Summary (test part of every fold; complete = every fold done)": summary[
+                [c for c in summary.columns if c in KEYS or c in BRIEF]
+            ],
+            f"Paired comparisons of initialisations{left_out}": comparisons,
+            "External validation (AUROC: mean and sd over the folds' models; their ensemble, "
+            "the mean score per image, with a 95% patient-bootstrap CI)": external,
         },
         images,
     )

@@ -4,11 +4,13 @@ Writes into `<grid out>/report/`:
     results.csv      one row per finished cell: coordinates, pooled and mean test metrics
                      (inside the FOV), and every external set's
     per_image.csv    every test image of every cell, with the cell's coordinates
-    summary.csv      per (init, encoder mode, resolution, fraction): mean and sd over folds,
-                     and the mean per-image Dice over all folds' test images with a 95%
-                     patient-level bootstrap interval
+    summary.csv      per (init, encoder mode, resolution, fraction): folds found and expected,
+                     `complete` and the folds not done (as `report.completeness`); mean and
+                     sd over folds, and the mean per-image Dice over all folds' test images
+                     with a 95% patient-level bootstrap interval
     comparisons.csv  every pair of inits on the same test images: mean per-image Dice
-                     difference, its patient-level bootstrap interval, Wilcoxon's p
+                     difference, its patient-level bootstrap interval, Wilcoxon's p;
+                     incomplete groups are left out unless `allow_incomplete`
     observer.csv     the second observer scored like a model (the human reference line)
     dice_vs_fraction.png (the paper's Fig. 4), dice_vs_resolution.png, report.html
 """
@@ -26,9 +28,11 @@ from scipy.stats import wilcoxon
 from .config_grid import GridConfig
 from .grid import cell_dir, expand, state
 from .manifest import load_manifest
-from .report import KEYS, external_metrics, html_page, line_figure
+from .report import KEYS, completeness, external_metrics, html_page, in_groups, line_figure
 from .stats import bootstrap_ci
 
+COLUMNS = ["task", "method", "resolution", "fraction", "init_a", "init_b", "images"]
+COLUMNS += ["dice_a", "dice_b", "difference", "ci_low", "ci_high", "wilcoxon_p"]
 SHOWN = ("dice", "dice_mean", "auroc", "auprc", "cldice", "sensitivity", "specificity")
 
 
@@ -64,7 +68,6 @@ def summarise(results, images, patients: dict, n_boot: int) -> pd.DataFrame:
     out = []
     for key, group in results.groupby(KEYS, sort=False):
         row = dict(zip(KEYS, key, strict=True))
-        row["folds"] = len(group)
         for name in SHOWN:
             values = pd.to_numeric(group.get(f"test_{name}"), errors="coerce")
             row[f"test_{name}_mean"], row[f"test_{name}_sd"] = values.mean(), values.std(ddof=1)
@@ -106,7 +109,7 @@ def compare(images: pd.DataFrame, patients: dict, n_boot: int) -> pd.DataFrame:
                     "wilcoxon_p": float(p),
                 }
             )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=COLUMNS)
 
 
 def observer_table(observer: pd.DataFrame) -> pd.DataFrame:
@@ -118,8 +121,12 @@ def observer_table(observer: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame([{"images": len(unique), **unique[metrics].mean().to_dict()}])
 
 
-def build_seg_report(cfg: GridConfig, n_boot: int = 1000) -> Path:
-    """Write every table, figure and the HTML report of a segmentation grid."""
+def build_seg_report(cfg: GridConfig, n_boot: int = 1000, allow_incomplete: bool = False) -> Path:
+    """Write every table, figure and the HTML report of a segmentation grid.
+
+    Groups with failed, stale or missing folds are marked in the summary and left out of
+    the comparisons unless `allow_incomplete`.
+    """
     out = Path(cfg.out) / "report"
     out.mkdir(parents=True, exist_ok=True)
     results, images, observer = collect(cfg)
@@ -127,8 +134,11 @@ def build_seg_report(cfg: GridConfig, n_boot: int = 1000) -> Path:
         raise FileNotFoundError(f"no finished cells under {cfg.out}; run `fundusfm grid run`")
     manifest = load_manifest(cfg.segment.data.manifest)
     patients = dict(zip(manifest.table["image_id"], manifest.table["patient_id"], strict=True))
-    summary = summarise(results, images, patients, n_boot)
-    comparisons = compare(images, patients, n_boot)
+    groups = completeness(cfg)
+    summary = groups.merge(summarise(results, images, patients, n_boot), how="left")
+    incomplete = groups[~groups["complete"]]
+    compared = images if allow_incomplete else images[~in_groups(images, incomplete)]
+    comparisons = compare(compared, patients, n_boot)
     human = observer_table(observer)
     tables = {
         "results": results,
@@ -140,19 +150,21 @@ def build_seg_report(cfg: GridConfig, n_boot: int = 1000) -> Path:
     for name, table in tables.items():
         table.to_csv(out / f"{name}.csv", index=False)
     figures = []
-    top_res, top_frac = summary["resolution"].max(), summary["fraction"].max()
+    shown = summary[summary["folds"] > 0]
+    top_res, top_frac = shown["resolution"].max(), shown["fraction"].max()
     for x, fixed, log in (
         ("fraction", {"resolution": top_res}, True),
         ("resolution", {"fraction": top_frac}, False),
     ):
         path = out / f"dice_vs_{x}.png"
-        if line_figure(summary, x, fixed, path, log, metric="dice"):
+        if line_figure(shown, x, fixed, path, log, metric="dice"):
             figures.append(path)
     brief = [
         c
         for c in summary.columns
         if c in KEYS
-        or c in ("folds", "images", "image_dice", "image_dice_ci_low", "image_dice_ci_high")
+        or c in ("folds", "folds_expected", "complete", "failed_folds", "stale_folds")
+        or c in ("pending_folds", "images", "image_dice", "image_dice_ci_low", "image_dice_ci_high")
         or c in ("test_dice_mean", "test_dice_sd", "test_auroc_mean", "test_cldice_mean")
     ]
     page = html_page(

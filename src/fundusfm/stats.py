@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy import stats as st
 
-from .metrics import binary_auroc, binary_counts, classification_metrics, per_class_table
+from .metrics import classification_metrics, per_class_table
 
 DELONG = "DeLong"
 CLUSTERED_DELONG = "clustered DeLong (Obuchowski)"
@@ -96,10 +96,6 @@ def _headline(kind: str, per_class: np.ndarray, scorable: np.ndarray) -> float:
     return float(np.mean(per_class[scorable]))
 
 
-def _resample_aurocs(onehot: np.ndarray, scores: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    return np.array([binary_auroc(onehot[rows, j], scores[rows, j]) for j in range(len(onehot.T))])
-
-
 def _scorable(onehot: np.ndarray) -> np.ndarray:
     return (onehot.sum(0) > 0) & (onehot.sum(0) < len(onehot))
 
@@ -117,10 +113,10 @@ def auroc_interval(
     interval for the same seed (same resamples, same statistic)."""
     scores = np.asarray(scores, dtype=float)
     onehot = _class_matrix(kind, y, scores.shape[1])
-    ok = _scorable(onehot)
+    ranked, ok = _Ranked(onehot, scores), _scorable(onehot)
 
     def sample(rows):
-        return {"auroc": _headline(kind, _resample_aurocs(onehot, scores, rows), ok)}
+        return {"auroc": _headline(kind, ranked.figures(_counts(rows, len(scores)))[0], ok)}
 
     return _intervals(sample, len(scores), groups, n_boot, seed, level)["auroc"]
 
@@ -136,32 +132,63 @@ def _decisions(kind: str, scores: np.ndarray, thresholds: list[float] | None) ->
     return (scores >= t[None, :]).astype(int)
 
 
+def _counts(rows: np.ndarray, n: int) -> np.ndarray:
+    """How often each image is drawn into a resample: its weight there."""
+    return np.bincount(rows, minlength=n).astype(float)
+
+
+class _Ranked:
+    """Each class's images sorted by score once, so that AUROC and AUPRC of any resample,
+    given as per-image weights (draw counts), take a few cumulative sums instead of a sort.
+
+    A resample with repeated images is the full set with those weights, so the figures are
+    scikit-learn's `roc_auc_score` and `average_precision_score` of the resample (tests
+    hold them equal): scores tied in the full data form one step, as they do there.
+    """
+
+    def __init__(self, onehot: np.ndarray, scores: np.ndarray):
+        self.order = np.argsort(-scores, axis=0, kind="mergesort")  # (N, C), descending
+        self.y = np.take_along_axis(onehot, self.order, axis=0).astype(float)
+        ranked = np.take_along_axis(scores, self.order, axis=0)
+        n = len(scores)
+        self.ends = [np.r_[np.flatnonzero(np.diff(c)), n - 1] for c in ranked.T]  # tie runs
+
+    def figures(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """AUROC and AUPRC (C,) of the resample with image weights `w` (NaN: one class)."""
+        drawn = w[self.order]
+        tp_all, fp_all = np.cumsum(drawn * self.y, axis=0), np.cumsum(drawn * (1 - self.y), axis=0)
+        aurocs, auprcs = np.full(len(self.ends), np.nan), np.full(len(self.ends), np.nan)
+        for j, ends in enumerate(self.ends):
+            tp, fp = tp_all[ends, j], fp_all[ends, j]  # cumulative counts at each tie run's end
+            if tp[-1] > 0 and fp[-1] > 0:
+                d_tp, d_fp = np.diff(tp, prepend=0), np.diff(fp, prepend=0)
+                # positives above the negatives below them, ties counting half
+                aurocs[j] = np.sum(d_tp * (fp[-1] - fp + 0.5 * d_fp)) / (tp[-1] * fp[-1])
+                # precision at each step where recall grows, times the recall gained
+                up = d_tp > 0
+                auprcs[j] = np.sum(d_tp[up] * tp[up] / (tp[up] + fp[up])) / tp[-1]
+        return aurocs, auprcs
+
+
 def average_precision(y: np.ndarray, score: np.ndarray) -> float:
-    """AUPRC as scikit-learn's `average_precision_score` computes it (precision at each
-    distinct score, weighted by the recall gained there, ties as one step), without its
-    input checks: ~20x faster, for bootstrap loops. NaN without both classes."""
-    y = np.asarray(y).astype(bool)
-    if not 0 < y.sum() < len(y):
-        return float("nan")
-    order = np.argsort(-np.asarray(score, dtype=float), kind="mergesort")
-    ranked = np.asarray(score, dtype=float)[order]
-    last = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # end of each tie run
-    tp = np.cumsum(y[order])[last]
-    recall_gain = np.diff(np.r_[0, tp]) / tp[-1]
-    return float(np.sum(recall_gain * tp / (last + 1)))
+    """AUPRC of one class (scikit-learn's `average_precision_score`), NaN without both."""
+    score = np.asarray(score, dtype=float)[:, None]
+    ranked = _Ranked(np.asarray(y).astype(int)[:, None], score)
+    return float(ranked.figures(np.ones(len(score)))[1][0])
 
 
-def _sample_metrics(kind, onehot, scores, decisions, scorable, rows) -> dict[str, float]:
+def _sample_metrics(kind, onehot, ranked, decisions, scorable, rows) -> dict[str, float]:
     """Every statistic of `metric_intervals` on one resample (`c<j>_<metric>` per class)."""
-    aurocs = _resample_aurocs(onehot, scores, rows)
-    auprcs = np.array(
-        [average_precision(onehot[rows, j], scores[rows, j]) for j in range(scores.shape[1])]
-    )
+    w = _counts(rows, len(onehot))
+    aurocs, auprcs = ranked.figures(w)
     out = {"auroc": _headline(kind, aurocs, scorable), "auprc": _headline(kind, auprcs, scorable)}
-    for j in range(scores.shape[1]):
-        counts = binary_counts(onehot[rows, j], decisions[rows, j])
+    pos, neg = w @ onehot, w @ (1 - onehot)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a class absent: NaN, dropped
+        sensitivity = (w @ (onehot * decisions)) / pos
+        specificity = (w @ ((1 - onehot) * (1 - decisions))) / neg
+    for j in range(onehot.shape[1]):
         out.update({f"c{j}_auroc": aurocs[j], f"c{j}_auprc": auprcs[j]})
-        out.update({f"c{j}_{m}": counts[m] for m in ("sensitivity", "specificity")})
+        out.update({f"c{j}_sensitivity": sensitivity[j], f"c{j}_specificity": specificity[j]})
     if kind == "binary":
         out.update(sensitivity=out["c1_sensitivity"], specificity=out["c1_specificity"])
     return out
@@ -194,15 +221,15 @@ def metric_intervals(
     Values are those of `classification_metrics` (macro over scorable classes for multiclass
     and multilabel) and `per_class_table`; intervals come from the same `n_boot` resamples of
     whole patients, each figure dropping resamples where it is undefined (NaN interval if
-    more than half are). Inside the bootstrap AUROC is `metrics.binary_auroc` and AUPRC
-    `average_precision`, scikit-learn's figures computed faster (tests hold them equal).
+    more than half are). Inside the bootstrap the figures come from `_Ranked` (one sort,
+    then weights), equal to scikit-learn's and `metrics.binary_counts`' but ~10x faster.
     """
     y, scores = np.asarray(y), np.asarray(scores, dtype=float)
     onehot = _class_matrix(kind, y, scores.shape[1])
     decisions = _decisions(kind, scores, thresholds)
-    ok = _scorable(onehot)
+    ranked, ok = _Ranked(onehot, scores), _scorable(onehot)
     ci = _intervals(
-        lambda rows: _sample_metrics(kind, onehot, scores, decisions, ok, rows),
+        lambda rows: _sample_metrics(kind, onehot, ranked, decisions, ok, rows),
         len(y),
         groups,
         n_boot,

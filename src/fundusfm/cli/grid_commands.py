@@ -50,12 +50,30 @@ def grid_status(grid: GridArg, set_: SetOpt = None) -> None:
 def grid_report(
     grid: GridArg,
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for CIs and p-values.")] = 1000,
+    allow_incomplete: Annotated[
+        bool,
+        typer.Option(
+            "--allow-incomplete",
+            help="Also compare groups whose folds are not all done (failed, stale, pending).",
+        ),
+    ] = False,
     set_: SetOpt = None,
 ) -> None:
     """Tables (CSV), figures (PNG) and one self-contained HTML report of a grid's cells."""
     from ..config_grid import GridConfig
-    from ..report import build_report
+    from ..report import build_report, completeness, incomplete_lines
 
+    cfg = resolve(GridConfig, grid, set_)
     with user_errors():
-        path = build_report(resolve(GridConfig, grid, set_), n_boot)
+        path = build_report(cfg, n_boot, allow_incomplete)
+        lines = incomplete_lines(completeness(cfg))
     typer.echo(f"report: {path}")
+    if lines:
+        fate = (
+            "compared anyway (--allow-incomplete)"
+            if allow_incomplete
+            else ("left out of comparisons.csv; --allow-incomplete compares them")
+        )
+        typer.echo(f"{len(lines)} incomplete groups, marked in summary.csv, {fate}:")
+        for line in lines:
+            typer.echo(f"  {line}")
