@@ -203,11 +203,12 @@ def compare(
 
 
 def _external_patients(ext: ExternalSet) -> dict:
-    """image_id -> patient_id of an external manifest (an image alone when there is none)."""
+    """image_id -> patient_id of an external manifest (an image alone where it has none: a
+    blank id must not make one patient of every image that lacks one)."""
     table = load_manifest(ext.manifest).table
     ids = table["image_id"].astype(str)
-    who = table.get("patient_id", ids)
-    return dict(zip(ids, who.fillna(ids).astype(str), strict=True))
+    who = table.get("patient_id", ids).astype(str).str.strip()
+    return dict(zip(ids, who.where(who != "", "image:" + ids), strict=True))
 
 
 def ensemble_external(

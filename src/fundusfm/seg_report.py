@@ -31,7 +31,7 @@ from .manifest import load_manifest
 from .report import KEYS, completeness, external_metrics, html_page, in_groups, line_figure
 from .stats import bootstrap_ci
 
-COLUMNS = ["task", "method", "resolution", "fraction", "init_a", "init_b", "images"]
+COLUMNS = ["task", "method", "resolution", "fraction", "init_a", "init_b", "images", "complete"]
 COLUMNS += ["dice_a", "dice_b", "difference", "ci_low", "ci_high", "wilcoxon_p"]
 SHOWN = ("dice", "dice_mean", "auroc", "auprc", "cldice", "sensitivity", "specificity")
 
@@ -81,8 +81,9 @@ def summarise(results, images, patients: dict, n_boot: int) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def compare(images: pd.DataFrame, patients: dict, n_boot: int) -> pd.DataFrame:
-    """Paired per-image Dice of every two inits at the same encoder mode, size and fraction."""
+def compare(images: pd.DataFrame, patients: dict, n_boot: int, lacking=frozenset()) -> pd.DataFrame:
+    """Paired per-image Dice of every two inits at the same encoder mode, size and fraction;
+    `complete` is False where either init's group (KEYS) is in `lacking`."""
     rows = []
     fixed = ["task", "method", "resolution", "fraction"]
     for key, group in images.groupby(fixed, sort=False):
@@ -101,6 +102,7 @@ def compare(images: pd.DataFrame, patients: dict, n_boot: int) -> pd.DataFrame:
                     "init_a": a,
                     "init_b": b,
                     "images": len(pair),
+                    "complete": all((key[0], i, *key[1:]) not in lacking for i in (a, b)),
                     "dice_a": pair[a].mean(),
                     "dice_b": pair[b].mean(),
                     "difference": diff.mean(),
@@ -138,7 +140,8 @@ def build_seg_report(cfg: GridConfig, n_boot: int = 1000, allow_incomplete: bool
     summary = groups.merge(summarise(results, images, patients, n_boot), how="left")
     incomplete = groups[~groups["complete"]]
     compared = images if allow_incomplete else images[~in_groups(images, incomplete)]
-    comparisons = compare(compared, patients, n_boot)
+    lacking = set(incomplete[KEYS].itertuples(index=False, name=None))
+    comparisons = compare(compared, patients, n_boot, lacking)
     human = observer_table(observer)
     tables = {
         "results": results,
