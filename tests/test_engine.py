@@ -22,7 +22,7 @@ from fundusfm.config import (
 from fundusfm.experiment import evaluate, finetune, pretrain
 from fundusfm.heads import make_head
 from fundusfm.manifest import load_manifest
-from fundusfm.splits import make_splits
+from fundusfm.splits import fold_sets, make_splits
 from fundusfm.train import TrainingDiverged, make_loss, make_sampler
 
 
@@ -421,3 +421,30 @@ def test_loader_workers_kept_across_epochs_change_nothing(tiny, tmp_path):
     pd.testing.assert_frame_equal(
         pd.read_csv(inline / "predictions.csv"), pd.read_csv(workers / "predictions.csv")
     )
+
+
+def test_holdout_part_is_scored_and_metrics_state_the_labelled_images(tiny, tmp_path):
+    m = load_manifest(tiny["manifest"])
+    splits = make_splits(
+        m, SplitConfig(folds=3, fractions=[0.5, 1.0], val_fraction=0.2, test_fraction=0.2)
+    )
+    splits.to_csv(tmp_path / "splits.csv", index=False)
+    cfg = config(
+        tiny, tmp_path / "run", **{"data.splits": tmp_path / "splits.csv", "data.fraction": 0.5}
+    )
+    out = finetune(cfg)
+    preds = pd.read_csv(out / "predictions.csv", dtype={"image_id": str})
+    held = set(splits.image_id[splits.holdout == 1])
+    assert held and set(preds.image_id[preds.split == "holdout"]) == held
+    metrics = pd.read_json(out / "metrics.json", typ="series")
+    assert "auroc" in metrics["holdout"]
+    labelled = metrics["labelled"]
+    assert labelled["train_images"] == len(fold_sets(splits, 0, 0.5)["train"])
+    train_part = (splits.fold != 0) & (splits.fold >= 0) & (splits.val_fold != 0)
+    assert labelled["train_pool_images"] == train_part.sum()
+    assert labelled["labelled_images"] == labelled["train_images"] + labelled["val_images"]
+    assert labelled["val_images"] == (preds.split == "val").sum()
+    assert labelled["fraction_nominal"] == 0.5
+    assert labelled["share"] == labelled["train_images"] / labelled["train_pool_images"]
+    both = preds[preds.split == "val"].y_true.nunique() == 2
+    assert metrics["thresholds"]["validated"] is both

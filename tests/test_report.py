@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from fundusfm.report import KEYS, compare, in_groups, summarise
+from fundusfm.report_figures import fraction_ticks
 from fundusfm.stats import (
     CLUSTERED_DELONG,
     DELONG,
@@ -101,3 +102,23 @@ def test_only_the_incomplete_group_leaves_the_comparisons():
     assert list(table.fraction) == [1.0] and table.complete.all()
     allowed = compare(preds, TASKS, patients_of(preds), n_boot=10, incomplete=incomplete)
     assert dict(zip(allowed.fraction, allowed.complete, strict=True)) == {0.5: False, 1.0: True}
+
+
+def test_summary_states_realised_share_labelled_images_and_holdout(tmp_path):
+    frame = predictions(np.random.default_rng(1), 30, 2, "a", 1.0)
+    coords = {**COORDS, "fraction": 0.01, "init": "a"}
+    frame["fraction"] = 0.01
+    results = pd.DataFrame(
+        [
+            {**coords, "fold": k, "test_auroc": 0.7, "holdout_auroc": 0.6 + 0.1 * k,
+             "share": share, "train_images": 5, "val_images": 5 + k, "labelled_images": 10 + k}
+            for k, share in enumerate([0.02, 0.025, 0.03])
+        ]
+    )  # fmt: skip
+    row = summarise(results, frame, TASKS, patients_of(frame), 20).iloc[0]
+    assert row.labelled_share == "2.5% (0.01)"  # realised, nominal in brackets
+    assert row.labelled_images_mean == 11
+    assert row.holdout_auroc_mean == pytest.approx(0.7)
+    summary = summarise(results, frame, TASKS, patients_of(frame), 20)
+    ticks, labels = fraction_ticks(summary.assign(fraction=0.01))
+    assert ticks == [pytest.approx(0.025)] and labels == ["2.5% (0.01)"]

@@ -380,7 +380,9 @@ def evaluate(
         out / "predictions.csv", index=False
     )
     rows = manifest.table.iloc[keep].iloc[index]
-    patients = rows["patient_id"] if "patient_id" in rows else rows["image_id"]
+    ids = rows["image_id"].astype(str)
+    who = rows.get("patient_id", ids).astype(str).str.strip()
+    patients = who.where(who != "", "image:" + ids)  # no id: the image is its own patient
     metrics = {
         "external": classification_metrics(bundle.kind, y, scores, thresholds),
         "external_per_class": per_class_table(

@@ -5,7 +5,10 @@ Writes into `<grid out>/report/`:
                      external metric
     summary.csv      per group (task, init, method, resolution, fraction): folds found and
                      expected, `complete` and the folds that failed, are stale or pending;
-                     mean and sd over folds, and the AUROC of the pooled out-of-fold test
+                     `labelled_share` (the realised share of the training pool, mean over
+                     folds, with the nominal fraction in brackets) and the labelled images
+                     used (training + validation); mean and sd over folds of every test (and
+                     held-out) metric, and the AUROC of the pooled out-of-fold test
                      predictions with a 95% patient-level bootstrap interval
     comparisons.csv  every pair of inits on the same pooled images: for binary AUROC,
                      Obuchowski's clustered DeLong test when a patient has several images
@@ -21,24 +24,18 @@ Everything is recomputed from the cells' `metrics.json` and `predictions.csv`.
 
 from __future__ import annotations
 
-import base64
-import html
 import itertools
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_curve
 
 from .config_grid import ExternalSet, GridConfig
 from .grid import cell_dir, expand, state
 from .manifest import load_manifest
-from .metrics import auroc, per_class_table
+from .metrics import auroc
+from .report_figures import arrays, html_page, report_figures
 from .stats import auroc_interval, compare_aurocs, paired_bootstrap
 
 KEYS = ["task", "init", "method", "resolution", "fraction"]
@@ -103,6 +100,15 @@ def in_groups(frame: pd.DataFrame, groups: pd.DataFrame) -> np.ndarray:
     return pd.MultiIndex.from_frame(frame[KEYS]).isin(wanted)
 
 
+LABELLED = ("share", "share_patients", "train_images", "val_images", "labelled_images")
+
+
+def labelled_columns(metrics: dict) -> dict:
+    """What a cell trained and selected on (metrics.json `labelled`; absent in older cells)."""
+    labelled = metrics.get("labelled") or {}
+    return {k: labelled.get(k, np.nan) for k in LABELLED}
+
+
 def collect(cfg: GridConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """results (one row per done cell) and all their test predictions with coordinates."""
     rows, preds = [], []
@@ -111,8 +117,8 @@ def collect(cfg: GridConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
             continue
         d = cell_dir(cfg, cell)
         metrics = json.loads((d / "metrics.json").read_text())
-        row = {"cell": cell.id, **cell.coordinates()}
-        for part in ("val", "test"):
+        row = {"cell": cell.id, **cell.coordinates(), **labelled_columns(metrics)}
+        for part in ("val", "test", "holdout"):
             row.update({f"{part}_{k}": v for k, v in metrics.get(part, {}).items()})
         rows.append({**row, **external_metrics(cfg, d)})
         p = pd.read_csv(d / "predictions.csv", dtype={"image_id": str})
@@ -124,18 +130,12 @@ def collect(cfg: GridConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     return results, (pd.concat(preds, ignore_index=True) if preds else pd.DataFrame())
 
 
-def _arrays(frame: pd.DataFrame, kind: str, classes: list[str]):
-    scores = frame[[f"score_{c}" for c in classes]].to_numpy(float)
-    if kind == "multilabel":
-        return frame[[f"y_{c}" for c in classes]].to_numpy(int), scores
-    return frame["y_true"].to_numpy(int), scores
-
-
 def summarise(
     results: pd.DataFrame, preds: pd.DataFrame, tasks: dict, patients: dict, n_boot: int
 ) -> pd.DataFrame:
     """Per group: mean and sd over folds, pooled out-of-fold AUROC with its patient CI."""
-    metric_cols = [c for c in results.columns if c.startswith("test_")]
+    metric_cols = [c for c in results.columns if c.startswith(("test_", "holdout_"))]
+    metric_cols += [c for c in LABELLED if c in results.columns]
     out = []
     for key, group in results.groupby(KEYS, sort=False):
         row = dict(zip(KEYS, key, strict=True))
@@ -144,7 +144,7 @@ def summarise(
             row[f"{col}_mean"], row[f"{col}_sd"] = values.mean(), values.std(ddof=1)
         kind, classes = tasks[row["task"]]
         frame = preds[np.logical_and.reduce([preds[k] == row[k] for k in KEYS])]
-        y, s = _arrays(frame, kind, classes)
+        y, s = arrays(frame, kind, classes)
         groups = frame["image_id"].map(patients).to_numpy()
         row["pooled_auroc"] = auroc(kind, y, s)
         row["pooled_auroc_ci_low"], row["pooled_auroc_ci_high"] = auroc_interval(
@@ -153,7 +153,19 @@ def summarise(
         row["pooled_images"] = len(y)
         row["pooled_patients"] = len(np.unique(groups))
         out.append(row)
-    return pd.DataFrame(out)
+    table = pd.DataFrame(out)
+    if "share_mean" in table:  # what the fraction really is: realised share (nominal)
+        table.insert(
+            len(KEYS), "labelled_share", [_share_label(r) for r in table.to_dict("records")]
+        )
+    return table
+
+
+def _share_label(row: dict) -> str:
+    share = row.get("share_mean")
+    if share is None or not np.isfinite(share):
+        return f"({row['fraction']:g})"
+    return f"{share:.1%} ({row['fraction']:g})"
 
 
 def _pair_test(kind, y, sa, sb, groups, n_boot) -> dict:
@@ -192,8 +204,8 @@ def compare(
         for a, b in itertools.combinations(by_init, 2):
             common = by_init[a].index.intersection(by_init[b].index)
             fa, fb = by_init[a].loc[common].reset_index(), by_init[b].loc[common].reset_index()
-            y, sa = _arrays(fa, kind, classes)
-            _, sb = _arrays(fb, kind, classes)
+            y, sa = arrays(fa, kind, classes)
+            _, sb = arrays(fb, kind, classes)
             groups = fa["image_id"].map(patients).to_numpy()
             coords = dict(zip(fixed, key, strict=True))
             whole = all((coords["task"], i, *key[1:]) not in lacking for i in (a, b))
@@ -230,7 +242,7 @@ def ensemble_external(
     frame = pd.concat(
         [grouped[labels].first(), grouped[[f"score_{c}" for c in classes]].mean()], axis=1
     )[grouped.size() == len(frames)].reset_index()
-    y, s = _arrays(frame, kind, classes)
+    y, s = arrays(frame, kind, classes)
     groups = frame["image_id"].map(patients).fillna(frame["image_id"]).to_numpy()
     low, high = auroc_interval(kind, y, s, groups, n_boot)
     p = f"ext_{ext.name}_ensemble"
@@ -268,111 +280,6 @@ def external_table(
     return pd.DataFrame(out)
 
 
-def line_figure(
-    summary: pd.DataFrame, x: str, fixed: dict, path: Path, log: bool, metric: str = "auroc"
-) -> bool:
-    """Mean test `metric` (sd as error bars) against `x`, one line per init, a panel per method."""
-    data = summary
-    for k, v in fixed.items():
-        data = data[data[k] == v]
-    if data[x].nunique() < 2:
-        return False
-    methods = list(data["method"].unique())
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 3.6), squeeze=False)
-    for ax, method in zip(axes[0], methods, strict=True):
-        for init, g in data[data.method == method].groupby("init", sort=False):
-            g = g.sort_values(x)
-            ax.errorbar(
-                g[x],
-                g[f"test_{metric}_mean"],
-                yerr=g[f"test_{metric}_sd"],
-                marker="o",
-                capsize=3,
-                label=init,
-            )
-        ylabel = f"test {metric.upper() if metric == 'auroc' else metric} (mean, sd over folds)"
-        ax.set(title=f"{method.upper()}", xlabel=x, ylabel=ylabel)
-        if log:
-            ax.set_xscale("log")
-            ticks = sorted(data[x].unique())
-            ax.set_xticks(ticks, [f"{t:.0%}" for t in ticks])
-            ax.minorticks_off()
-        else:
-            ax.set_xticks(sorted(data[x].unique()))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def _roc_and_classes(preds, tasks, fixed: dict, out: Path) -> list[Path]:
-    data = preds
-    for k, v in fixed.items():
-        data = data[data[k] == v]
-    written = []
-    for (task, method), g in data.groupby(["task", "method"], sort=False):
-        kind, classes = tasks[task]
-        if kind == "binary":
-            fig, ax = plt.subplots(figsize=(4.2, 4))
-            for init, gi in g.groupby("init", sort=False):
-                y, s = _arrays(gi, kind, classes)
-                fpr, tpr, _ = roc_curve(y, s[:, 1])
-                ax.plot(fpr, tpr, label=f"{init} ({auroc(kind, y, s):.3f})")
-            ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-            ax.set(
-                title=f"{task} {method.upper()}: pooled out-of-fold ROC",
-                xlabel="1 - specificity",
-                ylabel="sensitivity",
-            )
-            ax.legend(fontsize=8)
-            path = out / f"roc_{task}_{method}.png"
-        else:
-            tables = {
-                init: per_class_table(kind, *_arrays(gi, kind, classes), classes)
-                for init, gi in g.groupby("init", sort=False)
-            }
-            fig, ax = plt.subplots(figsize=(1 + 0.9 * len(classes) * len(tables) / 2, 3.6))
-            width = 0.8 / len(tables)
-            for k, (init, t) in enumerate(tables.items()):
-                ax.bar(np.arange(len(classes)) + k * width, t["auroc"], width, label=init)
-            ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=30)
-            ax.set(title=f"{task} {method.upper()}: per-class AUROC", ylim=(0.0, 1.0))
-            ax.legend(fontsize=8)
-            path = out / f"per_class_{task}_{method}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def html_page(title: str, tables: dict[str, pd.DataFrame], images: list[Path]) -> str:
-    parts = [f"<h1>{html.escape(title)}</h1>"]
-    for img in images:
-        data = base64.b64encode(img.read_bytes()).decode()
-        parts.append(
-            f'<figure><img src="data:image/png;base64,{data}"/>'
-            f"<figcaption>{html.escape(img.stem)}</figcaption></figure>"
-        )
-    for name, table in tables.items():
-        if not table.empty:
-            parts.append(f"<h2>{html.escape(name)}</h2>")
-            parts.append(
-                table.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", border=0)
-            )
-    style = (
-        "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:"
-        "collapse;font-size:12px}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
-        "img{max-width:100%}"
-    )
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-        f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
-    )
-
-
 def _tasks(cfg: GridConfig, results: pd.DataFrame) -> tuple[dict, dict]:
     """task -> (kind, class names) of the grid's tasks, and image_id -> patient_id."""
     manifest = load_manifest(cfg.base.data.manifest)
@@ -384,22 +291,9 @@ def _tasks(cfg: GridConfig, results: pd.DataFrame) -> tuple[dict, dict]:
     return tasks, patients
 
 
-def _figures(summary: pd.DataFrame, preds: pd.DataFrame, tasks: dict, out: Path) -> list[Path]:
-    images = []
-    top_res, top_frac = summary["resolution"].max(), summary["fraction"].max()
-    for x, fixed, log in (
-        ("resolution", {"fraction": top_frac}, False),
-        ("fraction", {"resolution": top_res}, True),
-    ):
-        path = out / f"auroc_vs_{x}.png"
-        if line_figure(summary, x, fixed, path, log=log):
-            images.append(path)
-    return images + _roc_and_classes(
-        preds, tasks, {"resolution": top_res, "fraction": top_frac}, out
-    )
-
-
 BRIEF = (
+    "labelled_share",
+    "labelled_images_mean",
     "folds",
     "folds_expected",
     "complete",
@@ -410,6 +304,8 @@ BRIEF = (
     "pooled_auroc_ci_low",
     "pooled_auroc_ci_high",
     "pooled_images",
+    "holdout_auroc_mean",
+    "holdout_auroc_sd",
 )
 
 
@@ -444,7 +340,7 @@ def build_report(cfg: GridConfig, n_boot: int = 1000, allow_incomplete: bool = F
         ("external", external),
     ]:
         table.to_csv(out / f"{name}.csv", index=False)
-    images = _figures(summary[summary["folds"] > 0], preds, tasks, out)
+    images = report_figures(summary[summary["folds"] > 0], preds, tasks, out)
     left_out = "" if allow_incomplete else "; groups with missing folds are left out"
     page = html_page(
         f"fundusfm grid report: {cfg.name}",

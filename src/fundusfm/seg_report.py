@@ -28,7 +28,8 @@ from scipy.stats import wilcoxon
 from .config_grid import GridConfig
 from .grid import cell_dir, expand, state
 from .manifest import load_manifest
-from .report import KEYS, completeness, external_metrics, html_page, in_groups, line_figure
+from .report import KEYS, completeness, external_metrics, in_groups
+from .report_figures import html_page, line_figure
 from .stats import bootstrap_ci
 
 COLUMNS = ["task", "method", "resolution", "fraction", "init_a", "init_b", "images", "complete"]
