@@ -4,7 +4,8 @@ Patients, not images, are sampled: each patient has two eyes that share pigmenta
 camera look, and diseases that are often bilateral (diabetic retinopathy, myopia) or usually
 one-sided (vein occlusion). Labels therefore correlate within a patient, as in real data, and
 a split that ignores patients leaks. A share of diseased eyes is drawn mildly (a handful of
-microaneurysms, a borderline cup) so that the tasks are learnable but not trivial.
+microaneurysms, a borderline cup) so that the tasks are learnable but not trivial. Every class
+of every declared task gets at least one patient when the set is large enough (`plan_patients`).
 
 Output folder:
     images/<id>.jpg            the photographs
@@ -17,6 +18,7 @@ Output folder:
 from __future__ import annotations
 
 import os
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -56,12 +58,28 @@ def _severity(rng: np.random.Generator, subtle: float) -> float:
     return float(rng.uniform(0.05, 0.3) if rng.random() < subtle else rng.uniform(0.3, 1.0))
 
 
-def sample_patient(cfg: SynthConfig, index: int) -> list[EyeCase]:
-    """Draw one patient's two eyes: diagnosis, which eyes show it, severities, appearance."""
-    rng = np.random.default_rng([cfg.seed, index, 0])
+def _draw_primary(cfg: SynthConfig, rng: np.random.Generator) -> str:
+    """A patient's diagnosis drawn with the configured prevalences (a patient's first draw)."""
     names = list(cfg.prevalence)
     p = np.array([cfg.prevalence[k] for k in names], dtype=float)
-    primary = names[int(rng.choice(len(names), p=p / p.sum()))]
+    return names[int(rng.choice(len(names), p=p / p.sum()))]
+
+
+# Severity ranges of DR grades 1-4 (lesions.dr_grade), to draw an eye of a given grade.
+GRADE_SEVERITY = {1: (0.05, 0.3), 2: (0.3, 0.6), 3: (0.6, 0.85), 4: (0.85, 1.0)}
+
+
+def sample_patient(
+    cfg: SynthConfig, index: int, primary: str | None = None, grade: int | None = None
+) -> list[EyeCase]:
+    """Draw one patient's two eyes: diagnosis, which eyes show it, severities, appearance.
+
+    `primary` replaces the drawn diagnosis and `grade` the DR grade of the eye that shows it
+    (how `plan_patients` makes a small set hold every class).
+    """
+    rng = np.random.default_rng([cfg.seed, index, 0])
+    drawn = _draw_primary(cfg, rng)  # drawn even when replaced: the other draws stay the same
+    primary = primary or drawn
     diseases = [] if primary == "normal" else [primary]
     if diseases and rng.random() < cfg.comorbidity:
         diseases.append(str(rng.choice([k for k in DISEASES if k != primary])))
@@ -74,9 +92,78 @@ def sample_patient(cfg: SynthConfig, index: int) -> list[EyeCase]:
         for k, dis in enumerate(diseases):
             if (eye == index_eye and k == 0) or rng.random() < BILATERAL[dis]:
                 present[dis] = _severity(rng, cfg.subtle)
-        grade = dr_grade(present["dr"]) if "dr" in present else 0
-        eyes.append(EyeCase(eye=eye, diseases=present, pigment=pigment, tint=tint, dr_grade=grade))
+        if grade is not None and eye == index_eye and primary == "dr":
+            present["dr"] = float(
+                np.random.default_rng([cfg.seed, index, 9]).uniform(*GRADE_SEVERITY[grade])
+            )
+        dr = dr_grade(present["dr"]) if "dr" in present else 0
+        eyes.append(EyeCase(eye=eye, diseases=present, pigment=pigment, tint=tint, dr_grade=dr))
     return eyes
+
+
+def _shown(cfg: SynthConfig, index: int, planned: tuple) -> set[tuple[str, object]]:
+    """The task classes a patient's two eyes put in the manifest: ("disease", d), ("grade", g)."""
+    eyes = sample_patient(cfg, index, *planned)
+    return {("disease", next(iter(e.diseases), "normal")) for e in eyes} | {
+        ("grade", e.dr_grade) for e in eyes
+    }
+
+
+def _candidates(plan: list, changed: set[int], target: tuple[str, object]) -> list[int]:
+    """Patients that may give way to `target`, the least costly to the prevalences first.
+
+    A missing DR grade goes to a DR patient first (the diagnosis stays); otherwise patients
+    of the commonest diagnosis come first. Later patients first: the choice is fixed by the seed.
+    """
+    counts = Counter(primary for primary, _ in plan)
+    return sorted(
+        (i for i in range(len(plan)) if i not in changed),
+        key=lambda i: (target[0] == "grade" and plan[i][0] == "dr", counts[plan[i][0]], i),
+        reverse=True,
+    )
+
+
+def _change_for(cfg: SynthConfig, target: tuple[str, object]) -> tuple[str, int | None]:
+    """The (diagnosis, DR grade) that makes a patient show `target`."""
+    kind, value = target
+    if kind == "disease":
+        return str(value), None
+    if value:
+        return "dr", int(value)
+    # grade 0 is any eye without DR: the most prevalent other diagnosis
+    return max((c for c in CLASSES if c != "dr"), key=lambda c: cfg.prevalence.get(c, 0)), None
+
+
+def plan_patients(cfg: SynthConfig, n_patients: int, full: int) -> list[tuple[str, int | None]]:
+    """Each patient's diagnosis and forced DR grade (None: as drawn), covering every class.
+
+    `data check` refuses a task class without images, so every diagnosis of positive
+    prevalence and every DR grade gets an eye among the `full` (two-eyed) patients whenever
+    there are enough (9 patients, 18 images, with the default prevalences). One patient is
+    changed per missing class, and only one whose change loses no class that only it shows;
+    every other patient keeps what was drawn, so prevalences stay as configured.
+    """
+    plan = [
+        (_draw_primary(cfg, np.random.default_rng([cfg.seed, i, 0])), None)
+        for i in range(n_patients)
+    ]
+    shown = {i: _shown(cfg, i, plan[i]) for i in range(full)}
+    wanted = {("disease", c) for c in CLASSES if cfg.prevalence.get(c, 0) > 0}
+    wanted |= {("grade", 0)} if wanted - {("disease", "dr")} else set()
+    wanted |= {("grade", g) for g in GRADE_SEVERITY} if ("disease", "dr") in wanted else set()
+    changed: set[int] = set()
+    for target in sorted(wanted - set().union(*shown.values()), key=str):
+        holders = Counter(c for held in shown.values() for c in held)
+        if holders[target]:  # covered on the way (a new DR patient shows its grade too)
+            continue
+        for i in _candidates(plan[:full], changed, target):
+            planned = _change_for(cfg, target)
+            new = _shown(cfg, i, planned)
+            if target in new and {c for c in shown[i] if holders[c] == 1} <= new:
+                plan[i], shown[i] = planned, new
+                changed.add(i)
+                break
+    return plan
 
 
 def _save_mask(mask: np.ndarray, path: Path) -> str:
@@ -85,12 +172,12 @@ def _save_mask(mask: np.ndarray, path: Path) -> str:
     return path.as_posix()
 
 
-def _make_patient(args: tuple[SynthConfig, int, Path, int]) -> list[dict]:
+def _make_patient(args: tuple[SynthConfig, int, Path, int, tuple]) -> list[dict]:
     """Render and write one patient's eyes (up to `n_eyes`); return their manifest rows."""
-    cfg, index, out, n_eyes = args
+    cfg, index, out, n_eyes, planned = args
     rows = []
     pid = f"P{index:05d}"
-    for k, case in enumerate(sample_patient(cfg, index)[:n_eyes]):
+    for k, case in enumerate(sample_patient(cfg, index, *planned)[:n_eyes]):
         rng = np.random.default_rng([cfg.seed, index, 1 + k])
         r = render_eye(cfg.size, case, cfg.camera, rng)
         iid = f"{pid}_{case.eye}"
@@ -135,7 +222,8 @@ def generate(cfg: SynthConfig, out: Path, progress: bool = True) -> Path:
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     n_patients = (cfg.n + 1) // 2
-    jobs = [(cfg, i, out, min(2, cfg.n - 2 * i)) for i in range(n_patients)]
+    plan = plan_patients(cfg, n_patients, full=cfg.n // 2)
+    jobs = [(cfg, i, out, min(2, cfg.n - 2 * i), plan[i]) for i in range(n_patients)]
     workers = cfg.workers or os.cpu_count() or 1
     bar = tqdm(total=cfg.n, desc="synth", unit="img", disable=not progress)
     rows: list[dict] = []
