@@ -8,18 +8,31 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image, ImageFilter
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.metrics import road
 from typer.testing import CliRunner
 
+from fundusfm.bundle import load_bundle
 from fundusfm.cli import app
 from fundusfm.config import FinetuneConfig, SplitConfig, load_config
 from fundusfm.config_screen import QualityConfig
 from fundusfm.decode import read_rgb
+from fundusfm.embed import separation
 from fundusfm.experiment import finetune
-from fundusfm.explain import explain_gradcam, lesion_overlap
+from fundusfm.explain import (
+    SigmoidTarget,
+    explain_gradcam,
+    gradcam_maps,
+    lesion_overlap,
+    road_scores,
+)
 from fundusfm.manifest import load_manifest
+from fundusfm.preprocess import crop_resize, decode_for
 from fundusfm.quality import assess
 from fundusfm.splits import make_splits
+from fundusfm.transforms import normalise
 
 runner = CliRunner()
 
@@ -170,12 +183,66 @@ def test_tsne_panels_and_separation(bundles: dict, tmp_path: Path):
         ],
     )
     assert result.exit_code == 0, result.output
-    table = pd.read_csv(tmp_path / "t" / "separation.csv")
-    assert table.model.tolist() == ["abnormal", "scratch"]
-    assert table.knn_accuracy_features.between(0, 1).all()
-    assert table.silhouette_features.between(-1, 1).all()
+    table = pd.read_csv(tmp_path / "t" / "separation.csv").set_index("model")
+    assert table.index.tolist() == ["abnormal", "scratch"]
     assert (tmp_path / "t" / "tsne.png").is_file()
-    assert len(pd.read_csv(tmp_path / "t" / "embedding.csv")) == 2 * 40
+    embedding = pd.read_csv(tmp_path / "t" / "embedding.csv")
+    assert len(embedding) == 2 * 40
+    # the embedding's figures are those of its points, 5-NN folds grouped by patient
+    patients = load_manifest(bundles["manifest"]).table.set_index("image_id")["patient_id"]
+    for model, rows in embedding.groupby("model"):
+        got = separation(
+            rows[["x", "y"]].to_numpy(),
+            rows["class"].to_numpy(),
+            patients[rows["image_id"]].to_numpy(),
+        )
+        assert table.loc[model, "knn_accuracy_embedding"] == pytest.approx(got["knn_accuracy"])
+        assert table.loc[model, "silhouette_embedding"] == pytest.approx(
+            got["silhouette"], abs=1e-5
+        )
+
+
+def test_knn_separation_does_not_count_a_patients_other_images():
+    # 40 patients with 8 images each at (almost) one point; the class is random per patient,
+    # so only a patient's own images can tell it: chance with patient folds, ~1 with image folds
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 10, (40, 2))
+    points = np.repeat(centres, 8, axis=0) + rng.normal(0, 0.01, (320, 2))
+    classes = np.repeat(rng.permutation(np.repeat(["a", "b"], 20)), 8)
+    patients = np.repeat(np.arange(40), 8)
+    grouped, by_image = separation(points, classes, patients), separation(points, classes)
+    assert grouped["knn_accuracy"] < 0.65 and by_image["knn_accuracy"] > 0.95
+    assert abs(grouped["silhouette"]) < 0.1  # the classes themselves do not cluster
+
+
+def test_multilabel_road_and_gradcam_use_each_labels_sigmoid(bundles: dict, monkeypatch):
+    # ROAD's noisy linear imputation (a sparse solve per map and percentile) is replaced by
+    # blanking the removed pixels: the test is about the score ROAD measures, not the infill
+    monkeypatch.setattr(road.NoisyLinearImputer, "__call__", lambda self, img, keep: img * keep)
+    bundle = load_bundle(bundles["diseases"])
+    assert bundle.kind == "multilabel"
+    m, pre = load_manifest(bundles["manifest"]), bundle.preprocessing.config()
+    image = crop_resize(decode_for(m.image_path(m.table.path.iat[0]), pre)[0], pre)[0]
+    targets = list(range(len(bundle.classes)))  # one map per label, as explain_gradcam draws
+    images = [image] * len(targets)
+    maps = gradcam_maps(bundle, images, targets)
+    ours = road_scores(bundle, images, maps, targets)
+    x = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in images])
+    x = normalise(x, bundle.preprocessing.mean, bundle.preprocessing.std)
+
+    def by_hand(score) -> np.ndarray:  # score(logits of one image, label) -> its probability
+        hand = [lambda out, j=j: score(out, j) for j in targets]
+        with torch.no_grad():
+            faith = road.ROADCombined(percentiles=[20, 40, 60, 80])(x, maps, hand, bundle.model)
+        return np.asarray(faith, dtype=float).reshape(-1)
+
+    assert np.allclose(ours, by_hand(lambda out, j: torch.sigmoid(out[j])), atol=1e-6)
+    softmax = by_hand(lambda out, j: torch.softmax(out, dim=-1)[j])
+    assert not np.allclose(ours, softmax, rtol=0.2, atol=1e-6)  # labels compete in a softmax
+    # Grad-CAM on the raw logit draws the sigmoid's map: its slope is one factor per image
+    with GradCAM(model=bundle.model, target_layers=[bundle.model.backbone.net.layer4[-1]]) as cam:
+        sig_maps = cam(input_tensor=x, targets=[SigmoidTarget(j) for j in targets])
+    assert np.allclose(maps, sig_maps, atol=1e-4)
 
 
 def test_predict_reports_every_file_and_refuses_to_overwrite(bundles: dict, tmp_path: Path):

@@ -4,8 +4,10 @@ Maps come from pytorch-grad-cam's GradCAM on the last residual stage (`layer4`),
 predicted class, a chosen class, or (multilabel) every label. Each map is scored for
 faithfulness with ROAD (Rong et al., 2022: pytorch-grad-cam's ROADCombined over 20-80%
 of pixels removed, most- and least-relevant first; higher means the map points at what
-the model uses). On images with lesion masks (generated data), `lesion_overlap` tells how
-much of the map's mass falls on lesions against the share of the image they cover.
+the model uses), measured on the probability the bundle reports (a softmax over classes;
+each label's sigmoid for multilabel bundles). On images with lesion masks (generated data),
+`lesion_overlap` tells how much of the map's mass falls on lesions against the share of the
+image they cover.
 """
 
 from __future__ import annotations
@@ -40,8 +42,34 @@ def _inputs(bundle: Bundle, images: list[np.ndarray]) -> torch.Tensor:
     return normalise(x, p.mean, p.std)
 
 
+class SigmoidTarget:
+    """A multilabel model's probability of one label: the sigmoid of that label's logit.
+
+    pytorch-grad-cam's targets are the raw logit or a softmax over all outputs; a softmax
+    would make independent labels compete (one label's score falls when another's rises).
+    """
+
+    def __init__(self, label: int):
+        self.label = label
+
+    def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(model_output[..., self.label])
+
+
+def probability_targets(kind: str, targets: list[int]) -> list:
+    """Each target class's probability as the bundle reports it (`Bundle.predict`): sigmoid per
+    label for multilabel bundles, softmax over the classes otherwise."""
+    make = SigmoidTarget if kind == "multilabel" else ClassifierOutputSoftmaxTarget
+    return [make(t) for t in targets]
+
+
 def gradcam_maps(bundle: Bundle, images: list[np.ndarray], targets: list[int]) -> np.ndarray:
-    """Grad-CAM maps (N x R x R, each scaled to [0, 1]) for preprocessed RxRx3 images."""
+    """Grad-CAM maps (N x R x R, each scaled to [0, 1]) for preprocessed RxRx3 images.
+
+    The target is the class's raw logit for every kind (Selvaraju et al.'s pre-softmax score).
+    For a multilabel label this gives the same map as its sigmoid would: the sigmoid's slope
+    is one positive factor per image, which the scaling of each map to [0, 1] removes.
+    """
     layer = bundle.model.backbone.net.layer4[-1]
     with GradCAM(model=bundle.model, target_layers=[layer]) as cam:
         return cam(
@@ -51,14 +79,17 @@ def gradcam_maps(bundle: Bundle, images: list[np.ndarray], targets: list[int]) -
 
 
 def road_scores(bundle: Bundle, images, maps: np.ndarray, targets: list[int]) -> np.ndarray:
-    """ROAD faithfulness per map (higher: removing what the map points at hurts more)."""
+    """ROAD faithfulness per map (higher: removing what the map points at hurts more).
+
+    Measured on the class's probability as the bundle reports it (`probability_targets`).
+    """
     metric = ROADCombined(percentiles=[20, 40, 60, 80])
     with torch.no_grad():
         return np.asarray(
             metric(
                 _inputs(bundle, images),
                 maps,
-                [ClassifierOutputSoftmaxTarget(t) for t in targets],
+                probability_targets(bundle.kind, targets),
                 bundle.model,
             ),
             dtype=float,
