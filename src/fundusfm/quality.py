@@ -23,7 +23,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .config_screen import QualityConfig
-from .preprocess import NoFieldOfView, fov_box
+from .preprocess import NoFieldOfView, fov_box, fov_mask
 
 
 @dataclass
@@ -43,9 +43,9 @@ def measure(rgb: np.ndarray, size: int = 256) -> dict[str, float]:
     x0, y0, x1, y1 = fov_box(rgb, 0.06, 0.02)
     crop = Image.fromarray(rgb[y0:y1, x0:x1]).resize((size, size), Image.Resampling.BILINEAR)
     arr = np.asarray(crop, dtype=np.float32) / 255.0
-    value = arr.max(axis=2)
-    low, top = np.percentile(value, [1, 99])
-    inside = ndimage.binary_erosion(value > low + 0.06 * (top - low), iterations=size // 32)
+    # the FOV as preprocessing finds it (one rule), shrunk so that its rim does not count
+    region = fov_mask(np.asarray(crop).max(axis=2), 0.06)
+    inside = ndimage.binary_erosion(region, iterations=size // 32)
     luma = arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # red alone often clips
     if inside.sum() < 16:
         raise NoFieldOfView("the field of view is too small to assess")
