@@ -88,8 +88,13 @@ def test_preprocess_and_split(synth_set: Path, tmp_path: Path):
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out)
     assert set(table.fold) == {0, 1, 2, 3}
-    assert {"frac_0.25", "frac_0.5", "frac_1"} <= set(table.columns)
+    wanted = {f"frac_{f}_fold{k}" for f in ("0.25", "0.5", "1") for k in range(4)}
+    assert wanted <= set(table.columns)
     assert yaml.safe_load(out.with_suffix(".config.yaml").read_text())["seed"] == 2
+    summary = pd.read_csv(out.with_suffix(".summary.csv"))  # the sidecar: realised shares
+    assert len(summary) == 12 and (summary.share[summary.fraction == 1] == 1).all()
+    assert "share = training images / the fold's training pool" in result.output
+    assert "validation is scaled" in result.output
     bad = invoke("split", synth_set, "--fractions", "a,b")
     assert bad.exit_code == 2 and "--fractions" in bad.output
 
