@@ -115,8 +115,9 @@ def main() -> None:
     print(f"grid: {counts} in {time.time() - t0:.0f} s")
     report = build_report(grid)
     summary = pd.read_csv(report.parent / "summary.csv")
-    cols = ["task", "init", "method", "fraction", "pooled_auroc", "pooled_auroc_ci_low",
-            "pooled_auroc_ci_high", "test_auroc_mean", "test_auroc_sd"]  # fmt: skip
+    cols = ["task", "init", "method", "labelled_share", "labelled_images_mean",
+            "pooled_auroc", "pooled_auroc_ci_low", "pooled_auroc_ci_high",
+            "test_auroc_mean", "test_auroc_sd"]  # fmt: skip
     print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     comparisons = pd.read_csv(report.parent / "comparisons.csv")
     print(comparisons.to_string(index=False, float_format=lambda v: f"{v:.3g}"))

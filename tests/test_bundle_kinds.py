@@ -19,14 +19,14 @@ import torchvision
 from torch import nn
 from typer.testing import CliRunner
 
-from fundusfm.bundle import load_bundle, read_preprocessing, save_bundle
+from fundusfm.bundle import bundle_notes, load_bundle, read_preprocessing, save_bundle
 from fundusfm.cli import DEBUG, app
 from fundusfm.config import FinetuneConfig, PretrainConfig, SplitConfig, load_config
 from fundusfm.config_grid import ProbeConfig
 from fundusfm.config_segment import SegmentConfig
 from fundusfm.experiment import finetune, pretrain, probe_finetune
 from fundusfm.manifest import load_manifest
-from fundusfm.preprocess import preprocess_image
+from fundusfm.preprocess import FOV_RULE, preprocess_image
 from fundusfm.seg_model import build_unet
 from fundusfm.segment import _bundle_meta as segmentation_meta
 from fundusfm.splits import make_splits
@@ -284,3 +284,24 @@ def test_evaluate_intervals_shrink_with_the_set_and_equal_the_grids(kinds, tmp_p
         "binary", preds.y_true.to_numpy(), preds[["score_0", "score_1"]].to_numpy(), patients, 300
     )
     assert (low, high) == pytest.approx((ci["auroc"]["ci_low"], ci["auroc"]["ci_high"]), abs=1e-12)
+
+
+def test_commands_say_what_an_imported_bundle_lacks(kinds, tmp_path):
+    legacy = json.loads((kinds["legacy_state"] / "bundle.json").read_text())
+    notes = bundle_notes(legacy)
+    assert len(notes) == 2
+    assert "not chosen on validation data (imported weights)" in notes[0]
+    assert "records no preprocessing crop" in notes[1]
+    ours = json.loads((kinds["ff"] / "bundle.json").read_text())
+    assert ours["preprocessing"]["fov_rule"] == FOV_RULE
+    older = {
+        **ours,
+        "preprocessing": {k: v for k, v in ours["preprocessing"].items() if k != "fov_rule"},
+    }
+    assert any("FOV rule 1" in n for n in bundle_notes(older))
+    result = cli(*_evaluate_args(kinds, "legacy_state", tmp_path / "e"), "-q", "--n-boot", 20)
+    assert (
+        result.exit_code == 0 and "note: bundle.json records no preprocessing crop" in result.output
+    )
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["notes"] == notes

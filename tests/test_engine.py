@@ -19,9 +19,10 @@ from fundusfm.config import (
     TrainConfig,
     load_config,
 )
-from fundusfm.experiment import evaluate, finetune, pretrain
+from fundusfm.experiment import evaluate, finetune, pretrain, run_notes
 from fundusfm.heads import make_head
 from fundusfm.manifest import load_manifest
+from fundusfm.probe import fit_probe
 from fundusfm.splits import fold_sets, make_splits
 from fundusfm.train import TrainingDiverged, make_loss, make_sampler
 
@@ -448,3 +449,21 @@ def test_holdout_part_is_scored_and_metrics_state_the_labelled_images(tiny, tmp_
     assert labelled["share"] == labelled["train_images"] / labelled["train_pool_images"]
     both = preds[preds.split == "val"].y_true.nunique() == 2
     assert metrics["thresholds"]["validated"] is both
+
+
+def test_probe_counts_unconverged_fits_and_runs_say_so():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 8)), rng.integers(0, 3, 60)
+    stopped = fit_probe("multiclass", x, y, x[:20], y[:20], 3, [0.1, 1.0], max_iter=1)
+    assert stopped.convergence_warnings == stopped.fits == 2
+    converged = fit_probe("multiclass", x, y, x[:20], y[:20], 3, [0.1, 1.0], max_iter=2000)
+    assert converged.convergence_warnings == 0 and converged.fits == 2
+    notes = run_notes(
+        {
+            "probe": {"convergence_warnings": 2, "fits": 2},
+            "thresholds": {"validated": False, "note": "the validation part holds one class"},
+        }
+    )
+    assert "2 of 2 probe fits stopped at probe.max_iter" in notes[1]
+    assert notes[0] == "threshold not validated: the validation part holds one class"
+    assert run_notes({"probe": {"convergence_warnings": 0, "fits": 2}}) == []

@@ -17,6 +17,9 @@ defaults below and names what it filled (`Preprocessing.defaulted`), so a comman
                 have no crop (images are padded to a square, then resized)
     mean, std   absent: ImageNet's (torchvision's ResNet normalisation)
     resolution  required: a bundle without it is refused
+    fov_rule    the preprocessing rule its crops were made with (the cache format); absent
+                in bundles made before rule 2
+`bundle_notes(meta)` says, in words, what was filled in or is not validated.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from . import __version__
 from .backbone import Backbone
 from .config import CropConfig, PreprocessConfig
 from .heads import Classifier, make_head, scores_from_logits
+from .preprocess import FOV_RULE
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, normalise, to_tensor
 
 FORMAT_VERSION = 1
@@ -101,8 +105,8 @@ def save_bundle(model: torch.nn.Module, path: Path, meta: dict) -> Path:
     return path
 
 
-def read_bundle(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Metadata and state dict of a bundle, after checking the weights' sha256."""
+def read_meta(path: Path) -> dict:
+    """bundle.json of a bundle folder, its format checked (the weights are not read)."""
     path = Path(path)
     meta_file, weights = path / "bundle.json", path / "model.safetensors"
     if not meta_file.is_file() or not weights.is_file():
@@ -110,6 +114,13 @@ def read_bundle(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     meta = json.loads(meta_file.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format {meta.get('format_version')} is not supported")
+    return meta
+
+
+def read_bundle(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Metadata and state dict of a bundle, after checking the weights' sha256."""
+    meta = read_meta(path)
+    weights = Path(path) / "model.safetensors"
     digest = file_sha256(weights)
     if digest != meta.get("weights_sha256"):
         raise BundleError(
@@ -163,6 +174,34 @@ def read_preprocessing(meta: dict) -> Preprocessing:
     return Preprocessing(
         int(block["resolution"]), crop, values["mean"], values["std"], tuple(defaulted)
     )
+
+
+def bundle_notes(meta: dict) -> list[str]:
+    """What a user should know before trusting a bundle's outputs (printed by the commands,
+    recorded in metrics.json): thresholds not chosen on data, preprocessing defaults filled
+    in, a FOV rule other than the one this fundusfm crops with."""
+    notes = []
+    task = meta.get("task") or {}
+    if task.get("thresholds_validated") is False and task.get("kind") != "multiclass":
+        why = task.get("thresholds_note") or "imported weights"
+        notes.append(
+            f"decision thresholds were not chosen on validation data ({why}): decisions at "
+            f"{task.get('thresholds')}; validate them before relying on the decisions"
+        )
+    pre = read_preprocessing(meta)
+    if pre.defaulted:
+        notes.append(
+            f"bundle.json records no preprocessing {', '.join(pre.defaulted)}: fundusfm's "
+            "defaults are used (the default FOV crop; ImageNet's mean/std)"
+        )
+    block = meta.get("preprocessing") or {}
+    made_with = block.get("fov_rule", 1 if "crop" in block else FOV_RULE)
+    if pre.crop is not None and made_with != FOV_RULE:
+        notes.append(
+            f"the bundle's images were cropped with FOV rule {made_with}; this fundusfm uses "
+            f"rule {FOV_RULE}, so crops of some images may differ slightly from training"
+        )
+    return notes
 
 
 def build_model(meta: dict) -> torch.nn.Module:

@@ -32,7 +32,7 @@ from .bundle import read_bundle, read_preprocessing
 from .config import CropConfig, PreprocessConfig
 from .datasets import CachedImages
 from .features import extract
-from .manifest import encode_labels, load_manifest
+from .manifest import encode_labels, load_manifest, patient_of
 from .preprocess import build_cache, open_cache
 from .train import resolve_device
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -171,7 +171,7 @@ def explain_tsne(
     inputs = model_inputs(models, arch, resolution)
     manifest = load_manifest(manifest_path)
     classes, names, task_name = class_of_images(manifest, task)
-    patients = manifest.table["patient_id"].to_numpy() if "patient_id" in manifest.table else None
+    patients = patient_of(manifest.table).to_numpy()
     cache_root = cache or Path(manifest_path).parent / "cache"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

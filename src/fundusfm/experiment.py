@@ -23,7 +23,7 @@ import yaml
 
 from . import distributed as ddp
 from .backbone import create_backbone
-from .bundle import load_bundle, provenance, save_bundle
+from .bundle import bundle_notes, load_bundle, provenance, save_bundle
 from .config import (
     ConfigError,
     FinetuneConfig,
@@ -35,9 +35,9 @@ from .config_grid import ProbeConfig
 from .datasets import CachedImages, FoldData, load_fold
 from .features import cached_features
 from .heads import Classifier, make_head
-from .manifest import encode_labels, load_manifest
+from .manifest import encode_labels, load_manifest, patient_of
 from .metrics import Thresholds, choose_thresholds, classification_metrics, per_class_table
-from .preprocess import build_cache, open_cache
+from .preprocess import FOV_RULE, build_cache, open_cache
 from .probe import fit_probe
 from .stats import metric_intervals
 from .train import amp_dtype, fit, predict, resolve_device
@@ -128,10 +128,12 @@ def _bundle_meta(cfg: FinetuneConfig, data: FoldData, thresholds: Thresholds, ex
             "classes": data.task.class_names,
             "thresholds": thresholds.values,
             "thresholds_validated": thresholds.validated,
+            "thresholds_note": thresholds.note,
         },
         "preprocessing": {
             "resolution": cfg.data.resolution,
             "crop": cfg.data.crop.model_dump(),
+            "fov_rule": FOV_RULE,
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
         },
@@ -380,9 +382,7 @@ def evaluate(
         out / "predictions.csv", index=False
     )
     rows = manifest.table.iloc[keep].iloc[index]
-    ids = rows["image_id"].astype(str)
-    who = rows.get("patient_id", ids).astype(str).str.strip()
-    patients = who.where(who != "", "image:" + ids)  # no id: the image is its own patient
+    patients = patient_of(rows)
     metrics = {
         "external": classification_metrics(bundle.kind, y, scores, thresholds),
         "external_per_class": per_class_table(
@@ -392,6 +392,7 @@ def evaluate(
             bundle.kind, y, scores, bundle.classes, thresholds, patients.to_numpy(), n_boot
         ),
         "thresholds_validated": bundle.thresholds_validated,
+        "notes": bundle_notes(bundle.meta),
         "images": len(y),
         "unmapped_or_unreadable": int(len(manifest.table) - len(y)),
         "bundle": str(bundle_path),

@@ -282,6 +282,14 @@ def scan_folder(
     return pd.DataFrame(rows, columns=list(REQUIRED_COLUMNS))
 
 
+def patient_of(table: pd.DataFrame) -> pd.Series:
+    """Each row's patient for grouping (bootstrap, folds): its `patient_id`, or the image
+    alone where that is blank or absent (blank ids must not make one patient of them all)."""
+    ids = table["image_id"].astype(str)
+    who = table["patient_id"].astype(str).str.strip() if "patient_id" in table else ids
+    return who.where(who != "", "image:" + ids)
+
+
 def encode_labels(manifest: Manifest, task: TaskSpec) -> np.ndarray:
     """Labels as integers: (N,) class indices for binary/multiclass, (N, C) 0/1 for multilabel.
 

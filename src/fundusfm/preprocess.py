@@ -40,6 +40,9 @@ from .manifest import Manifest
 
 # 2: the FOV box is the largest bright region, at least FOV_MARGIN above the background
 CACHE_FORMAT = 2
+# The FOV rule that crops are made with; bundles record it (`preprocessing.fov_rule`), so an
+# older bundle's input can be told apart. Raised with every change of `fov_mask`.
+FOV_RULE = CACHE_FORMAT
 INDEX_COLUMNS = [
     "source",
     "size",

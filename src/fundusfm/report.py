@@ -33,7 +33,7 @@ import pandas as pd
 
 from .config_grid import ExternalSet, GridConfig
 from .grid import cell_dir, expand, state
-from .manifest import load_manifest
+from .manifest import load_manifest, patient_of
 from .metrics import auroc
 from .report_figures import arrays, html_page, report_figures
 from .stats import auroc_interval, compare_aurocs, paired_bootstrap
@@ -218,9 +218,7 @@ def _external_patients(ext: ExternalSet) -> dict:
     """image_id -> patient_id of an external manifest (an image alone where it has none: a
     blank id must not make one patient of every image that lacks one)."""
     table = load_manifest(ext.manifest).table
-    ids = table["image_id"].astype(str)
-    who = table.get("patient_id", ids).astype(str).str.strip()
-    return dict(zip(ids, who.where(who != "", "image:" + ids), strict=True))
+    return dict(zip(table["image_id"].astype(str), patient_of(table), strict=True))
 
 
 def ensemble_external(
@@ -287,7 +285,7 @@ def _tasks(cfg: GridConfig, results: pd.DataFrame) -> tuple[dict, dict]:
         t: (manifest.task(t)[1].kind, manifest.task(t)[1].class_names)
         for t in results["task"].unique()
     }
-    patients = dict(zip(manifest.table["image_id"], manifest.table["patient_id"], strict=True))
+    patients = dict(zip(manifest.table["image_id"], patient_of(manifest.table), strict=True))
     return tasks, patients
 
 

@@ -54,13 +54,15 @@ def line_figure(
         for init, g in data[data.method == method].groupby("init", sort=False):
             g = g.sort_values(x)
             at = g["share_mean"] if x == "fraction" and "share_mean" in g else g[x]
+            whole = bool(g["complete"].all()) if "complete" in g else True
             ax.errorbar(
                 at,
                 g[f"test_{metric}_mean"],
                 yerr=g[f"test_{metric}_sd"],
                 marker="o",
                 capsize=3,
-                label=init,
+                linestyle="-" if whole else "--",
+                label=init if whole else f"{init} (missing folds)",
             )
         ylabel = f"test {metric.upper() if metric == 'auroc' else metric} (mean, sd over folds)"
         xlabel = "labelled share of the training pool (nominal)" if x == "fraction" else x
@@ -120,8 +122,15 @@ def _roc_and_classes(preds, tasks, fixed: dict, out: Path) -> list[Path]:
     return written
 
 
+PROTOCOL = (
+    "What each figure is (folds, labelled shares, pooled AUROC, patient-bootstrap intervals, "
+    "clustered tests) and what may be compared: docs/protocol.md in fundusfm."
+)
+
+
 def html_page(title: str, tables: dict[str, pd.DataFrame], images: list[Path]) -> str:
-    parts = [f"<h1>{html.escape(title)}</h1>"]
+    """One self-contained page: the figures inlined as PNG, then the tables."""
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<p><em>{html.escape(PROTOCOL)}</em></p>"]
     for img in images:
         data = base64.b64encode(img.read_bytes()).decode()
         parts.append(

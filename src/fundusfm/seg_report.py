@@ -27,7 +27,7 @@ from scipy.stats import wilcoxon
 
 from .config_grid import GridConfig
 from .grid import cell_dir, expand, state
-from .manifest import load_manifest
+from .manifest import load_manifest, patient_of
 from .report import KEYS, completeness, external_metrics, in_groups
 from .report_figures import html_page, line_figure
 from .stats import bootstrap_ci
@@ -136,7 +136,7 @@ def build_seg_report(cfg: GridConfig, n_boot: int = 1000, allow_incomplete: bool
     if results.empty:
         raise FileNotFoundError(f"no finished cells under {cfg.out}; run `fundusfm grid run`")
     manifest = load_manifest(cfg.segment.data.manifest)
-    patients = dict(zip(manifest.table["image_id"], manifest.table["patient_id"], strict=True))
+    patients = dict(zip(manifest.table["image_id"], patient_of(manifest.table), strict=True))
     groups = completeness(cfg)
     summary = groups.merge(summarise(results, images, patients, n_boot), how="left")
     incomplete = groups[~groups["complete"]]

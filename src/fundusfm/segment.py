@@ -62,13 +62,21 @@ def seg_loss(logits, vessel, fov, bce_weight: float, dice_weight: float) -> torc
 
 
 @torch.no_grad()
-def predict_probs(model, images: list[VesselImage], batch_size, device, amp) -> np.ndarray:
-    """Vessel probabilities (N x R x R) at the training size."""
+def predict_probs(
+    model,
+    images: list[VesselImage],
+    batch_size,
+    device,
+    amp,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> np.ndarray:
+    """Vessel probabilities (N x R x R) at the training size; `mean`/`std`: a bundle's own."""
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
         x, _, _ = batch_of(images[i : i + batch_size])
-        x = normalise(x.to(device))
+        x = normalise(x.to(device), mean, std)
         with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
             out.append(torch.sigmoid(model(x)[:, 0].float()).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 1, 1), np.float32)
@@ -339,9 +347,10 @@ def evaluate_segmentation(
     images = load_images(manifest, rows, bundle.resolution, progress)
     dev = resolve_device(device)
     model = bundle.model.to(dev)
-    probs = predict_probs(model, images, 4, dev, amp_dtype("auto", dev))
+    pre = bundle.preprocessing
+    probs = predict_probs(model, images, 4, dev, amp_dtype("auto", dev), pre.mean, pre.std)
     table, metrics = score_images(
-        manifest, rows, probs, bundle.meta["task"]["thresholds"][0], Path(out), "external"
+        manifest, rows, probs, bundle.thresholds[0], Path(out), "external"
     )
     table.to_csv(Path(out) / "per_image.csv", index=False)
     metrics["bundle"], metrics["manifest"] = str(bundle_path), str(manifest_path)

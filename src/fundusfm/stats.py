@@ -330,7 +330,12 @@ def delong_test(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> dict
 def clustered_delong_test(
     y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, groups: np.ndarray
 ) -> dict[str, float]:
-    """Two-sided test of AUROC(a) = AUROC(b) with images clustered by patient (`groups`)."""
+    """Two-sided test of AUROC(a) = AUROC(b) with images clustered by patient (`groups`).
+
+    With one image per patient Obuchowski's variance is close to DeLong's but not equal
+    (its I/(I-1) factor against DeLong's m/(m-1) and n/(n-1)); `compare_aurocs` therefore
+    runs plain DeLong on such data, and this function only where clusters are real.
+    """
     if len(np.unique(np.asarray(groups))) < 2:
         auc, _ = delong_components(y, np.stack([score_a, score_b], axis=1))
         return _z_test(auc, np.full((2, 2), np.nan))

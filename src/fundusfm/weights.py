@@ -160,7 +160,7 @@ def card(bundle_path: Path) -> str:
         f"model         {a['arch']} + {a.get('head', a.get('type', ''))}, {params:,} parameters",
         f"task          {t['name']} ({t['kind']}): {', '.join(map(str, t['classes']))}",
         f"thresholds    {t.get('thresholds')}"
-        + ("" if t.get("thresholds_validated", True) else " (not validated: imported weights)"),
+        + ("" if t.get("thresholds_validated", True) else " (not chosen on validation data)"),
         f"input         {p.resolution} px, mean {list(p.mean)}, std {list(p.std)}"
         + (f" ({', '.join(p.defaulted)}: not recorded, defaults used)" if p.defaulted else ""),
         f"weights       sha256 {meta['weights_sha256']}",

@@ -87,10 +87,16 @@ def user_errors() -> Iterator[None]:
     """Turn the errors a user can fix (bad input, paths, permissions) into one clear line."""
     try:
         yield
-    except (ConfigError, ImageDecodeError, ValueError) as exc:
+    except (ConfigError, ImageDecodeError, ValueError, OSError) as exc:
+        if DEBUG["traceback"]:  # a ValueError may be a bug too: --debug shows where it arose
+            raise
         raise fail(str(exc)) from exc
-    except OSError as exc:
-        raise fail(f"{exc}") from exc
+
+
+def say_notes(notes: list[str]) -> None:
+    """Warnings about a result (not errors): on stderr, in yellow, one line each."""
+    for note in notes:
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
 
 
 def resolve(model: type[M], config: Path | None, sets: list[str] | None, **flags) -> M:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from . import ConfigOpt, QuietOpt, SetOpt, app, fail, group, resolve, user_errors
+from . import ConfigOpt, QuietOpt, SetOpt, app, fail, group, resolve, say_notes, user_errors
 
 explain_app = group("Grad-CAM maps and t-SNE of the initialisations.")
 app.add_typer(explain_app, name="explain")
@@ -42,6 +42,9 @@ def gradcam(
         )
     )
     typer.echo(f"wrote {len(table)} maps to {out}/overlays, {out}/maps and {out / 'gradcam.csv'}")
+    from ..bundle import bundle_notes, read_meta
+
+    say_notes(bundle_notes(read_meta(bundle)))
 
 
 @explain_app.command("tsne")
@@ -131,12 +134,7 @@ def predict(
             raise fail(str(exc)) from exc
     counts = table["status"].value_counts().to_dict()
     typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
-    meta = json.loads((Path(bundle) / "bundle.json").read_text())
-    if meta["task"].get("thresholds_validated") is False:
-        typer.secho(
-            "note: this bundle's threshold was not chosen on validation data (imported "
-            "weights); decisions use 0.5. Fine-tune or validate it before relying on them.",
-            fg=typer.colors.YELLOW,
-            err=True,
-        )
+    from ..bundle import bundle_notes, read_meta
+
+    say_notes(bundle_notes(read_meta(bundle)))
     typer.echo(f"wrote {out / 'predictions.csv'} and {out / 'report.html'}")

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..config_grid import DemoConfig
-from . import ConfigOpt, QuietOpt, SetOpt, app, fail, resolve, user_errors
+from . import ConfigOpt, QuietOpt, SetOpt, app, fail, resolve, say_notes, user_errors
 
 
 @app.command()
@@ -135,13 +135,8 @@ def evaluate(
             typer.echo(
                 f"  {name:<12} {c['value']:.3f} ({_fmt(c['ci_low'])} to {_fmt(c['ci_high'])})"
             )
-    if not metrics["thresholds_validated"]:
-        typer.secho(
-            "note: the bundle's threshold was not chosen on validation data; sensitivity and "
-            "specificity are at 0.5",
-            fg=typer.colors.YELLOW,
-            err=True,
-        )
+    typer.echo("  (per class in metrics.json: external_ci.per_class)")
+    say_notes(metrics["notes"])
     typer.echo(f"wrote {out / 'predictions.csv'} and {out / 'metrics.json'}")
 
 
