@@ -25,7 +25,7 @@ from fundusfm.config_grid import GridConfig
 from fundusfm.datasets import load_fold
 from fundusfm.experiment import pretrain
 from fundusfm.features import feature_key
-from fundusfm.grid import cell_dir, expand, parse_shard, run_grid, shard, status
+from fundusfm.grid import cell_dir, expand, fingerprint, parse_shard, run_grid, shard, status
 from fundusfm.manifest import load_manifest
 from fundusfm.metrics import binary_auroc
 from fundusfm.report import build_report
@@ -325,3 +325,19 @@ def test_axes_reject_duplicates_and_unsafe_labels(setup, tmp_path):
         grid_config(setup, tmp_path, **{"axes.init": "[runs/a_b, runs/a/b]"})
     cells = expand(grid_config(setup, tmp_path, **{"axes.task": "[null, abnormal]"}))
     assert len(cells) == len({c.id for c in cells}) == 6  # null means the base task
+
+
+def test_a_split_remade_in_place_makes_done_cells_stale(setup, tmp_path):
+    splits = tmp_path / "splits.csv"
+    splits.write_bytes(Path(setup["splits"]).read_bytes())
+    cfg = grid_config(setup, tmp_path / "g", **{"base.data.splits": splits})
+    for cell in expand(cfg):  # as a finished run leaves them
+        cell_dir(cfg, cell).mkdir(parents=True)
+        (cell_dir(cfg, cell) / "done").write_text(fingerprint(cfg, cell))
+    assert set(status(cfg).state) == {"done"}
+    manifest = load_manifest(setup["manifest"])
+    remade = make_splits(
+        manifest, SplitConfig(folds=3, fractions=[0.5, 1.0], val_fraction=0.2, seed=5)
+    )
+    remade.to_csv(splits, index=False)  # same path, other patients in each fold
+    assert set(status(cfg).state) == {"stale"}

@@ -15,6 +15,7 @@ external set into `<cell>/external/<name>/`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -26,9 +27,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from .bundle import file_sha256
 from .config import ConfigError, FinetuneConfig, changed_settings
 from .config_grid import GridConfig
 from .config_segment import SegmentConfig
+from .preprocess import FOV_RULE
 
 
 @dataclass(frozen=True)
@@ -138,12 +141,31 @@ def _settings(c: FinetuneConfig | SegmentConfig) -> dict:
     return {k: v for k, v in c.model_dump(mode="json").items() if k != "run"}
 
 
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    return file_sha256(Path(path))
+
+
+def content_digest(path: Path | None) -> str | None:
+    """sha256 of a file the cells read (manifest, splits), computed once per version of it."""
+    if path is None or not Path(path).is_file():
+        return None
+    st = Path(path).stat()
+    return _digest(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
 def fingerprint(cfg: GridConfig, cell: Cell) -> str:
-    """Hash of a cell's settings and external sets, written into its `done` marker."""
+    """Hash of what a cell's result depends on, written into its `done` marker: its settings,
+    the probe and external sets, the contents of its manifest and splits (a `fundusfm split`
+    rerun in place makes the cells stale) and the FOV rule its images were cropped with."""
+    c = cell_config(cfg, cell)
     blob = {
-        "cell": _settings(cell_config(cfg, cell)),
+        "cell": _settings(c),
         "probe": cfg.probe.model_dump(mode="json"),
         "external": [e.model_dump(mode="json") for e in cfg.external],
+        "manifest": content_digest(c.data.manifest),
+        "splits": content_digest(c.data.splits),
+        "fov_rule": FOV_RULE,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
