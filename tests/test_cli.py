@@ -276,3 +276,22 @@ def test_data_import_command(tmp_path: Path):
     result = invoke("data", "import", "hrf", tmp_path / "HRF", "--out", tmp_path / "m" / "h.csv")
     assert result.exit_code == 0, result.output
     assert "2 images" in result.output and "2 FOV masks derived" in result.output
+
+
+def test_debug_shows_the_traceback_of_a_value_error(synth_set: Path, monkeypatch):
+    import fundusfm.splits as splits
+    from fundusfm.cli import DEBUG
+
+    def broken(*args, **kwargs):
+        raise ValueError("shapes (3,) and (4,) not aligned")
+
+    monkeypatch.setattr(splits, "make_splits", broken)
+    plain = invoke("split", synth_set, "--out", "/nonexistent/never/splits.csv")
+    assert plain.exit_code == 2 and plain.output.strip() == (
+        "error: shapes (3,) and (4,) not aligned"
+    )
+    try:
+        debug = runner.invoke(app, ["--debug", "split", str(synth_set), "--out", "/x/s.csv"])
+    finally:
+        DEBUG["traceback"] = False
+    assert isinstance(debug.exception, ValueError)

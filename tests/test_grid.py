@@ -1,6 +1,7 @@
 """The grid: expansion, shards, skip-if-done, failures, resume of a killed cell, the feature
 cache key, and the report read back (summary with completeness, comparisons, external)."""
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 from fundusfm.backbone import create_backbone
 from fundusfm.cli import app
 from fundusfm.config import (
+    ConfigError,
     CropConfig,
     DataConfig,
     PretrainConfig,
@@ -29,7 +31,7 @@ from fundusfm.grid import cell_dir, expand, fingerprint, parse_shard, run_grid, 
 from fundusfm.manifest import load_manifest
 from fundusfm.metrics import binary_auroc
 from fundusfm.report import build_report
-from fundusfm.splits import make_splits
+from fundusfm.splits import fold_sets, make_splits
 from fundusfm.stats import CLUSTERED_DELONG, clustered_delong_test
 
 
@@ -341,3 +343,19 @@ def test_a_split_remade_in_place_makes_done_cells_stale(setup, tmp_path):
     )
     remade.to_csv(splits, index=False)  # same path, other patients in each fold
     assert set(status(cfg).state) == {"stale"}
+    # running it again trains afresh: nothing of the old folder (model, metrics) is reused
+    one = grid_config(
+        setup,
+        tmp_path / "g",
+        **{"base.data.splits": splits, "axes.fraction": "[1.0]", "axes.fold": "[0]"},
+    )
+    (cell,) = expand(one)
+    (cell_dir(one, cell) / "metrics.json").write_text("{}")  # as an old finished run
+    (cell_dir(one, cell) / "bundle").mkdir()
+    assert run_grid(one, say=lambda _: None)["ran"] == 1
+    metrics = json.loads((cell_dir(one, cell) / "metrics.json").read_text())
+    assert metrics["labelled"]["train_images"] == len(fold_sets(remade, 0, 1.0)["train"])
+    assert status(one).state.tolist() == ["done"]
+    splits.unlink()  # a grid whose inputs cannot be found is an error, not "stale"
+    with pytest.raises(ConfigError, match="not found"):
+        status(one)

@@ -184,3 +184,13 @@ def test_symlinks_inside_root_are_allowed(tmp_path: Path):
     t.loc[0, "path"] = str(alias / "images" / "i0.png")  # absolute, through a linked root
     found = problems_of(data, t)
     assert found == []
+
+
+def test_blank_patient_ids_are_each_image_alone():
+    import pandas as pd
+
+    from fundusfm.manifest import patient_of
+
+    table = pd.DataFrame({"image_id": ["a", "b", "c"], "patient_id": ["p1", "", " "]})
+    assert patient_of(table).tolist() == ["p1", "image:b", "image:c"]
+    assert patient_of(table[["image_id"]]).tolist() == ["a", "b", "c"]  # no column: each alone

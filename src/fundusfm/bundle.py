@@ -25,7 +25,6 @@ defaults below and names what it filled (`Preprocessing.defaulted`), so a comman
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import platform
 import subprocess
@@ -40,6 +39,7 @@ from . import __version__
 from .backbone import Backbone
 from .config import CropConfig, PreprocessConfig
 from .heads import Classifier, make_head, scores_from_logits
+from .io import file_sha256
 from .preprocess import FOV_RULE
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, normalise, to_tensor
 
@@ -48,14 +48,6 @@ FORMAT_VERSION = 1
 
 class BundleError(ValueError):
     """A bundle folder that is incomplete, altered or of an unknown format."""
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_commit() -> str | None:
@@ -183,23 +175,29 @@ def bundle_notes(meta: dict) -> list[str]:
     notes = []
     task = meta.get("task") or {}
     if task.get("thresholds_validated") is False and task.get("kind") != "multiclass":
-        why = task.get("thresholds_note") or "imported weights"
+        imported = "source_file" in (meta.get("provenance") or {})
+        why = task.get("thresholds_note") or ("imported weights" if imported else "not recorded")
         notes.append(
-            f"decision thresholds were not chosen on validation data ({why}): decisions at "
-            f"{task.get('thresholds')}; validate them before relying on the decisions"
+            f"thresholds {task.get('thresholds')} were not (all) chosen on validation data "
+            f"({why}); validate them before relying on the decisions"
         )
     pre = read_preprocessing(meta)
     if pre.defaulted:
+        filled = {
+            "crop": "the default FOV crop",
+            "mean": "ImageNet's mean",
+            "std": "ImageNet's std",
+        }
         notes.append(
-            f"bundle.json records no preprocessing {', '.join(pre.defaulted)}: fundusfm's "
-            "defaults are used (the default FOV crop; ImageNet's mean/std)"
+            f"bundle.json records no preprocessing {', '.join(pre.defaulted)}: used "
+            + ", ".join(filled[k] for k in pre.defaulted)
         )
     block = meta.get("preprocessing") or {}
-    made_with = block.get("fov_rule", 1 if "crop" in block else FOV_RULE)
-    if pre.crop is not None and made_with != FOV_RULE:
+    if pre.crop is not None and "crop" in block and block.get("fov_rule") != FOV_RULE:
+        made = block.get("fov_rule") or "not recorded (made before fundusfm recorded it)"
         notes.append(
-            f"the bundle's images were cropped with FOV rule {made_with}; this fundusfm uses "
-            f"rule {FOV_RULE}, so crops of some images may differ slightly from training"
+            f"the bundle's FOV rule is {made}; this fundusfm crops with rule {FOV_RULE}, so "
+            "crops of some images may differ slightly from its training"
         )
     return notes
 

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from .bundle import file_sha256
-from .config import ConfigError, FinetuneConfig, changed_settings
+from .config import ConfigError, FinetuneConfig
 from .config_grid import GridConfig
 from .config_segment import SegmentConfig
+from .io import file_sha256, read_json
+from .manifest import sidecar_path
 from .preprocess import FOV_RULE
 
 
@@ -141,30 +142,51 @@ def _settings(c: FinetuneConfig | SegmentConfig) -> dict:
     return {k: v for k, v in c.model_dump(mode="json").items() if k != "run"}
 
 
-@functools.lru_cache(maxsize=64)
-def _digest(path: str, mtime_ns: int, size: int) -> str:
+@functools.lru_cache(maxsize=256)
+def _digest(path: str, version: tuple) -> str:
     return file_sha256(Path(path))
 
 
 def content_digest(path: Path | None) -> str | None:
-    """sha256 of a file the cells read (manifest, splits), computed once per version of it."""
-    if path is None or not Path(path).is_file():
+    """sha256 of a file the cells read, computed once per version of it (ctime cannot be set
+    back by copying tools, so a rewrite is always seen); a set path that is not a file is an
+    error, never a silent change of every fingerprint."""
+    if path is None:
         return None
-    st = Path(path).stat()
-    return _digest(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found (paths in a grid YAML are relative to where it runs)")
+    st = path.stat()
+    version = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+    return _digest(str(path.resolve()), version)
+
+
+def _init_digest(init: str | None, init_bundle: Path | None) -> str | None:
+    """The weights a cell starts from: a bundle's weights sha256 (a name is its own digest)."""
+    for candidate in (init_bundle, init):
+        if candidate and (Path(candidate) / "bundle.json").is_file():
+            return read_json(Path(candidate) / "bundle.json").get("weights_sha256")
+    return init
 
 
 def fingerprint(cfg: GridConfig, cell: Cell) -> str:
     """Hash of what a cell's result depends on, written into its `done` marker: its settings,
-    the probe and external sets, the contents of its manifest and splits (a `fundusfm split`
-    rerun in place makes the cells stale) and the FOV rule its images were cropped with."""
+    the probe and external sets, the contents of every file it reads (manifest and its YAML,
+    splits: a `fundusfm split` rerun in place makes the cells stale; external manifests and
+    label maps), the weights of its init bundle and the FOV rule its images were cropped with."""
     c = cell_config(cfg, cell)
+    files = [c.data.manifest, c.data.splits]
+    files += [sidecar_path(c.data.manifest)] if c.data.manifest else []
+    for e in cfg.external:
+        files += [e.manifest, sidecar_path(e.manifest)]
+        # a label map is a file or the name of a shipped one (part of the settings)
+        files += [e.label_map] if e.label_map and Path(e.label_map).is_file() else []
     blob = {
         "cell": _settings(c),
         "probe": cfg.probe.model_dump(mode="json"),
         "external": [e.model_dump(mode="json") for e in cfg.external],
-        "manifest": content_digest(c.data.manifest),
-        "splits": content_digest(c.data.splits),
+        "files": [content_digest(f) for f in files],
+        "init": _init_digest(c.model.init, getattr(c.model, "init_bundle", None)),
         "fov_rule": FOV_RULE,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
@@ -181,11 +203,25 @@ def state(cfg: GridConfig, cell: Cell) -> str:
     return "pending"
 
 
-def _reset_if_changed(cfg: GridConfig, cell: Cell) -> None:
-    """A cell folder left by other settings is removed, so the cell starts fresh."""
+def start_cell(cfg: GridConfig, cell: Cell) -> str:
+    """Prepare a cell's folder to run and return its fingerprint.
+
+    The fingerprint is written when the cell starts (`<cell>/fingerprint`); a folder whose
+    fingerprint differs or is missing was left by other inputs (settings, manifest, splits,
+    init weights, FOV rule), so it is removed and the cell starts fresh, never resuming or
+    reusing a model trained on other data. A folder with the same fingerprint (a killed or
+    failed run) resumes.
+    """
     d = cell_dir(cfg, cell)
-    if changed_settings(cell_config(cfg, cell), d / "config.yaml", ignore=("run",)):
+    stamp = fingerprint(cfg, cell)
+    mark = d / "fingerprint"
+    if d.exists() and (not mark.is_file() or mark.read_text().strip() != stamp):
         shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+    mark.write_text(stamp)
+    for name in ("error.txt", "done"):
+        (d / name).unlink(missing_ok=True)
+    return stamp
 
 
 def status(cfg: GridConfig) -> pd.DataFrame:
@@ -194,8 +230,9 @@ def status(cfg: GridConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run_cell(cfg: GridConfig, cell: Cell, progress: bool = False) -> Path:
-    """Train (or probe) one cell, then evaluate it on every external set."""
+def run_cell(cfg: GridConfig, cell: Cell, stamp: str, progress: bool = False) -> Path:
+    """Train (or probe) one cell, then evaluate it on every external set; `stamp` (from
+    `start_cell`, computed before training) is written into the `done` marker."""
     from .experiment import evaluate, finetune, probe_finetune
 
     c = cell_config(cfg, cell)
@@ -224,7 +261,7 @@ def run_cell(cfg: GridConfig, cell: Cell, progress: bool = False) -> Path:
 
     for ext in cfg.external:
         score(ext)
-    (out / "done").write_text(fingerprint(cfg, cell))
+    (out / "done").write_text(stamp)
     return out
 
 
@@ -263,12 +300,10 @@ def run_grid(
             say(f"pending {cell.id}")
             continue
         say(f"[{k + 1}/{len(cells)}] {cell.id}")
-        _reset_if_changed(cfg, cell)
+        stamp = start_cell(cfg, cell)
         error = cell_dir(cfg, cell) / "error.txt"
-        error.unlink(missing_ok=True)
-        (cell_dir(cfg, cell) / "done").unlink(missing_ok=True)
         try:
-            out = run_cell(cfg, cell, progress)
+            out = run_cell(cfg, cell, stamp, progress)
             counts["ran"] += 1
             for note in cell_notes(out):
                 say(f"  warning: {note}")

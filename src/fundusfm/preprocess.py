@@ -40,9 +40,9 @@ from .manifest import Manifest
 
 # 2: the FOV box is the largest bright region, at least FOV_MARGIN above the background
 CACHE_FORMAT = 2
-# The FOV rule that crops are made with; bundles record it (`preprocessing.fov_rule`), so an
-# older bundle's input can be told apart. Raised with every change of `fov_mask`.
-FOV_RULE = CACHE_FORMAT
+# The FOV rule that crops are made with (2: `fov_mask`, absolute margin + largest region);
+# bundles record it (`preprocessing.fov_rule`). Raise it, and CACHE_FORMAT, when the rule changes.
+FOV_RULE = 2
 INDEX_COLUMNS = [
     "source",
     "size",

@@ -63,7 +63,7 @@ def _fit_one(xs, y, n_classes, C, max_iter):
     unconverged = any(issubclass(w.category, ConvergenceWarning) for w in caught)
     for w in caught:  # only the convergence warnings are counted instead of shown
         if not issubclass(w.category, ConvergenceWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            warnings.warn(w.message, stacklevel=2)  # shown once per message, as usual
     if len(present) == 2:  # sklearn's binary model: one vector for the second class
         weight[present[1]], bias[present[1]] = lr.coef_[0], lr.intercept_[0]
         bias[present[0]] = 0.0

@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .bundle import Bundle, load_bundle
+from .bundle import Bundle, bundle_notes, load_bundle
 from .config_screen import QualityConfig
 from .decode import SUPPORTED_SUFFIXES
 from .explain import gradcam_maps, overlay
@@ -81,13 +81,14 @@ def _thumbnail(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-def write_report(table: pd.DataFrame, out: Path, bundle_path: Path) -> Path:
+def write_report(table: pd.DataFrame, out: Path, bundle_path: Path, notes: list[str]) -> Path:
     counts = table["status"].value_counts().to_dict()
     parts = [
         "<h1>fundusfm screening report</h1>",
         f"<p>bundle: {html.escape(str(bundle_path))}<br>"
         + ", ".join(f"{k}: {v}" for k, v in counts.items())
         + "</p>",
+        *(f"<p><strong>note:</strong> {html.escape(n)}</p>" for n in notes),
     ]
     cams = sorted((out / "gradcam").glob("*.png")) if (out / "gradcam").is_dir() else []
     for cam in cams[:200]:
@@ -176,5 +177,5 @@ def screen(
             rows.append(row)
     table = pd.DataFrame(rows).sort_values("file", kind="stable").reset_index(drop=True)
     table.to_csv(out / "predictions.csv", index=False)
-    write_report(table, out, bundle_path)
+    write_report(table, out, bundle_path, bundle_notes(bundle.meta))
     return table

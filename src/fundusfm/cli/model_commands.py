@@ -75,8 +75,7 @@ def _train_command(model, config, set_, resume, quiet, runner) -> None:
             typer.echo(f"{part}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
     from ..experiment import run_notes
 
-    for note in run_notes(metrics):
-        typer.secho(f"warning: {note}", fg=typer.colors.YELLOW, err=True)
+    say_notes(run_notes(metrics))
     typer.echo(f"run: {out}\nbundle: {out / 'bundle'}")
 
 
