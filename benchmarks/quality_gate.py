@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from fundusfm.config_screen import QualityConfig
-from fundusfm.decode import SUPPORTED_SUFFIXES, read_rgb
-from fundusfm.quality import assess
+from fundusfm.config.screen import QualityConfig
+from fundusfm.data.decode import SUPPORTED_SUFFIXES, read_rgb
+from fundusfm.screen.quality import assess
 
 DEGRADE = {
     "as is": lambda rgb: rgb,

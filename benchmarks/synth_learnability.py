@@ -20,9 +20,9 @@ import torchvision
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from fundusfm.config import SynthConfig
-from fundusfm.synthetic import generate
-from fundusfm.transforms import normalise, to_tensor
+from fundusfm.config.core import SynthConfig
+from fundusfm.data.transforms import normalise, to_tensor
+from fundusfm.synthetic.generate import generate
 
 
 def load(manifest: Path) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:

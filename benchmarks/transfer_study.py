@@ -22,14 +22,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from fundusfm.config import PretrainConfig, SplitConfig, load_config
-from fundusfm.config_grid import GridConfig
-from fundusfm.experiment import pretrain
-from fundusfm.grid import run_grid
-from fundusfm.manifest import load_manifest, save_manifest
-from fundusfm.public_datasets import import_dataset
-from fundusfm.report import build_report
-from fundusfm.splits import make_splits
+from fundusfm.config.core import PretrainConfig, SplitConfig, load_config
+from fundusfm.config.grid import GridConfig
+from fundusfm.data.adapters.registry import import_dataset
+from fundusfm.data.manifest import load_manifest, save_manifest
+from fundusfm.data.splits import make_splits
+from fundusfm.grid.report import build_report
+from fundusfm.grid.runner import run_grid
+from fundusfm.tasks.classify import pretrain
 
 
 def subset(manifest_path: Path, ids: set[str], out: Path) -> Path:

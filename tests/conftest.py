@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fundusfm.config import SynthConfig
-from fundusfm.synthetic import generate
+from fundusfm.config.core import SynthConfig
+from fundusfm.synthetic.generate import generate
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

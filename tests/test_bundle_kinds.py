@@ -19,18 +19,20 @@ import torchvision
 from torch import nn
 from typer.testing import CliRunner
 
-from fundusfm.bundle import bundle_notes, load_bundle, read_preprocessing, save_bundle
-from fundusfm.cli import DEBUG, app
-from fundusfm.config import FinetuneConfig, PretrainConfig, SplitConfig, load_config
-from fundusfm.config_grid import ProbeConfig
-from fundusfm.config_segment import SegmentConfig
-from fundusfm.experiment import finetune, pretrain, probe_finetune
-from fundusfm.manifest import load_manifest
-from fundusfm.preprocess import FOV_RULE, preprocess_image
-from fundusfm.seg_model import build_unet
-from fundusfm.segment import _bundle_meta as segmentation_meta
-from fundusfm.splits import make_splits
-from fundusfm.stats import auroc_interval
+from fundusfm.bundle import bundle_notes, read_preprocessing, save_bundle
+from fundusfm.cli import app
+from fundusfm.cli.common import DEBUG
+from fundusfm.config.core import FinetuneConfig, PretrainConfig, SplitConfig, load_config
+from fundusfm.config.grid import ProbeConfig
+from fundusfm.config.segment import SegmentConfig
+from fundusfm.data.manifest import load_manifest
+from fundusfm.data.preprocess import FOV_RULE, preprocess_image
+from fundusfm.data.splits import make_splits
+from fundusfm.evaluation.stats import auroc_interval
+from fundusfm.models.loaded import load_bundle
+from fundusfm.models.unet import build_unet
+from fundusfm.tasks.classify import finetune, pretrain, probe_finetune
+from fundusfm.tasks.segment import _bundle_meta as segmentation_meta
 
 runner = CliRunner()
 RES = 32
@@ -236,7 +238,7 @@ def test_evaluate_uses_the_bundles_crop_and_normalisation(kinds, tmp_path):
 
 
 def test_unexpected_error_is_one_line_and_debug_shows_it(kinds, tmp_path, monkeypatch):
-    import fundusfm.experiment as experiment
+    import fundusfm.tasks.classify as experiment
 
     def broken(*args, **kwargs):
         raise KeyError("crop")

@@ -279,8 +279,8 @@ def test_data_import_command(tmp_path: Path):
 
 
 def test_debug_shows_the_traceback_of_a_value_error(synth_set: Path, monkeypatch):
-    import fundusfm.splits as splits
-    from fundusfm.cli import DEBUG
+    import fundusfm.data.splits as splits
+    from fundusfm.cli.common import DEBUG
 
     def broken(*args, **kwargs):
         raise ValueError("shapes (3,) and (4,) not aligned")

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fundusfm.config import ConfigError, SplitConfig, dump_config, load_config
-from fundusfm.config_grid import DemoConfig
+from fundusfm.config.core import ConfigError, SplitConfig, dump_config, load_config
+from fundusfm.config.grid import DemoConfig
 
 
 def test_yaml_then_overrides(tmp_path: Path):
@@ -63,9 +63,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_config_loads(path: Path):
-    from fundusfm import config as c
-    from fundusfm import config_grid as g
-    from fundusfm import config_segment as sc
+    from fundusfm.config import core as c
+    from fundusfm.config import grid as g
+    from fundusfm.config import segment as sc
 
     models = {
         "synth": c.SynthConfig,
@@ -110,7 +110,7 @@ def differences(a: dict, b: dict, prefix: str = "") -> dict:
 
 def test_demo_cpu_grid_config_matches_what_the_demo_runs():
     """configs/grid_cpu.yaml documents the demo's grid: same axes and training settings."""
-    from fundusfm.config_grid import DemoConfig, GridConfig
+    from fundusfm.config.grid import DemoConfig, GridConfig
 
     shipped = load_config(GridConfig, CONFIGS / "grid_cpu.yaml")
     demo = DemoConfig().grid

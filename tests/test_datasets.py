@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from fundusfm.bench.workspace import replicated_cache
-from fundusfm.config import AugmentConfig
-from fundusfm.datasets import CachedImages
+from fundusfm.config.core import AugmentConfig
+from fundusfm.data.datasets import CachedImages
 
 
 class Probe(CachedImages):

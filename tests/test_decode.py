@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fundusfm.decode import ImageDecodeError, read_mask, read_rgb
+from fundusfm.data.decode import ImageDecodeError, read_mask, read_rgb
 
 
 def gradient(h=32, w=48) -> np.ndarray:

@@ -21,11 +21,11 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler, RandomSampler
 
-from fundusfm.config import ConfigError, FinetuneConfig, SplitConfig, load_config
-from fundusfm.distributed import local_batch, shard_order, wrap
-from fundusfm.experiment import finetune
-from fundusfm.manifest import load_manifest
-from fundusfm.splits import make_splits
+from fundusfm.config.core import ConfigError, FinetuneConfig, SplitConfig, load_config
+from fundusfm.data.manifest import load_manifest
+from fundusfm.data.splits import make_splits
+from fundusfm.engine.distributed import local_batch, shard_order, wrap
+from fundusfm.tasks.classify import finetune
 
 TOLERANCE = 1e-5  # scores of LF runs, 1 vs 2 processes (float summation order only)
 
@@ -163,7 +163,7 @@ def test_two_processes_match_one_and_resume_after_kill(setup, tmp_path):
 
 
 def test_global_batch_must_divide_and_sync_batchnorm_needs_gpus(monkeypatch):
-    import fundusfm.distributed as ddp
+    import fundusfm.engine.distributed as ddp
 
     monkeypatch.setattr(ddp, "world_size", lambda: 2)  # as under torchrun with 2 processes
     assert local_batch(8) == 4
@@ -174,8 +174,8 @@ def test_global_batch_must_divide_and_sync_batchnorm_needs_gpus(monkeypatch):
 
 
 def test_grid_refuses_torchrun_and_points_to_shards(monkeypatch, tmp_path):
-    from fundusfm.config_grid import GridConfig
-    from fundusfm.grid import run_grid
+    from fundusfm.config.grid import GridConfig
+    from fundusfm.grid.runner import run_grid
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="--shard"):
@@ -183,10 +183,10 @@ def test_grid_refuses_torchrun_and_points_to_shards(monkeypatch, tmp_path):
 
 
 def test_segmentation_under_torchrun_scores_every_test_image(setup, tmp_path):
-    from fundusfm.bundle import load_bundle
-    from fundusfm.config_segment import SegmentConfig
-    from fundusfm.seg_model import encoder_state_equal
-    from fundusfm.segment import train_segmentation
+    from fundusfm.config.segment import SegmentConfig
+    from fundusfm.models.loaded import load_bundle
+    from fundusfm.models.unet import encoder_state_equal
+    from fundusfm.tasks.segment import train_segmentation
 
     seg = [
         f"data.manifest={setup['manifest']}",

@@ -9,9 +9,8 @@ import torch
 import torchvision
 
 import fundusfm
-from fundusfm.backbone import INITS, WeightsNotFound, create_backbone
-from fundusfm.bundle import BundleError, load_bundle
-from fundusfm.config import (
+from fundusfm.bundle import BundleError
+from fundusfm.config.core import (
     ConfigError,
     FinetuneConfig,
     PretrainConfig,
@@ -19,12 +18,14 @@ from fundusfm.config import (
     TrainConfig,
     load_config,
 )
-from fundusfm.experiment import evaluate, finetune, pretrain, run_notes
-from fundusfm.heads import make_head
-from fundusfm.manifest import load_manifest
-from fundusfm.probe import fit_probe
-from fundusfm.splits import fold_sets, make_splits
-from fundusfm.train import TrainingDiverged, make_loss, make_sampler
+from fundusfm.data.manifest import load_manifest
+from fundusfm.data.splits import fold_sets, make_splits
+from fundusfm.engine.loop import TrainingDiverged, make_loss, make_sampler
+from fundusfm.models.heads import make_head
+from fundusfm.models.inits import INITS, WeightsNotFound, create_backbone
+from fundusfm.models.loaded import load_bundle
+from fundusfm.tasks.classify import evaluate, finetune, pretrain, run_notes
+from fundusfm.tasks.probe import fit_probe
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,7 @@ def test_finetune_every_method_and_task(tiny, tmp_path, method, task):
     # the bundle reproduces the run's own test scores
     test = preds[preds.split == "test"]
     m = load_manifest(tiny["manifest"])
-    from fundusfm.preprocess import ImageCache, cache_dir
+    from fundusfm.data.preprocess import ImageCache, cache_dir
 
     cache = ImageCache(cache_dir(tiny["cache"], cfg.data.preprocess()))
     rows = m.table.set_index("image_id").loc[test.image_id, "path"]

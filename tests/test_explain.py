@@ -14,25 +14,25 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.metrics import road
 from typer.testing import CliRunner
 
-from fundusfm.bundle import load_bundle
 from fundusfm.cli import app
-from fundusfm.config import FinetuneConfig, SplitConfig, load_config
-from fundusfm.config_screen import QualityConfig
-from fundusfm.decode import read_rgb
-from fundusfm.embed import separation
-from fundusfm.experiment import finetune
-from fundusfm.explain import (
+from fundusfm.config.core import FinetuneConfig, SplitConfig, load_config
+from fundusfm.config.screen import QualityConfig
+from fundusfm.data.decode import read_rgb
+from fundusfm.data.manifest import load_manifest
+from fundusfm.data.preprocess import crop_resize, decode_for
+from fundusfm.data.splits import make_splits
+from fundusfm.data.transforms import normalise
+from fundusfm.explain.gradcam import (
     SigmoidTarget,
     explain_gradcam,
     gradcam_maps,
     lesion_overlap,
     road_scores,
 )
-from fundusfm.manifest import load_manifest
-from fundusfm.preprocess import crop_resize, decode_for
-from fundusfm.quality import assess
-from fundusfm.splits import make_splits
-from fundusfm.transforms import normalise
+from fundusfm.explain.tsne import separation
+from fundusfm.models.loaded import load_bundle
+from fundusfm.screen.quality import assess
+from fundusfm.tasks.classify import finetune
 
 runner = CliRunner()
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fundusfm.checkpoint import CheckpointWriteError, save_atomic, save_weights
 from fundusfm.cli import app
-from fundusfm.config import FinetuneConfig, SplitConfig, load_config
-from fundusfm.experiment import finetune
-from fundusfm.manifest import load_manifest
-from fundusfm.splits import make_splits
+from fundusfm.config.core import FinetuneConfig, SplitConfig, load_config
+from fundusfm.data.manifest import load_manifest
+from fundusfm.data.splits import make_splits
+from fundusfm.engine.checkpoint import CheckpointWriteError, save_atomic, save_weights
+from fundusfm.tasks.classify import finetune
 
 REAL_SAVE = torch.save
 
@@ -51,7 +51,7 @@ def test_failed_write_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch)
 
 
 def test_failed_weights_write_keeps_the_previous_weights(tmp_path, monkeypatch):
-    import fundusfm.checkpoint as checkpoint
+    import fundusfm.engine.checkpoint as checkpoint
 
     path, model = tmp_path / "best.safetensors", torch.nn.Linear(3, 2)
     save_weights(model, path)
@@ -117,8 +117,8 @@ def test_disk_full_mid_run_then_resume_matches_an_uninterrupted_run(
     )
 
     # external validation keys its predictions on image_id: a repeated id is refused by line
-    from fundusfm.config import ConfigError
-    from fundusfm.experiment import evaluate
+    from fundusfm.config.core import ConfigError
+    from fundusfm.tasks.classify import evaluate
 
     table = pd.read_csv(synth_set, dtype=str, keep_default_na=False)
     table["path"] = [str(synth_set.parent / p) for p in table["path"]]  # absolute paths
@@ -133,7 +133,7 @@ def test_disk_full_mid_run_then_resume_matches_an_uninterrupted_run(
 def test_failed_manifest_write_keeps_the_previous_manifest(tmp_path, monkeypatch):
     import os
 
-    from fundusfm.manifest import DatasetSpec, save_manifest
+    from fundusfm.data.manifest import DatasetSpec, save_manifest
 
     table = pd.DataFrame(
         {"image_id": ["a"], "path": ["a.png"], "patient_id": ["a"], "eye": ["left"]}

@@ -12,9 +12,8 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from fundusfm.backbone import create_backbone
 from fundusfm.cli import app
-from fundusfm.config import (
+from fundusfm.config.core import (
     ConfigError,
     CropConfig,
     DataConfig,
@@ -23,16 +22,18 @@ from fundusfm.config import (
     dump_config,
     load_config,
 )
-from fundusfm.config_grid import GridConfig
-from fundusfm.datasets import load_fold
-from fundusfm.experiment import pretrain
-from fundusfm.features import feature_key
-from fundusfm.grid import cell_dir, expand, fingerprint, parse_shard, run_grid, shard, status
-from fundusfm.manifest import load_manifest
-from fundusfm.metrics import binary_auroc
-from fundusfm.report import build_report
-from fundusfm.splits import fold_sets, make_splits
-from fundusfm.stats import CLUSTERED_DELONG, clustered_delong_test
+from fundusfm.config.grid import GridConfig
+from fundusfm.data.datasets import load_fold
+from fundusfm.data.manifest import load_manifest
+from fundusfm.data.splits import fold_sets, make_splits
+from fundusfm.evaluation.metrics import binary_auroc
+from fundusfm.evaluation.stats import CLUSTERED_DELONG, clustered_delong_test
+from fundusfm.grid.cells import cell_dir, expand, fingerprint, parse_shard, shard, status
+from fundusfm.grid.report import build_report
+from fundusfm.grid.runner import run_grid
+from fundusfm.models.inits import create_backbone
+from fundusfm.tasks.classify import pretrain
+from fundusfm.tasks.features import feature_key
 
 
 @pytest.fixture(scope="module")
@@ -274,9 +275,9 @@ def test_killed_training_cell_resumes_to_the_same_result(setup, tmp_path, monkey
     whole = grid_config(setup, tmp_path / "whole", **sets)
     run_grid(whole, say=lambda _: None)
 
-    import fundusfm.experiment as experiment
+    import fundusfm.grid.runner as runner
 
-    real = experiment.finetune
+    real = runner.finetune
 
     def killed_after_first_epoch(cfg, on_epoch_end=None):
         def stop(epoch, model):
@@ -286,10 +287,10 @@ def test_killed_training_cell_resumes_to_the_same_result(setup, tmp_path, monkey
         return real(cfg, on_epoch_end=stop)
 
     cut = grid_config(setup, tmp_path / "cut", **sets)
-    monkeypatch.setattr(experiment, "finetune", killed_after_first_epoch)
+    monkeypatch.setattr(runner, "finetune", killed_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         run_grid(cut, say=lambda _: None)
-    monkeypatch.setattr(experiment, "finetune", real)
+    monkeypatch.setattr(runner, "finetune", real)
     assert run_grid(cut, say=lambda _: None)["ran"] == 1
     (cell,) = expand(cut)
     a = pd.read_csv(cell_dir(whole, cell) / "predictions.csv")

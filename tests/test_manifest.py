@@ -6,15 +6,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fundusfm.config import ConfigError
-from fundusfm.manifest import (
+from fundusfm.config.core import ConfigError
+from fundusfm.data.manifest import (
     DatasetSpec,
     TaskSpec,
     encode_labels,
     load_manifest,
     save_manifest,
 )
-from fundusfm.validate import check_manifest
+from fundusfm.data.validate import check_manifest
 
 SPEC = DatasetSpec(
     name="t",
@@ -189,7 +189,7 @@ def test_symlinks_inside_root_are_allowed(tmp_path: Path):
 def test_blank_patient_ids_are_each_image_alone():
     import pandas as pd
 
-    from fundusfm.manifest import patient_of
+    from fundusfm.data.manifest import patient_of
 
     table = pd.DataFrame({"image_id": ["a", "b", "c"], "patient_id": ["p1", "", " "]})
     assert patient_of(table).tolist() == ["p1", "image:b", "image:c"]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fundusfm.metrics import (
+from fundusfm.evaluation.metrics import (
     choose_thresholds,
     classification_metrics,
     per_class_table,

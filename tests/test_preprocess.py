@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 
-from fundusfm.config import PreprocessConfig, SynthConfig
-from fundusfm.manifest import DatasetSpec, load_manifest, save_manifest
-from fundusfm.preprocess import (
+from fundusfm.config.core import PreprocessConfig, SynthConfig
+from fundusfm.data.manifest import DatasetSpec, load_manifest, save_manifest
+from fundusfm.data.preprocess import (
     ImageCache,
     build_cache,
     cache_key,
@@ -16,8 +16,8 @@ from fundusfm.preprocess import (
     open_cache,
     preprocess_image,
 )
-from fundusfm.render import render_eye
-from fundusfm.synthetic import sample_patient
+from fundusfm.synthetic.generate import sample_patient
+from fundusfm.synthetic.render import render_eye
 
 
 def fundus_like(h: int, w: int, cx: float, cy: float, r: float, seed: int = 0) -> np.ndarray:
@@ -192,7 +192,7 @@ def test_two_rows_one_file_built_once(tmp_path: Path):
 
 
 def test_file_changed_while_processing_is_rebuilt(tmp_path: Path, monkeypatch):
-    import fundusfm.preprocess as pp
+    import fundusfm.data.preprocess as pp
 
     m = load_manifest(make_set(tmp_path / "data", {"a": fundus_like(60, 60, 30, 30, 25)}))
     source = (tmp_path / "data" / "img" / "a.png").resolve()
@@ -213,7 +213,7 @@ def test_file_changed_while_processing_is_rebuilt(tmp_path: Path, monkeypatch):
 
 
 def test_interrupted_build_keeps_its_index(tmp_path: Path, monkeypatch):
-    import fundusfm.preprocess as pp
+    import fundusfm.data.preprocess as pp
 
     images = {f"i{k}": fundus_like(60, 60, 30, 30, 25, seed=k) for k in range(6)}
     m = load_manifest(make_set(tmp_path / "data", images))

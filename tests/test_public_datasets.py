@@ -12,11 +12,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fundusfm.cli import app
-from fundusfm.config import ConfigError
-from fundusfm.harmonise import SHIPPED, harmonise, mapping_file
-from fundusfm.manifest import load_manifest
-from fundusfm.public_datasets import import_dataset
-from fundusfm.public_datasets_more import JSIEC_CLASSES, odir_eye
+from fundusfm.config.core import ConfigError
+from fundusfm.data.adapters.classification import JSIEC_CLASSES, odir_eye
+from fundusfm.data.adapters.registry import import_dataset
+from fundusfm.data.labels import SHIPPED, harmonise, mapping_file
+from fundusfm.data.manifest import load_manifest
 
 from .conftest import SHARED_DATA
 from .test_vessel_datasets import fundus

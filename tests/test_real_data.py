@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from fundusfm.config import PreprocessConfig
-from fundusfm.decode import read_mask, read_rgb
-from fundusfm.preprocess import fov_box, preprocess_image
+from fundusfm.config.core import PreprocessConfig
+from fundusfm.data.decode import read_mask, read_rgb
+from fundusfm.data.preprocess import fov_box, preprocess_image
 
 from .conftest import SHARED_DATA
 

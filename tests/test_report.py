@@ -5,15 +5,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fundusfm.report import KEYS, compare, in_groups, summarise
-from fundusfm.report_figures import fraction_ticks
-from fundusfm.stats import (
+from fundusfm.evaluation.stats import (
     CLUSTERED_DELONG,
     DELONG,
     clustered_delong_test,
     delong_test,
     metric_intervals,
 )
+from fundusfm.grid.figures import fraction_ticks
+from fundusfm.grid.report import compare, summarise
+from fundusfm.grid.tables import KEYS, in_groups
 
 COORDS = {"task": "abnormal", "method": "lf", "resolution": 64, "fraction": 1.0}
 TASKS = {"abnormal": ("binary", ["normal", "abnormal"])}

@@ -27,9 +27,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fundusfm.cli import app
-from fundusfm.config import ConfigError, SplitConfig
-from fundusfm.manifest import DatasetSpec, load_manifest, save_manifest
-from fundusfm.splits import make_splits
+from fundusfm.config.core import ConfigError, SplitConfig
+from fundusfm.data.manifest import DatasetSpec, load_manifest, save_manifest
+from fundusfm.data.splits import make_splits
 
 LINUX = sys.platform.startswith("linux")  # file names are bytes there; not so on macOS/Windows
 

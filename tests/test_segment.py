@@ -12,19 +12,21 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 from typer.testing import CliRunner
 
-from fundusfm.backbone import Backbone, create_backbone
-from fundusfm.bundle import load_bundle, save_bundle
+from fundusfm.bundle import save_bundle
 from fundusfm.cli import app
-from fundusfm.config import ConfigError, SplitConfig, load_config
-from fundusfm.config_segment import SegmentConfig
-from fundusfm.decode import read_mask
-from fundusfm.heads import Classifier, make_head
-from fundusfm.manifest import load_manifest, save_manifest
-from fundusfm.seg_data import rows_without_fov, square, to_native
-from fundusfm.seg_metrics import NAMES, count, scores, summary
-from fundusfm.seg_model import create_unet, encoder_state_equal
-from fundusfm.segment import note_derived_fov, score_images, seg_loss, train_segmentation
-from fundusfm.splits import make_splits
+from fundusfm.config.core import ConfigError, SplitConfig, load_config
+from fundusfm.config.segment import SegmentConfig
+from fundusfm.data.decode import read_mask
+from fundusfm.data.manifest import load_manifest, save_manifest
+from fundusfm.data.splits import make_splits
+from fundusfm.data.vessel_images import rows_without_fov, square, to_native
+from fundusfm.evaluation.seg_metrics import NAMES, count, scores, summary
+from fundusfm.models.backbone import Backbone
+from fundusfm.models.heads import Classifier, make_head
+from fundusfm.models.inits import create_backbone
+from fundusfm.models.loaded import load_bundle
+from fundusfm.models.unet import create_unet, encoder_state_equal
+from fundusfm.tasks.segment import note_derived_fov, score_images, seg_loss, train_segmentation
 
 
 def vessels(shape=(40, 48), seed=0):
@@ -239,9 +241,10 @@ def test_training_beats_a_trivial_baseline_and_cli_eval(vessel_set: dict, tmp_pa
 
 
 def test_segmentation_grid_runs_and_reports(vessel_set: dict, tmp_path: Path):
-    from fundusfm.config_grid import GridConfig
-    from fundusfm.grid import expand, run_grid, status
-    from fundusfm.report import build_report
+    from fundusfm.config.grid import GridConfig
+    from fundusfm.grid.cells import expand, status
+    from fundusfm.grid.report import build_report
+    from fundusfm.grid.runner import run_grid
 
     sets = {
         "name": "vessels",
@@ -281,7 +284,7 @@ def test_segmentation_grid_runs_and_reports(vessel_set: dict, tmp_path: Path):
 
 
 def test_segmentation_grid_refuses_classification_methods():
-    from fundusfm.config_grid import GridConfig
+    from fundusfm.config.grid import GridConfig
 
     with pytest.raises(ConfigError, match="do not fit a segmentation grid"):
         load_config(GridConfig, None, ["kind=segmentation", "axes.method=[lf]", "axes.fold=[0]"])
@@ -296,7 +299,7 @@ def test_segmentation_grid_refuses_classification_methods():
 
 
 def test_interrupted_run_resumes_to_the_same_weights(vessel_set: dict, tmp_path: Path, monkeypatch):
-    import fundusfm.segment as segment
+    import fundusfm.tasks.segment as segment
 
     whole = train_segmentation(seg_config(vessel_set, tmp_path / "whole", "train.epochs=2"))
     cfg = seg_config(vessel_set, tmp_path / "cut", "train.epochs=2")

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fundusfm.config import ConfigError, SplitConfig
-from fundusfm.manifest import DatasetSpec, Manifest, TaskSpec, load_manifest
-from fundusfm.splits import fold_sets, labelled_counts, make_splits, pools, summarise
+from fundusfm.config.core import ConfigError, SplitConfig
+from fundusfm.data.manifest import DatasetSpec, Manifest, TaskSpec, load_manifest
+from fundusfm.data.splits import fold_sets, labelled_counts, make_splits, pools, summarise
 
 FRACTIONS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0]
 

@@ -6,8 +6,8 @@ import pytest
 from scipy import stats as st
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from fundusfm.metrics import binary_auroc, classification_metrics, per_class_table
-from fundusfm.stats import (
+from fundusfm.evaluation.metrics import binary_auroc, classification_metrics, per_class_table
+from fundusfm.evaluation.stats import (
     CLUSTERED_DELONG,
     DELONG,
     _Ranked,

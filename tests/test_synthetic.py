@@ -7,10 +7,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fundusfm.cli import app
-from fundusfm.config import SynthConfig
-from fundusfm.lesions import LESION_TYPES
-from fundusfm.manifest import load_manifest
-from fundusfm.synthetic import (
+from fundusfm.config.core import SynthConfig
+from fundusfm.data.manifest import load_manifest
+from fundusfm.data.validate import check_manifest
+from fundusfm.synthetic.generate import (
     CLASSES,
     DISEASES,
     dataset_spec,
@@ -18,7 +18,7 @@ from fundusfm.synthetic import (
     plan_patients,
     sample_patient,
 )
-from fundusfm.validate import check_manifest
+from fundusfm.synthetic.lesions import LESION_TYPES
 
 runner = CliRunner()
 LESIONS_OF = {

@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fundusfm.config import ConfigError, SplitConfig
-from fundusfm.decode import read_mask
-from fundusfm.manifest import load_manifest
-from fundusfm.splits import make_splits
-from fundusfm.validate import check_manifest
-from fundusfm.vessel_datasets import derive_fov, import_vessels
+from fundusfm.config.core import ConfigError, SplitConfig
+from fundusfm.data.adapters.vessels import derive_fov, import_vessels
+from fundusfm.data.decode import read_mask
+from fundusfm.data.manifest import load_manifest
+from fundusfm.data.splits import make_splits
+from fundusfm.data.validate import check_manifest
 
 from .conftest import SHARED_DATA
 from .test_preprocess import camera_frame, dimmed

@@ -12,8 +12,8 @@ import torchvision
 from torch import nn
 from typer.testing import CliRunner
 
-from fundusfm.bundle import load_bundle
 from fundusfm.cli import app
+from fundusfm.models.loaded import load_bundle
 from fundusfm.weights import PickleRefused, import_legacy, torchvision_state
 
 runner = CliRunner()
@@ -154,8 +154,8 @@ def test_single_output_head_is_refused_and_dropout_mlp_exports_in_the_authors_la
     torch.save(net.state_dict(), tmp_path / "one.pth")
     with pytest.raises(ValueError, match="1 output"):
         import_legacy(tmp_path / "one.pth", tmp_path / "b1")
-    from fundusfm.backbone import Backbone
-    from fundusfm.heads import Classifier, make_head
+    from fundusfm.models.backbone import Backbone
+    from fundusfm.models.heads import Classifier, make_head
 
     model = Classifier(Backbone("resnet18"), make_head("mlp", 512, 2, 512, dropout=0.2))
     state = torchvision_state(model, "mlp")

@@ -5,6 +5,6 @@ __version__ = "0.1.0"
 
 def load_bundle(path, device: str = "cpu"):
     """Load a model bundle for prediction (see `fundusfm.bundle`)."""
-    from .bundle import load_bundle as _load
+    from fundusfm.models.loaded import load_bundle as _load
 
     return _load(path, device)

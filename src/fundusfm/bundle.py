@@ -7,10 +7,11 @@
     provenance     resolved config, git commit, manifest sha256, package versions, created
     weights_sha256 of model.safetensors, verified on every load
 
-`load_bundle(path)` returns a `Bundle` whose `predict` takes images and returns probabilities,
-preprocessed exactly as the bundle says (never guessed). `read_preprocessing(meta)` is the one
-reader of the preprocessing block: every command that takes a bundle (evaluate, predict,
-explain, weights export, segment eval) gets its resolution, crop and mean/std from it.
+`models.loaded.load_bundle(path)` turns a bundle into a model whose `predict` takes images and
+returns probabilities, preprocessed exactly as the bundle says (never guessed).
+`read_preprocessing(meta)` is the one reader of the preprocessing block: every command that
+takes a bundle (evaluate, predict, explain, weights export, segment eval) gets its resolution,
+crop and mean/std from it.
 Older and imported bundles may lack parts of it; the reader fills those with the documented
 defaults below and names what it filled (`Preprocessing.defaulted`), so a command can say so.
     crop        absent: fundusfm's default FOV crop (`CropConfig()`); segmentation bundles
@@ -31,17 +32,14 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .backbone import Backbone
-from .config import CropConfig, PreprocessConfig
-from .heads import Classifier, make_head, scores_from_logits
-from .io import file_sha256
-from .preprocess import FOV_RULE
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, normalise, to_tensor
+from fundusfm import __version__
+from fundusfm.config.core import CropConfig, PreprocessConfig
+from fundusfm.data.preprocess import FOV_RULE
+from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fundusfm.io import file_sha256
 
 FORMAT_VERSION = 1
 
@@ -200,99 +198,3 @@ def bundle_notes(meta: dict) -> list[str]:
             "crops of some images may differ slightly from its training"
         )
     return notes
-
-
-def build_model(meta: dict) -> torch.nn.Module:
-    """An untrained model with the architecture a bundle describes (Classifier or U-Net)."""
-    arch = meta["architecture"]
-    if meta["task"]["kind"] == "segmentation":
-        from .seg_model import build_unet  # smp is only imported for segmentation bundles
-
-        return build_unet(arch["arch"], arch["decoder_channels"])
-    backbone = Backbone(arch["arch"])
-    head = make_head(
-        arch["head"],
-        backbone.num_features,
-        arch["outputs"],
-        arch.get("hidden", 512),
-        arch.get("dropout", 0.0),
-    )
-    return Classifier(backbone, head)
-
-
-@dataclass
-class Bundle:
-    """A loaded bundle: metadata, the model in eval mode, and prediction."""
-
-    path: Path
-    meta: dict
-    model: torch.nn.Module
-
-    @property
-    def kind(self) -> str:
-        return self.meta["task"]["kind"]
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["task"]["classes"])
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return read_preprocessing(self.meta)
-
-    @property
-    def resolution(self) -> int:
-        return self.preprocessing.resolution
-
-    @property
-    def thresholds(self) -> list[float]:
-        """Decision thresholds (binary: of the positive class; multiclass: none, argmax)."""
-        return [float(t) for t in self.meta["task"].get("thresholds") or []]
-
-    @property
-    def thresholds_validated(self) -> bool:
-        """False when the thresholds were not chosen on validation data (imported, one class)."""
-        return bool(self.meta["task"].get("thresholds_validated", True))
-
-    @torch.no_grad()
-    def predict(self, images, batch_size: int = 32) -> np.ndarray:
-        """Probabilities for preprocessed images (RxRx3 uint8 arrays or a uint8 batch):
-        (N, C) for a classifier, (N, R, R) vessel probabilities for a segmentation bundle."""
-        if isinstance(images, torch.Tensor):
-            batch = images if images.dim() == 4 else images.unsqueeze(0)
-        else:
-            arrays = [np.asarray(a) for a in images]
-            if any(a.ndim != 3 or a.shape[2] != 3 for a in arrays):
-                raise ValueError("images must be HxWx3 RGB arrays (see fundusfm.decode.read_rgb)")
-            batch = torch.stack([to_tensor(a) for a in arrays])
-        if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] != 3:
-            raise ValueError(
-                f"expected uint8 images with 3 channels (N x 3 x H x W or HxWx3 arrays), got "
-                f"{batch.dtype} {tuple(batch.shape)}; the bundle normalises them itself"
-            )
-        if batch.shape[-1] != self.resolution or batch.shape[-2] != self.resolution:
-            raise ValueError(
-                f"images are {tuple(batch.shape[-2:])}, the bundle expects "
-                f"{self.resolution}x{self.resolution} (preprocess them with its settings)"
-            )
-        device = next(self.model.parameters()).device
-        pre = self.preprocessing
-        mean, std = pre.mean, pre.std
-        out = []
-        for i in range(0, len(batch), batch_size):
-            x = normalise(batch[i : i + batch_size].to(device), mean, std)
-            logits = self.model(x)
-            if self.kind == "segmentation":
-                out.append(torch.sigmoid(logits[:, 0]).float().cpu())
-            else:
-                out.append(scores_from_logits(logits, self.kind).float().cpu())
-        return torch.cat(out).numpy()
-
-
-def load_bundle(path: Path, device: str = "cpu") -> Bundle:
-    """Load a bundle for inference (weights verified, model in eval mode on `device`)."""
-    meta, state = read_bundle(path)
-    model = build_model(meta)
-    model.load_state_dict(state)
-    model.eval().to(device)
-    return Bundle(Path(path), meta, model)

@@ -17,16 +17,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .backbone import WeightsNotFound, imagenet_state
-from .config import ConfigError, changed_settings, dump_config
-from .config_grid import DemoConfig, ExternalSet
-from .experiment import pretrain
-from .grid import run_grid
-from .manifest import load_manifest
-from .report import build_report
-from .splits import make_splits
-from .synthetic import generate
-from .validate import check_manifest
+from fundusfm.config.core import ConfigError, changed_settings, dump_config
+from fundusfm.config.grid import DemoConfig, ExternalSet
+from fundusfm.data.manifest import load_manifest
+from fundusfm.data.splits import make_splits
+from fundusfm.data.validate import check_manifest
+from fundusfm.grid.report import build_report
+from fundusfm.grid.runner import run_grid
+from fundusfm.models.inits import WeightsNotFound, imagenet_state
+from fundusfm.synthetic.generate import generate
+from fundusfm.tasks.classify import pretrain
 
 # The paper's settings, for `fundusfm demo --full` on a GPU.
 FULL_PRESET = [

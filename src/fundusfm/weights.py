@@ -20,16 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bundle import (
-    file_sha256,
-    load_bundle,
-    provenance,
-    read_bundle,
-    read_preprocessing,
-    save_bundle,
-)
-from .heads import Classifier, scores_from_logits
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from fundusfm.bundle import file_sha256, provenance, read_bundle, read_preprocessing, save_bundle
+from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fundusfm.models.heads import Classifier, scores_from_logits
+from fundusfm.models.loaded import build_model, load_bundle
 
 ARCH_BLOCKS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34"}
 BOTTLENECK_BLOCKS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
@@ -140,7 +134,6 @@ def import_legacy(
             "loaded_by": "unpickling (--trust-pickle)" if trust_pickle else "weights-only",
         },
     }
-    from .bundle import build_model
 
     model = build_model(meta)
     missing, unexpected = model.load_state_dict(ours, strict=False)

@@ -17,18 +17,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..backbone import create_backbone
-from ..config import ConfigError, FinetuneConfig, PreprocessConfig
-from ..config_grid import ProbeConfig
-from ..datasets import CachedImages, load_fold, rows_of_parts
-from ..features import extract
-from ..heads import Classifier, make_head
-from ..manifest import Manifest
-from ..preprocess import ImageCache, build_cache, preprocess_image
-from ..probe import fit_probe
-from ..splits import fold_sets
-from ..train import make_loss, resolve_device, set_trainable, train_mode
-from ..transforms import normalise, to_tensor
+from fundusfm.config.core import ConfigError, FinetuneConfig, PreprocessConfig
+from fundusfm.config.grid import ProbeConfig
+from fundusfm.data.datasets import CachedImages, load_fold, rows_of_parts
+from fundusfm.data.manifest import Manifest
+from fundusfm.data.preprocess import ImageCache, build_cache, preprocess_image
+from fundusfm.data.splits import fold_sets
+from fundusfm.data.transforms import normalise, to_tensor
+from fundusfm.engine.loop import make_loss, resolve_device, set_trainable, train_mode
+from fundusfm.models.heads import Classifier, make_head
+from fundusfm.models.inits import create_backbone
+from fundusfm.tasks.features import extract
+from fundusfm.tasks.probe import fit_probe
 
 
 def _rate(fn, items, min_seconds: float = 2.0) -> float:

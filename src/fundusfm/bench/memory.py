@@ -32,6 +32,14 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from fundusfm.bench.workspace import replicated_cache
+from fundusfm.config.core import AugmentConfig
+from fundusfm.data.datasets import CachedImages
+from fundusfm.data.preprocess import ImageCache
+from fundusfm.data.transforms import normalise
 
 PROC = Path("/proc")
 
@@ -80,13 +88,6 @@ def _maxrss_mb(who: int) -> float:
 
 def stream(cache_dir: Path, images: int, batch_size: int, workers: int) -> dict:
     """Stream the first `images` entries of a cache through the training loader, once."""
-    import torch
-    from torch.utils.data import DataLoader, RandomSampler
-
-    from ..config import AugmentConfig
-    from ..datasets import CachedImages
-    from ..preprocess import ImageCache
-    from ..transforms import normalise
 
     start = time.perf_counter()
     tracemalloc.start()  # what the cache index and the dataset keep, per image
@@ -147,7 +148,6 @@ def bench_memory(
 ) -> dict:
     """Peak memory streaming caches of each size; the cache is made in, and removed with, a
     temporary folder."""
-    from .workspace import replicated_cache
 
     runs = {}
     with tempfile.TemporaryDirectory(prefix="fundusfm-bench-cache-") as tmp:

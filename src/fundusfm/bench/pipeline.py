@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backbone import Backbone
-from ..config import AugmentConfig, TrainConfig
-from ..datasets import FoldData
-from ..heads import Classifier, make_head
-from ..train import amp_dtype, make_loss, training_loader
-from ..transforms import normalise
+from fundusfm.config.core import AugmentConfig, TrainConfig
+from fundusfm.data.datasets import FoldData
+from fundusfm.data.transforms import normalise
+from fundusfm.engine.loop import amp_dtype, make_loss, training_loader
+from fundusfm.models.backbone import Backbone
+from fundusfm.models.heads import Classifier, make_head
 
 
 @dataclass

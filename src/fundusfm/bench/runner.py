@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, FinetuneConfig, SynthConfig
-from ..synthetic import generate
-from .lf_cache import bench_lf
-from .memory import bench_memory
-from .pipeline import PipelineSetting, bench_pipeline
-from .screening import ScreenSetting, bench_screening
-from .workspace import Workspace
+from fundusfm.bench.lf_cache import bench_lf
+from fundusfm.bench.memory import bench_memory
+from fundusfm.bench.pipeline import PipelineSetting, bench_pipeline
+from fundusfm.bench.screening import ScreenSetting, bench_screening
+from fundusfm.bench.workspace import Workspace
+from fundusfm.config.core import ConfigError, FinetuneConfig, SynthConfig
+from fundusfm.synthetic.generate import generate
 
 GROUPS = {"a": "pipeline", "b": "lf", "c": "screen", "d": "memory"}
 PIPELINE_GOAL, MEMORY_GOAL_MB = 1.10, 2048

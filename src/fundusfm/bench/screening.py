@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..bundle import build_model, load_bundle, save_bundle
-from ..transforms import IMAGENET_MEAN, IMAGENET_STD
+from fundusfm.bundle import save_bundle
+from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fundusfm.models.loaded import build_model, load_bundle
+from fundusfm.weights import export, exported_module
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 BACKENDS = ("eager", "onnxruntime", "torch.compile")
@@ -67,7 +69,6 @@ def missing_onnx_packages() -> list[str]:
 
 
 def _exported_module(bundle_path: Path) -> torch.nn.Module:
-    from ..weights import exported_module
 
     return exported_module(load_bundle(bundle_path))
 
@@ -84,8 +85,6 @@ def _eager(bundle_path: Path, _: Path) -> Callable[[torch.Tensor], np.ndarray]:
 
 def _onnxruntime(bundle_path: Path, tmp: Path) -> Callable[[torch.Tensor], np.ndarray]:
     import onnxruntime as ort
-
-    from ..weights import export
 
     path = export(bundle_path, "onnx", tmp / "model.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

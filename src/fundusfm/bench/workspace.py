@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import DataConfig, PreprocessConfig, SplitConfig, SynthConfig
-from ..datasets import FoldData, load_fold
-from ..manifest import load_manifest
-from ..preprocess import CACHE_FORMAT, INDEX_COLUMNS, ImageCache, preprocess_image
-from ..splits import make_splits
-from ..synthetic import generate
+from fundusfm.config.core import DataConfig, PreprocessConfig, SplitConfig, SynthConfig
+from fundusfm.data.datasets import FoldData, load_fold
+from fundusfm.data.manifest import load_manifest
+from fundusfm.data.preprocess import CACHE_FORMAT, INDEX_COLUMNS, ImageCache, preprocess_image
+from fundusfm.data.splits import make_splits
+from fundusfm.synthetic.generate import generate
 
 TASK = "abnormal"
 

@@ -9,104 +9,30 @@ exception ends as one line naming the command and the error, also with exit code
 
 from __future__ import annotations
 
-import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
-import click
 import typer
-from pydantic import BaseModel
-from typer.core import TyperGroup
 
-from .. import __version__
-from ..config import ConfigError, load_config
-from ..decode import ImageDecodeError
-
-DEBUG = {"traceback": False}  # set by `fundusfm --debug`
-
-
-class CommandGroup(TyperGroup):
-    """A command group whose commands end an unexpected exception with one line and exit 2."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
-            raise
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:
-            if DEBUG["traceback"]:
-                raise
-            words = [*ctx.command_path.split()[1:], ctx.invoked_subcommand or ""]
-            command = " ".join(words).strip()  # e.g. `data check`, without the program name
-            typer.secho(
-                f"error: fundusfm {command} failed: {type(exc).__name__}: {exc}. fundusfm does "
-                f"not check for this yet, or it is a bug: rerun as `fundusfm --debug {command} "
-                "...` to see the traceback, and please report it",
-                fg=typer.colors.RED,
-                err=True,
-            )
-            raise typer.Exit(2) from exc
-
-
-def group(help_text: str, **kwargs) -> typer.Typer:
-    return typer.Typer(help=help_text, no_args_is_help=True, cls=CommandGroup, **kwargs)
-
+from fundusfm import __version__
+from fundusfm.cli import bench, data, explain, grid, screen, segment, train, weights
+from fundusfm.cli.common import DEBUG, group
 
 app = group(
     "fundusfm: disease-specific foundation models for retinal fundus photographs.",
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = group("Inspect and validate image manifests.")
-grid_app = group("Run and report the experiment grid.")
-bench_app = group("Benchmarks that print measured figures.")
-app.add_typer(data_app, name="data")
-app.add_typer(grid_app, name="grid")
-app.add_typer(bench_app, name="bench")
-
-M = TypeVar("M", bound=BaseModel)
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
-SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="Override one key, e.g. --set seed=3.")
-]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn the errors a user can fix (bad input, paths, permissions) into one clear line."""
-    try:
-        yield
-    except (ConfigError, ImageDecodeError, ValueError, OSError) as exc:
-        if DEBUG["traceback"]:  # a ValueError may be a bug too: --debug shows where it arose
-            raise
-        raise fail(str(exc)) from exc
-
-
-def say_notes(notes: list[str]) -> None:
-    """Warnings about a result (not errors): on stderr, in yellow, one line each."""
-    for note in notes:
-        typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
-
-
-def resolve(model: type[M], config: Path | None, sets: list[str] | None, **flags) -> M:
-    """Config file, then `--set`, then explicit flags (flags left at None are not applied)."""
-    overrides = list(sets or [])
-    overrides += [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    try:
-        return load_config(model, config, overrides)
-    except ConfigError as exc:
-        raise fail(str(exc)) from exc
+for command in (
+    data.synth, data.preprocess, data.split, screen.predict,
+    train.demo, train.pretrain, train.finetune, train.evaluate,
+):  # fmt: skip
+    app.command()(command)
+for sub, name in (
+    (data.app, "data"), (grid.app, "grid"), (bench.app, "bench"), (explain.app, "explain"),
+    (segment.app, "segment"), (weights.app, "weights"),
+):  # fmt: skip
+    app.add_typer(sub, name=name)
 
 
 def version_callback(value: bool) -> None:
@@ -137,15 +63,3 @@ def main(
 def run() -> None:  # pragma: no cover - console entry for `python -m fundusfm`
     app(prog_name="fundusfm")
     sys.exit(0)
-
-
-# The commands register themselves on the apps above.
-from . import (  # noqa: E402, F401
-    bench_commands,
-    data_commands,
-    explain_commands,
-    grid_commands,
-    model_commands,
-    segment_commands,
-    weights_commands,
-)

@@ -1,0 +1,76 @@
+"""Segmentation commands: `fundusfm segment train` and `fundusfm segment eval`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fundusfm.cli.common import ConfigOpt, QuietOpt, SetOpt, fail, group, resolve, user_errors
+
+app = group("Vessel segmentation: a U-Net on the foundation backbone.")
+
+SHOWN = ("dice", "auroc", "auprc", "cldice", "sensitivity", "specificity")
+
+
+def _line(name: str, metrics: dict) -> str:
+    shown = [f"{k} {metrics[k]:.4f}" for k in SHOWN if metrics.get(k) is not None]
+    return f"{name} (pooled inside the FOV): " + ", ".join(shown)
+
+
+@app.command("train")
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a U-Net (encoder: any init, frozen or full) and test it; writes a bundle."""
+    from fundusfm.config.segment import SegmentConfig
+    from fundusfm.engine.loop import TrainingDiverged
+    from fundusfm.tasks.segment import train_segmentation
+
+    cfg = resolve(SegmentConfig, config, set_)
+    run = cfg.run.model_copy(update={"resume": cfg.run.resume or resume, "progress": not quiet})
+    cfg = cfg.model_copy(update={"run": run})
+    with user_errors():
+        try:
+            out = train_segmentation(cfg)
+        except TrainingDiverged as exc:
+            raise fail(str(exc), code=1) from exc
+    from fundusfm.engine.distributed import is_main
+
+    if not is_main():  # under torchrun rank 0 reports
+        return
+    metrics = json.loads((out / "metrics.json").read_text())
+    if metrics.get("test"):
+        typer.echo(_line(f"test, {metrics['images']} images", metrics["test"]))
+    if metrics.get("observer2"):
+        typer.echo(_line("second observer", metrics["observer2"]))
+    typer.echo(f"run: {out}\nbundle: {out / 'bundle'}")
+
+
+@app.command("eval")
+def evaluate(
+    bundle: Annotated[Path, typer.Argument(help="Segmentation bundle folder.")],
+    manifest: Annotated[Path, typer.Argument(help="Vessel manifest (fundusfm data import).")],
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/segment_eval"),
+    split: Annotated[
+        str, typer.Option(help="Rows of this split column value; 'all' for every row.")
+    ] = "test",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Score a segmentation bundle on another manifest: metrics, per-image table, PNGs."""
+    from fundusfm.tasks.segment import evaluate_segmentation
+
+    with user_errors():
+        metrics = evaluate_segmentation(
+            bundle, manifest, out, None if split == "all" else split, device, not quiet
+        )
+    typer.echo(_line(f"{metrics['images']} images", metrics["external"]))
+    if metrics.get("observer2"):
+        typer.echo(_line("second observer", metrics["observer2"]))
+    typer.echo(f"wrote {out / 'metrics.json'}, {out / 'per_image.csv'}, {out / 'probabilities'}/")

@@ -1,0 +1,107 @@
+"""Typed settings of vessel segmentation (`fundusfm segment train`, segmentation grids).
+
+A U-Net (segmentation_models_pytorch) whose encoder is one of our ResNet backbones, started
+from any of the four initialisations or a bundle, trained with its encoder frozen or in full.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from fundusfm.config.core import EncoderInit, RunConfig, Strict
+
+
+class SegDataConfig(Strict):
+    """Which images train and test, at which size.
+
+    Without `splits` the manifest's `split` column decides (the dataset's official
+    train/test split, written by `fundusfm data import`); with `splits` (from
+    `fundusfm split`) fold k's training, validation and test parts are used.
+    """
+
+    manifest: Path | None = Field(None, description="vessel manifest (fundusfm data import)")
+    splits: Path | None = Field(None, description="splits.csv; unset: the manifest's split column")
+    fold: int = Field(0, ge=0)
+    fraction: float = Field(1.0, gt=0, le=1, description="share of training patients used")
+    val_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="official split only: share of training patients kept to pick the best "
+        "epoch; 0 keeps the last epoch (the usual DRIVE protocol)",
+    )
+    resolution: int = Field(
+        512, ge=64, le=4096, description="images are padded square and resized to this"
+    )
+    patch: int | None = Field(
+        None, ge=32, description="train on random square patches of this size (unset: whole)"
+    )
+    patches_per_image: int = Field(1, ge=1, description="patches drawn per image and epoch")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> SegDataConfig:
+        for name in ("resolution", "patch"):
+            value = getattr(self, name)
+            if value is not None and value % 32:
+                raise ValueError(f"{name}={value}: the U-Net needs a multiple of 32")
+        if self.patch is not None and self.patch > self.resolution:
+            raise ValueError(f"patch={self.patch} is larger than resolution={self.resolution}")
+        return self
+
+
+class SegModelConfig(EncoderInit):
+    encoder: Literal["frozen", "full"] = Field(
+        "full", description="frozen: encoder weights and BatchNorm statistics stay as loaded"
+    )
+    decoder_channels: list[int] = Field(default_factory=lambda: [256, 128, 64, 32, 16])
+
+    @model_validator(mode="after")
+    def _decoder(self) -> SegModelConfig:
+        if len(self.decoder_channels) != 5 or min(self.decoder_channels) < 1:
+            raise ValueError("decoder_channels: five positive widths, one per encoder stage")
+        return self
+
+
+class SegAugmentConfig(Strict):
+    """Applied to image and masks together (geometry) or to the image alone (colour)."""
+
+    flip: bool = True
+    rotate: float = Field(20.0, ge=0, le=180, description="max degrees")
+    brightness: float = Field(0.2, ge=0, le=1)
+    contrast: float = Field(0.2, ge=0, le=1)
+
+
+class SegTrainConfig(Strict):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: float = Field(2.0, ge=0)
+    dice_weight: float = Field(1.0, ge=0, description="loss = bce_weight*BCE + dice_weight*Dice")
+    bce_weight: float = Field(1.0, ge=0)
+    threshold: float = Field(0.5, gt=0, lt=1, description="probability of a vessel pixel")
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    workers: int = Field(0, ge=0)
+    sync_batchnorm: bool = Field(False, description="under torchrun on GPUs (see train.py)")
+    seed: int = 0
+    augment: SegAugmentConfig = SegAugmentConfig()
+
+    @model_validator(mode="after")
+    def _loss(self) -> SegTrainConfig:
+        if self.dice_weight == 0 and self.bce_weight == 0:
+            raise ValueError("dice_weight and bce_weight are both 0: nothing to train on")
+        return self
+
+
+class SegmentConfig(Strict):
+    """`fundusfm segment train`: one U-Net on one fold and fraction."""
+
+    data: SegDataConfig = SegDataConfig()
+    model: SegModelConfig = SegModelConfig()
+    train: SegTrainConfig = SegTrainConfig()
+    run: RunConfig = RunConfig(out=Path("runs/segment"))

@@ -1,0 +1,82 @@
+"""Importers for public classification datasets: their layouts -> one manifest each.
+
+`fundusfm data import NAME ROOT --out manifest.csv` finds the dataset's label files under
+ROOT (mirrors add folders, so they are searched for, never assumed), and writes a manifest
+with `image_id` (namespaced by split where names repeat), `path` (relative to ROOT),
+`patient_id`, `eye`, `split` (official, or `all`), `source`, the dataset's own label columns,
+`abnormal` (1/0; how it is derived is below and in the sidecar) and tasks in the sidecar YAML.
+Then near-duplicates are grouped (see data/dedup.py): images that are copies of each other share
+a patient id, so a patient-grouped split never puts them on two sides. The import prints what
+it grouped, dropped and why.
+
+Normal/abnormal per dataset (a DR-only set's "normal" means "no DR", not "no disease"):
+    eye_diseases  folder normal vs cataract / diabetic_retinopathy / glaucoma
+    jsiec         0.0.Normal vs the other 38 folders (0.1 tessellated, 0.2 large cup and
+                  29.0 blur are flagged in `ambiguous` for a report with and without them)
+    rfmid         Disease_Risk
+    odir          per eye from that eye's keywords: normal only if "normal fundus" is its only
+                  diagnostic keyword; eyes with quality keywords only are dropped
+    aptos, eyepacs  grade 0 = no DR
+    idrid         grade 0 and DME risk 0 = no DR
+    messidor2     grade 0 and DME 0 = no DR; ungradable images dropped
+    folder, csv   a class named normal (any case) is normal, others abnormal
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fundusfm.config.core import ConfigError
+
+# the adapter modules register themselves in REGISTRY when imported
+from fundusfm.data.adapters import classification, generic, grading  # noqa: F401
+from fundusfm.data.adapters.common import REGISTRY
+from fundusfm.data.dedup import group_patients
+from fundusfm.data.manifest import DatasetSpec, is_utf8, printable, save_manifest
+
+
+def import_dataset(
+    name: str,
+    root: Path,
+    out: Path,
+    group_duplicates: bool = True,
+    max_distance: int = 6,
+    progress: bool = True,
+) -> tuple[Path, list[str]]:
+    """Write the manifest of a public classification dataset; returns it and the notes."""
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {sorted(REGISTRY)}")
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise ConfigError(f"not a folder: {root}")
+    frame, tasks, notes = REGISTRY[name](root)
+    if not frame.empty:  # a manifest is UTF-8 text: names in another encoding cannot go in
+        bad = ~frame["path"].map(is_utf8)
+        if bad.any():
+            shown = ", ".join(printable(p) for p in frame["path"][bad][:3])
+            notes.append(
+                f"skipped {int(bad.sum())} files whose names are not valid UTF-8 ({shown}); "
+                "rename them to import them"
+            )
+            frame = frame[~bad].reset_index(drop=True)
+    if frame.empty:
+        raise ConfigError(
+            f"no {name} images found under {root} (see `fundusfm data import --help`)"
+        )
+    same_file = frame["path"][frame["path"].duplicated()]
+    if len(same_file):
+        raise ConfigError(f"{same_file.iloc[0]} is listed twice; report this layout")
+    duplicated = frame["image_id"][frame["image_id"].duplicated()]
+    if len(duplicated):
+        raise ConfigError(f"image id {duplicated.iloc[0]!r} appears twice; report this layout")
+    if group_duplicates:
+        paths = [root / p for p in frame["path"]]
+        joined, report = group_patients(
+            paths, frame["image_id"].tolist(), frame["patient_id"].tolist(), max_distance, progress
+        )
+        frame["patient_id"] = joined
+        notes.append(f"duplicates: {report.summary()}")
+        notes += [f"  e.g. {a} ~ {b} ({d} bits)" for a, b, d in report.examples[:5]]
+    frame = frame.astype(str)
+    spec = DatasetSpec(name=name, root=str(root), tasks=tasks)
+    return save_manifest(frame, spec, out), notes

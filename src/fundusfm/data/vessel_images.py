@@ -1,0 +1,237 @@
+"""Vessel data for segmentation: which images train and test, read at one square size.
+
+Images and masks are padded to a square (centred, black) and resized to `resolution`
+(bilinear for the image, nearest for masks), so the U-Net sees the whole field of view.
+Predictions are mapped back to each image's own size (`to_native`), and every metric is
+computed there, against the masks as the dataset ships them: resizing never changes a score.
+Metrics count FOV pixels only; a row without `fov_path` gets its FOV derived from the image.
+
+Training samples apply the geometric augmentation to the image and both masks together
+(torchvision.transforms.v2 with `Mask`) and the colour augmentation to the image alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from fundusfm.config.core import ConfigError
+from fundusfm.config.segment import SegAugmentConfig, SegDataConfig
+from fundusfm.data.decode import read_mask, read_rgb
+from fundusfm.data.manifest import Manifest
+from fundusfm.data.splits import fold_sets
+from fundusfm.data.adapters.vessels import derive_fov
+
+TRAIN_NAMES = {"train", "training"}
+TEST_NAMES = {"test", "testing"}
+
+
+def square(arr: np.ndarray, size: int, nearest: bool) -> np.ndarray:
+    """Pad to a centred square with zeros, then resize to size x size."""
+    h, w = arr.shape[:2]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    padded = np.zeros((side, side, *arr.shape[2:]), dtype=arr.dtype)
+    padded[top : top + h, left : left + w] = arr
+    if side == size:
+        return padded
+    mode = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    if arr.dtype == bool:
+        return np.array(Image.fromarray(padded).resize((size, size), mode)).astype(bool)
+    return np.array(Image.fromarray(padded).resize((size, size), mode))
+
+
+def to_native(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Undo `square` for a probability map: resize back to the square side and crop."""
+    h, w = shape
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    if prob.shape[0] != side:
+        img = Image.fromarray(prob.astype(np.float32), mode="F")
+        prob = np.asarray(img.resize((side, side), Image.Resampling.BILINEAR))
+    return np.clip(prob[top : top + h, left : left + w], 0.0, 1.0)
+
+
+@dataclass
+class VesselImage:
+    """One image at the training size, with its masks; `shape` is the native (H, W)."""
+
+    image_id: str
+    image: np.ndarray  # R x R x 3 uint8
+    vessel: np.ndarray  # R x R bool
+    fov: np.ndarray  # R x R bool
+    shape: tuple[int, int]
+
+
+def _fov_rel(manifest: Manifest, row: int) -> str:
+    return str(manifest.table.iloc[row].get("fov_path", "") or "")
+
+
+def rows_without_fov(manifest: Manifest, rows: np.ndarray) -> int:
+    """How many of these rows have no `fov_path` (their FOV is derived from the image)."""
+    return sum(not _fov_rel(manifest, int(r)) for r in rows)
+
+
+def native_masks(manifest: Manifest, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """Vessel and FOV masks of a manifest row at the image's own size.
+
+    A row without `fov_path` gets the FOV derived from its image, as the importers do: a
+    whole-image FOV would count the black border as true negatives and inflate specificity,
+    accuracy and AUROC.
+    """
+    t = manifest.table.iloc[row]
+    vessel = read_mask(manifest.image_path(t["vessel_path"]))
+    fov_rel = _fov_rel(manifest, row)
+    if fov_rel:
+        fov = read_mask(manifest.image_path(fov_rel))
+    else:
+        fov = derive_fov(manifest.image_path(t["path"]))
+    if fov.shape != vessel.shape:
+        raise ConfigError(
+            f"{manifest.path} line {manifest.line(row)}: FOV mask {fov.shape} and vessel mask "
+            f"{vessel.shape} differ in size"
+        )
+    return vessel, fov
+
+
+_MEMO: dict[tuple, VesselImage] = {}
+_MEMO_SETS: list[tuple[str, int]] = []  # (manifest, size) pairs held, most recent last
+MEMO_SETS = 2  # a grid cell reads its training set and one external set at one size
+
+
+def load_images(
+    manifest: Manifest, rows: np.ndarray, size: int, progress: bool = True
+) -> list[VesselImage]:
+    """Read and square the given rows (kept in memory for the process: grids reuse them)."""
+    out = []
+    stamp = Path(manifest.path).stat().st_mtime_ns
+    current = (str(manifest.path), size)
+    if current in _MEMO_SETS:
+        _MEMO_SETS.remove(current)
+    _MEMO_SETS.append(current)
+    while len(_MEMO_SETS) > MEMO_SETS:  # bounded: drop the least recently used set
+        gone = _MEMO_SETS.pop(0)
+        for key in [k for k in _MEMO if (k[0], k[3]) == gone]:
+            del _MEMO[key]
+    for row in tqdm(rows, desc=f"reading images at {size}px", disable=not progress, leave=False):
+        key = (str(manifest.path), stamp, int(row), size)
+        if key not in _MEMO:
+            t = manifest.table.iloc[row]
+            image = read_rgb(manifest.image_path(t["path"]))
+            vessel, fov = native_masks(manifest, row)
+            if image.shape[:2] != vessel.shape:
+                raise ConfigError(
+                    f"{manifest.path} line {manifest.line(row)}: image {image.shape[:2]} and "
+                    f"vessel mask {vessel.shape} differ in size"
+                )
+            _MEMO[key] = VesselImage(
+                str(t["image_id"]),
+                square(image, size, nearest=False),
+                square(vessel, size, nearest=True),
+                square(fov, size, nearest=True),
+                vessel.shape,
+            )
+        out.append(_MEMO[key])
+    return out
+
+
+def _patients_subset(rows: np.ndarray, patients: np.ndarray, share: float, seed: int):
+    """A random share of the patients of `rows` (at least one): (chosen rows, the others)."""
+    unique = np.unique(patients[rows])
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.permutation(unique)[: max(1, math.ceil(share * len(unique)))])
+    mask = np.array([p in chosen for p in patients[rows]], dtype=bool)
+    return rows[mask], rows[~mask]
+
+
+def seg_parts(cfg: SegDataConfig, manifest: Manifest, seed: int) -> dict[str, np.ndarray]:
+    """Manifest rows of the train / val / test parts (see SegDataConfig)."""
+    manifest.require("image_id", "path", "patient_id", "vessel_path")
+    t = manifest.table
+    has_mask = (t["vessel_path"].astype(str) != "").to_numpy()
+    ids = t["image_id"].astype(str).to_numpy()
+    patients = t["patient_id"].astype(str).to_numpy()
+    if cfg.splits is not None:
+        splits = pd.read_csv(cfg.splits, dtype={"image_id": str})
+        named = fold_sets(splits, cfg.fold, cfg.fraction)
+        row_of = {iid: i for i, iid in enumerate(ids)}
+        unknown = [i for p in named.values() for i in p if i not in row_of]
+        if unknown:
+            raise ConfigError(f"{cfg.splits}: image id {unknown[0]!r} is not in {manifest.path}")
+        parts = {p: np.array([row_of[i] for i in named.get(p, [])], int) for p in named}
+    else:
+        if "split" not in t.columns:
+            raise ConfigError(
+                f"{manifest.path} has no split column: set data.splits to a splits.csv "
+                "(fundusfm split) or import the dataset with `fundusfm data import`"
+            )
+        split = t["split"].astype(str).str.lower().to_numpy()
+        train = np.flatnonzero(np.isin(split, list(TRAIN_NAMES)))
+        if cfg.fold:
+            raise ConfigError("data.fold needs data.splits; the official split has one fold")
+        if cfg.fraction < 1:
+            train, _ = _patients_subset(train, patients, cfg.fraction, seed)
+        val = np.array([], int)
+        if cfg.val_fraction > 0:
+            val, train = _patients_subset(train, patients, cfg.val_fraction, seed + 1)
+        test = np.flatnonzero(np.isin(split, list(TEST_NAMES)))
+        parts = {"train": train, "val": val, "test": test}
+    for name in ("train", "val"):
+        missing = [ids[r] for r in parts.get(name, []) if not has_mask[r]]
+        if missing:
+            raise ConfigError(f"{len(missing)} {name} images have no vessel mask: {missing[0]}")
+    parts["test"] = np.array([r for r in parts.get("test", []) if has_mask[r]], int)
+    if len(parts["train"]) == 0:
+        raise ConfigError(f"no training images with vessel masks in {manifest.path}")
+    return parts
+
+
+class VesselTrainSet(Dataset):
+    """Augmented (image, vessel, fov) tensors; `patches_per_image` random crops per image."""
+
+    def __init__(
+        self,
+        images: list[VesselImage],
+        augment: SegAugmentConfig,
+        patch: int | None = None,
+        patches_per_image: int = 1,
+    ):
+        self.images, self.patch, self.per_image = images, patch, patches_per_image
+        geometric = []
+        if augment.flip:
+            geometric += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+        if augment.rotate:
+            geometric.append(v2.RandomRotation(augment.rotate))
+        if patch is not None:
+            geometric.append(v2.RandomCrop(patch))
+        self.geometric = v2.Compose(geometric)
+        self.colour = v2.ColorJitter(augment.brightness, augment.contrast)
+
+    def __len__(self) -> int:
+        return len(self.images) * self.per_image
+
+    def __getitem__(self, i: int):
+        s = self.images[i // self.per_image]
+        image = tv_tensors.Image(torch.from_numpy(s.image).permute(2, 0, 1).contiguous())
+        masks = tv_tensors.Mask(torch.from_numpy(np.stack([s.vessel, s.fov])).to(torch.uint8))
+        image, masks = self.geometric(image, masks)
+        image = self.colour(image)
+        return image.as_subclass(torch.Tensor), masks[0].float(), masks[1].float()
+
+
+def batch_of(images: list[VesselImage]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unaugmented uint8 images and float masks of a list of samples."""
+    x = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for s in images])
+    vessel = torch.stack([torch.from_numpy(s.vessel) for s in images]).float()
+    fov = torch.stack([torch.from_numpy(s.fov) for s in images]).float()
+    return x, vessel, fov

@@ -1,0 +1,56 @@
+"""The vessel U-Net: segmentation_models_pytorch's Unet with our ResNet as its encoder.
+
+smp's ResNet encoders are torchvision ResNets, so a backbone made by `create_backbone`
+(any of the four initialisations, or a bundle) loads into `unet.encoder` key for key;
+`encoder_state_equal` lets a test check that the weights really are ours.
+`encoder: frozen` stops gradients into the encoder and keeps its BatchNorm statistics.
+"""
+
+from __future__ import annotations
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+from fundusfm.config.segment import SegModelConfig
+from fundusfm.models.inits import create_backbone
+
+
+def build_unet(arch: str, decoder_channels: list[int]) -> smp.Unet:
+    """An untrained U-Net (random encoder; nothing is downloaded)."""
+    return smp.Unet(
+        encoder_name=arch,
+        encoder_weights=None,
+        decoder_channels=tuple(decoder_channels),
+        classes=1,
+    )
+
+
+def create_unet(cfg: SegModelConfig) -> smp.Unet:
+    """A U-Net whose encoder holds the configured initialisation."""
+    unet = build_unet(cfg.arch, cfg.decoder_channels)
+    if cfg.init_name != "scratch":
+        backbone = create_backbone(
+            cfg.arch, cfg.init_name, cfg.imagenet_version, cfg.imagenet_file, cfg.init_bundle
+        )
+        unet.encoder.load_state_dict(backbone.net.state_dict())
+    return unet
+
+
+def freeze_encoder(unet: smp.Unet) -> None:
+    for p in unet.encoder.parameters():
+        p.requires_grad_(False)
+
+
+def set_train_mode(unet: smp.Unet, frozen: bool) -> None:
+    """Training mode, except a frozen encoder stays in eval (BatchNorm statistics fixed)."""
+    unet.train()
+    if frozen:
+        unet.encoder.eval()
+
+
+def encoder_state_equal(unet: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Whether the encoder's tensors equal a torchvision-named state (fc.* ignored)."""
+    own = unet.encoder.state_dict()
+    theirs = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    return own.keys() == theirs.keys() and all(torch.equal(own[k], theirs[k]) for k in own)
