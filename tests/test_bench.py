@@ -16,8 +16,8 @@ from fundusfm.bench import screening
 from fundusfm.bench.runner import parse_only
 from fundusfm.bench.workspace import replicated_cache
 from fundusfm.cli import app
-from fundusfm.config.core import ConfigError
 from fundusfm.data.preprocess import ImageCache
+from fundusfm.errors import ConfigError
 
 QUICK_ROWS = {
     "a.cpu.64",

@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 from typer.testing import CliRunner
 
-from fundusfm.bundle import bundle_notes, read_preprocessing, save_bundle
+from fundusfm.bundle import bundle_notes, parse_meta, read_meta, read_preprocessing, save_bundle
 from fundusfm.cli import app
 from fundusfm.cli.common import DEBUG
 from fundusfm.config.core import FinetuneConfig, PretrainConfig, SplitConfig, load_config
@@ -28,6 +28,7 @@ from fundusfm.config.segment import SegmentConfig
 from fundusfm.data.manifest import load_manifest
 from fundusfm.data.preprocess import FOV_RULE, preprocess_image
 from fundusfm.data.splits import make_splits
+from fundusfm.errors import BundleError
 from fundusfm.evaluation.stats import auroc_interval
 from fundusfm.models.loaded import load_bundle
 from fundusfm.models.unet import build_unet
@@ -199,9 +200,8 @@ def test_tsne_takes_every_kind_with_its_own_preprocessing(kinds, tmp_path):
 
 
 def test_imported_bundle_reads_documented_defaults(kinds):
-    meta = json.loads((kinds["legacy_state"] / "bundle.json").read_text())
-    assert "crop" not in meta["preprocessing"]
-    pre = read_preprocessing(meta)
+    assert "crop" not in json.loads((kinds["legacy_state"] / "bundle.json").read_text())
+    pre = read_preprocessing(read_meta(kinds["legacy_state"]))
     assert pre.defaulted == ("crop",) and pre.crop.fov_threshold == 0.06
     result = cli("weights", "info", kinds["legacy_state"])
     assert "crop: not recorded, defaults used" in result.output
@@ -289,8 +289,7 @@ def test_evaluate_intervals_shrink_with_the_set_and_equal_the_grids(kinds, tmp_p
 
 
 def test_commands_say_what_an_imported_bundle_lacks(kinds, tmp_path):
-    legacy = json.loads((kinds["legacy_state"] / "bundle.json").read_text())
-    notes = bundle_notes(legacy)
+    notes = bundle_notes(read_meta(kinds["legacy_state"]))
     assert len(notes) == 2
     assert "not (all) chosen on validation data (imported weights)" in notes[0]
     assert "records no preprocessing crop" in notes[1]
@@ -300,10 +299,49 @@ def test_commands_say_what_an_imported_bundle_lacks(kinds, tmp_path):
         **ours,
         "preprocessing": {k: v for k, v in ours["preprocessing"].items() if k != "fov_rule"},
     }
-    assert any("FOV rule is not recorded" in n for n in bundle_notes(older))
+    assert any("FOV rule is not recorded" in n for n in bundle_notes(parse_meta(older)))
     result = cli(*_evaluate_args(kinds, "legacy_state", tmp_path / "e"), "-q", "--n-boot", 20)
     assert (
         result.exit_code == 0 and "note: bundle.json records no preprocessing crop" in result.output
     )
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert metrics["notes"] == notes
+
+
+@pytest.mark.parametrize("kind", [*CLASSIFIERS, "segmentation"])
+def test_bundle_json_round_trips_through_the_schema(kinds, kind, tmp_path):
+    """Every kind's bundle.json parses into BundleMeta and is written back field for field."""
+    raw = json.loads((kinds[kind] / "bundle.json").read_text())
+    meta = read_meta(kinds[kind])
+    assert meta.model_dump(mode="json", exclude_none=True) == raw
+    bundle = load_bundle(kinds[kind])
+    again = save_bundle(bundle.model, tmp_path / "again", meta)
+    assert json.loads((again / "bundle.json").read_text()) == raw  # same weights, same sha256
+
+
+def test_bundle_json_with_an_unknown_field_or_wrong_type_is_refused_by_name(kinds, tmp_path):
+    raw = json.loads((kinds["ff"] / "bundle.json").read_text())
+    unknown = {**raw, "task": {**raw["task"], "threshold": 0.3}}  # a typo of thresholds
+    with pytest.raises(BundleError, match=r"task\.threshold: Extra inputs are not permitted"):
+        parse_meta(unknown)
+    wrong = {**raw, "preprocessing": {**raw["preprocessing"], "resolution": "big"}}
+    with pytest.raises(BundleError, match=r"preprocessing\.resolution: .*integer"):
+        parse_meta(wrong)
+    folder = tmp_path / "b"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((kinds["ff"] / "model.safetensors").read_bytes())
+    (folder / "bundle.json").write_text(json.dumps(wrong))
+    result = cli("weights", "info", folder)
+    assert result.exit_code == 2 and "preprocessing.resolution" in result.output
+
+
+def test_format_1_bundles_load_unchanged(kinds, tmp_path):
+    folder = tmp_path / "v1"
+    folder.mkdir()
+    raw = json.loads((kinds["ff"] / "bundle.json").read_text())
+    (folder / "bundle.json").write_text(json.dumps({**raw, "format_version": 1}))
+    (folder / "model.safetensors").write_bytes((kinds["ff"] / "model.safetensors").read_bytes())
+    x = torch.randint(0, 256, (2, 3, RES, RES), dtype=torch.uint8)
+    assert np.array_equal(load_bundle(folder).predict(x), load_bundle(kinds["ff"]).predict(x))
+    with pytest.raises(BundleError, match="bundle format 7 is not supported"):
+        parse_meta({**raw, "format_version": 7})

@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fundusfm.config.core import ConfigError, SplitConfig, dump_config, load_config
+from fundusfm.config.core import SplitConfig, dump_config, load_config
 from fundusfm.config.grid import DemoConfig
+from fundusfm.errors import ConfigError
 
 
 def test_yaml_then_overrides(tmp_path: Path):

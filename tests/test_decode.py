@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fundusfm.data.decode import ImageDecodeError, read_mask, read_rgb
+from fundusfm.data.decode import read_mask, read_rgb
+from fundusfm.errors import ImageDecodeError
 
 
 def gradient(h=32, w=48) -> np.ndarray:

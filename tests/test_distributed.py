@@ -21,10 +21,11 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler, RandomSampler
 
-from fundusfm.config.core import ConfigError, FinetuneConfig, SplitConfig, load_config
+from fundusfm.config.core import FinetuneConfig, SplitConfig, load_config
 from fundusfm.data.manifest import load_manifest
 from fundusfm.data.splits import make_splits
 from fundusfm.engine.distributed import local_batch, shard_order, wrap
+from fundusfm.errors import ConfigError
 from fundusfm.tasks.classify import finetune
 
 TOLERANCE = 1e-5  # scores of LF runs, 1 vs 2 processes (float summation order only)

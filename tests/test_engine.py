@@ -9,9 +9,7 @@ import torch
 import torchvision
 
 import fundusfm
-from fundusfm.bundle import BundleError
 from fundusfm.config.core import (
-    ConfigError,
     FinetuneConfig,
     PretrainConfig,
     SplitConfig,
@@ -20,9 +18,10 @@ from fundusfm.config.core import (
 )
 from fundusfm.data.manifest import load_manifest
 from fundusfm.data.splits import fold_sets, make_splits
-from fundusfm.engine.loop import TrainingDiverged, make_loss, make_sampler
+from fundusfm.engine.loop import make_loss, make_sampler
+from fundusfm.errors import BundleError, ConfigError, DataError, TrainingDiverged, WeightsNotFound
 from fundusfm.models.heads import make_head
-from fundusfm.models.inits import INITS, WeightsNotFound, create_backbone
+from fundusfm.models.inits import INITS, create_backbone
 from fundusfm.models.loaded import load_bundle
 from fundusfm.tasks.classify import evaluate, finetune, pretrain, run_notes
 from fundusfm.tasks.probe import fit_probe
@@ -170,7 +169,7 @@ def test_pretrain_then_finetune_from_bundle(tiny, tmp_path):
     )
     out = pretrain(cfg)
     bundle = load_bundle(out / "bundle")
-    assert bundle.meta["pretraining"]["strategy"] == "fundus"
+    assert bundle.meta.pretraining.strategy == "fundus"
     assert set(pd.read_csv(out / "predictions.csv").split) == {"val"}
     ft = finetune(config(tiny, tmp_path / "ft", **{"model.init": out / "bundle", "method": "lf"}))
     tuned = load_bundle(ft / "bundle").model.backbone.state_dict()
@@ -202,8 +201,8 @@ def test_bundle_round_trip_and_tamper_check(tiny, tmp_path):
     assert first.shape == (3, 2) and np.allclose(first.sum(axis=1), 1, atol=1e-5)
     assert np.allclose(load_bundle(out / "bundle").predict(x), first)
     meta = bundle.meta
-    assert meta["preprocessing"]["resolution"] == 64
-    assert meta["provenance"]["manifest_sha256"] and meta["task"]["classes"] == ["0", "1"]
+    assert meta.preprocessing.resolution == 64
+    assert meta.provenance.manifest_sha256 and meta.task.classes == ["0", "1"]
     with pytest.raises(ValueError, match="expects 64x64"):
         bundle.predict(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     weights = out / "bundle" / "model.safetensors"
@@ -372,7 +371,7 @@ def test_resume_refuses_changed_settings_and_stays_stopped(tiny, tmp_path):
 def test_undefined_selection_metric_fails_before_training(tiny, tmp_path):
     # fold 0's validation part of the tiny set holds too few images for every disease class
     cfg = config(tiny, tmp_path / "run", **{"data.task": "disease", "train.select_metric": "auroc"})
-    with pytest.raises(ConfigError, match="select_metric=loss"):
+    with pytest.raises(DataError, match="select_metric=loss"):
         finetune(cfg)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
@@ -392,7 +391,7 @@ def test_wrong_inputs_give_clear_errors(tiny, tmp_path):
         create_backbone("resnet18", "imagenet", imagenet_file=whole)
     label_map = tmp_path / "map.yaml"
     label_map.write_text("column: eye\nmap: {up: 1}\n")
-    with pytest.raises(ConfigError, match="no value of column 'eye'"):
+    with pytest.raises(DataError, match="no value of column 'eye'"):
         evaluate(
             out / "bundle",
             tiny["manifest"],

@@ -15,7 +15,8 @@ from fundusfm.cli import app
 from fundusfm.config.core import FinetuneConfig, SplitConfig, load_config
 from fundusfm.data.manifest import load_manifest
 from fundusfm.data.splits import make_splits
-from fundusfm.engine.checkpoint import CheckpointWriteError, save_atomic, save_weights
+from fundusfm.engine.checkpoint import save_atomic, save_weights
+from fundusfm.errors import CheckpointWriteError, DataError
 from fundusfm.tasks.classify import finetune
 
 REAL_SAVE = torch.save
@@ -117,7 +118,6 @@ def test_disk_full_mid_run_then_resume_matches_an_uninterrupted_run(
     )
 
     # external validation keys its predictions on image_id: a repeated id is refused by line
-    from fundusfm.config.core import ConfigError
     from fundusfm.tasks.classify import evaluate
 
     table = pd.read_csv(synth_set, dtype=str, keep_default_na=False)
@@ -125,7 +125,7 @@ def test_disk_full_mid_run_then_resume_matches_an_uninterrupted_run(
     repeated = pd.concat([table, table.iloc[[0]]])
     bad = tmp_path / "repeated_id.csv"
     repeated.to_csv(bad, index=False)
-    with pytest.raises(ConfigError, match=f"line {len(table) + 2}"):
+    with pytest.raises(DataError, match=f"line {len(table) + 2}"):
         evaluate(whole / "bundle", bad, tmp_path / "ext", device="cpu", progress=False)
     assert not (tmp_path / "ext").exists()
 

@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from fundusfm.cli import app
 from fundusfm.config.core import (
-    ConfigError,
     CropConfig,
     DataConfig,
     PretrainConfig,
@@ -26,6 +25,7 @@ from fundusfm.config.grid import GridConfig
 from fundusfm.data.datasets import load_fold
 from fundusfm.data.manifest import load_manifest
 from fundusfm.data.splits import fold_sets, make_splits
+from fundusfm.errors import ConfigError
 from fundusfm.evaluation.metrics import binary_auroc
 from fundusfm.evaluation.stats import CLUSTERED_DELONG, clustered_delong_test
 from fundusfm.grid.cells import cell_dir, expand, fingerprint, parse_shard, shard, status

@@ -6,7 +6,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fundusfm.config.core import ConfigError
 from fundusfm.data.manifest import (
     DatasetSpec,
     TaskSpec,
@@ -15,6 +14,7 @@ from fundusfm.data.manifest import (
     save_manifest,
 )
 from fundusfm.data.validate import check_manifest
+from fundusfm.errors import ConfigError, DataError
 
 SPEC = DatasetSpec(
     name="t",
@@ -134,7 +134,7 @@ def test_encode_labels_all_kinds(tmp_path: Path):
     assert encode_labels(m, spec.tasks["both"]).tolist()[2] == [1, 1]
     t.loc[0, "grade"] = "q"
     m = load_manifest(save_manifest(t, spec, tmp_path / "manifest.csv"))
-    with pytest.raises(ConfigError, match="line 2"):
+    with pytest.raises(DataError, match="line 2"):
         encode_labels(m, spec.tasks["grade"])
 
 

@@ -12,11 +12,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fundusfm.cli import app
-from fundusfm.config.core import ConfigError
 from fundusfm.data.adapters.classification import JSIEC_CLASSES, odir_eye
 from fundusfm.data.adapters.registry import import_dataset
 from fundusfm.data.labels import SHIPPED, harmonise, mapping_file
 from fundusfm.data.manifest import load_manifest
+from fundusfm.errors import ConfigError, DataError
 
 from .conftest import SHARED_DATA
 from .test_vessel_datasets import fundus
@@ -236,7 +236,7 @@ def test_folder_and_csv_and_errors(tmp_path: Path):
     assert list(t.patient_id) == ["p1", "p1"] and list(t.abnormal) == ["0", "1"]
     with pytest.raises(ConfigError, match="choose one of"):
         import_dataset("kaggle", root, tmp_path / "x.csv")
-    with pytest.raises(ConfigError, match=r"no APTOS train\.csv"):
+    with pytest.raises(DataError, match=r"no APTOS train\.csv"):
         import_dataset("aptos", root, tmp_path / "x.csv")
 
 

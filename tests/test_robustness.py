@@ -27,9 +27,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fundusfm.cli import app
-from fundusfm.config.core import ConfigError, SplitConfig
+from fundusfm.config.core import SplitConfig
 from fundusfm.data.manifest import DatasetSpec, load_manifest, save_manifest
 from fundusfm.data.splits import make_splits
+from fundusfm.errors import DataError
 
 LINUX = sys.platform.startswith("linux")  # file names are bytes there; not so on macOS/Windows
 
@@ -219,7 +220,7 @@ def test_a_failed_manifest_write_keeps_the_previous_manifest(tmp_path: Path):
     path = save_manifest(table, DatasetSpec(), tmp_path / "manifest.csv")
     before = path.read_bytes()
     table.loc[0, "path"] = os.fsdecode(b"caf\xe9.png")  # a name that is not UTF-8
-    with pytest.raises(ConfigError, match=r"line 2, column path: 'caf\\xe9.png' is not valid"):
+    with pytest.raises(DataError, match=r"line 2, column path: 'caf\\xe9.png' is not valid"):
         save_manifest(table, DatasetSpec(), path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.csv", "manifest.yaml"]

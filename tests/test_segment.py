@@ -12,14 +12,15 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 from typer.testing import CliRunner
 
-from fundusfm.bundle import save_bundle
+from fundusfm.bundle import BundleMeta, save_bundle
 from fundusfm.cli import app
-from fundusfm.config.core import ConfigError, SplitConfig, load_config
+from fundusfm.config.core import SplitConfig, load_config
 from fundusfm.config.segment import SegmentConfig
 from fundusfm.data.decode import read_mask
 from fundusfm.data.manifest import load_manifest, save_manifest
 from fundusfm.data.splits import make_splits
 from fundusfm.data.vessel_images import rows_without_fov, square, to_native
+from fundusfm.errors import ConfigError
 from fundusfm.evaluation.seg_metrics import NAMES, count, scores, summary
 from fundusfm.models.backbone import Backbone
 from fundusfm.models.heads import Classifier, make_head
@@ -97,11 +98,13 @@ def test_encoder_weights_are_the_bundles(tmp_path: Path):
     torch.manual_seed(0)
     backbone = Backbone("resnet18")
     model = Classifier(backbone, make_head("linear", backbone.num_features, 2))
-    meta = {
-        "architecture": {"arch": "resnet18", "head": "linear", "outputs": 2},
-        "task": {"name": "t", "kind": "binary", "classes": ["0", "1"], "thresholds": [0.5]},
-        "preprocessing": {"resolution": 64, "mean": [0, 0, 0], "std": [1, 1, 1]},
-    }
+    meta = BundleMeta.model_validate(
+        {
+            "architecture": {"arch": "resnet18", "head": "linear", "outputs": 2},
+            "task": {"name": "t", "kind": "binary", "classes": ["0", "1"], "thresholds": [0.5]},
+            "preprocessing": {"resolution": 64, "mean": [0, 0, 0], "std": [1, 1, 1]},
+        }
+    )
     save_bundle(model, tmp_path / "b", meta)
     cfg = load_config(SegmentConfig, None, ["model.arch=resnet18", f"model.init={tmp_path / 'b'}"])
     unet = create_unet(cfg.model)
@@ -174,7 +177,7 @@ def test_frozen_encoder_does_not_change(vessel_set: dict, tmp_path: Path):
     decoder_before = create_unet(cfg.model).decoder.state_dict()
     decoder_after = bundle.model.decoder.state_dict()
     assert any(not torch.equal(decoder_before[k], decoder_after[k]) for k in decoder_before)
-    assert bundle.kind == "segmentation" and bundle.meta["encoder"] == "frozen"
+    assert bundle.kind == "segmentation" and bundle.meta.encoder == "frozen"
     assert not (out / "checkpoint.pt").exists()
 
 

@@ -4,9 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fundusfm.config.core import ConfigError, SplitConfig
+from fundusfm.config.core import SplitConfig
 from fundusfm.data.manifest import DatasetSpec, Manifest, TaskSpec, load_manifest
 from fundusfm.data.splits import fold_sets, labelled_counts, make_splits, pools, summarise
+from fundusfm.errors import ConfigError, DataError
 
 FRACTIONS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0]
 
@@ -133,7 +134,7 @@ def test_fractions_nested_stratified_with_every_class(splits, manifest):
 
 def test_old_splits_without_per_fold_fractions_are_refused(splits):
     old = splits[["image_id", "patient_id", "fold", "holdout", "val_fold"]].assign(frac_1=1)
-    with pytest.raises(ConfigError, match="older fundusfm"):
+    with pytest.raises(DataError, match="older fundusfm"):
         fold_sets(old, 0, 1.0)
 
 
@@ -169,13 +170,13 @@ def test_multilabel_task(manifest):
 def test_errors(manifest, splits):
     with pytest.raises(ConfigError, match="too large"):
         make_splits(manifest, SplitConfig(folds=5, val_fraction=0.3))
-    with pytest.raises(ConfigError, match=r"fraction 0\.3 is not in the splits"):
+    with pytest.raises(DataError, match=r"fraction 0\.3 is not in the splits"):
         fold_sets(splits, 0, 0.3)
     with pytest.raises(ConfigError, match="task 'nope'"):
         make_splits(manifest, SplitConfig(task="nope"))
     small = manifest.table.head(6)
     m = type(manifest)(manifest.path, small, manifest.spec, manifest.root)
-    with pytest.raises(ConfigError, match="cannot fill"):
+    with pytest.raises(DataError, match="cannot fill"):
         make_splits(m, SplitConfig(folds=5, task="abnormal"))
 
 
@@ -196,5 +197,5 @@ def test_small_sets_keep_every_part_filled(manifest):
 def test_holdout_leaving_too_few_patients_is_an_error(manifest):
     small = manifest.table.head(10)  # 5 patients
     m = type(manifest)(manifest.path, small, manifest.spec, manifest.root)
-    with pytest.raises(ConfigError, match="after the held-out part"):
+    with pytest.raises(DataError, match="after the held-out part"):
         make_splits(m, SplitConfig(folds=5, test_fraction=0.2, val_fraction=0, task="abnormal"))

@@ -9,12 +9,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fundusfm.config.core import ConfigError, SplitConfig
+from fundusfm.config.core import SplitConfig
 from fundusfm.data.adapters.vessels import derive_fov, import_vessels
 from fundusfm.data.decode import read_mask
 from fundusfm.data.manifest import load_manifest
 from fundusfm.data.splits import make_splits
 from fundusfm.data.validate import check_manifest
+from fundusfm.errors import ConfigError, DataError
 
 from .conftest import SHARED_DATA
 from .test_preprocess import camera_frame, dimmed
@@ -160,7 +161,7 @@ def test_stare_gzipped_ppm_non_binary_labels_and_codes(tmp_path: Path):
 def test_errors(tmp_path: Path):
     with pytest.raises(ConfigError, match="choose one of"):
         import_vessels("messidor", tmp_path, tmp_path / "x.csv")
-    with pytest.raises(ConfigError, match="no drive images"):
+    with pytest.raises(DataError, match="no drive images"):
         import_vessels("drive", tmp_path, tmp_path / "x.csv")
 
 

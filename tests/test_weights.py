@@ -13,8 +13,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from fundusfm.cli import app
+from fundusfm.errors import PickleRefused
 from fundusfm.models.loaded import load_bundle
-from fundusfm.weights import PickleRefused, import_legacy, torchvision_state
+from fundusfm.weights import import_legacy, torchvision_state
 
 runner = CliRunner()
 
@@ -72,8 +73,8 @@ def test_pickled_dataparallel_model_imports_with_trust(tmp_path: Path):
     with torch.no_grad():
         expected = torch.softmax(legacy((x / 255.0 - mean[:, None, None]) / std[:, None, None]), 1)
     assert np.allclose(bundle.predict(x), expected.numpy(), atol=1e-5)
-    assert bundle.meta["provenance"]["source_sha256"]
-    assert bundle.meta["task"]["thresholds_validated"] is False
+    assert bundle.meta.provenance.source_sha256
+    assert bundle.meta.task.thresholds_validated is False
 
 
 @pytest.mark.parametrize("prefix", ["module.", ""])
@@ -82,12 +83,14 @@ def test_plain_state_dict_needs_no_trust(tmp_path: Path, prefix: str):
     state = {f"{prefix}{k.removeprefix('module.')}": v for k, v in legacy.state_dict().items()}
     torch.save(state, tmp_path / "sd.pth")
     bundle = load_bundle(import_legacy(tmp_path / "sd.pth", tmp_path / "b", resolution=64))
-    assert bundle.meta["architecture"] == {
-        "arch": "resnet18",
-        "head": "mlp",
-        "hidden": 512,
-        "outputs": 2,
-    }
+    a = bundle.meta.architecture
+    assert (a.arch, a.type, a.head, a.hidden, a.outputs) == (
+        "resnet18",
+        "classifier",
+        "mlp",
+        512,
+        2,
+    )
     back = torchvision_state(bundle.model, "mlp")
     for k, v in legacy.module.state_dict().items():
         assert torch.equal(back[k], v), k
@@ -97,7 +100,7 @@ def test_resnet50_is_recognised(tmp_path: Path):
     net = authors_model(torchvision.models.resnet50, 2048).module
     torch.save(net.state_dict(), tmp_path / "r50.pth")
     bundle = load_bundle(import_legacy(tmp_path / "r50.pth", tmp_path / "b"))
-    assert bundle.meta["architecture"]["arch"] == "resnet50"
+    assert bundle.meta.architecture.arch == "resnet50"
     assert bundle.resolution == 512
 
 

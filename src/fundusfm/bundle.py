@@ -1,11 +1,16 @@
 """Model bundles: a folder with `model.safetensors` and `bundle.json`, no pickle anywhere.
 
-`bundle.json` records what inference needs and where the model came from:
-    architecture   arch, head, hidden units, number of outputs
-    task           name, kind (binary/multiclass/multilabel), class names, thresholds
-    preprocessing  the preprocessing settings (resolution, FOV crop) and normalisation mean/std
-    provenance     resolved config, git commit, manifest sha256, package versions, created
+`bundle.json` is a typed, versioned schema (`BundleMeta`, format 2; format 1 bundles load
+unchanged) recording what inference needs and where the model came from:
+    architecture   arch, type (classifier or unet), head, hidden units, outputs
+    task           name, kind (binary/multiclass/multilabel/segmentation), class names,
+                   thresholds and whether they were chosen on validation data
+    preprocessing  resolution, FOV crop (with its resampling), FOV rule, normalisation mean/std
+    provenance     resolved config, git commit, manifest sha256, package versions, created;
+                   for imported checkpoints the source file and its sha256
     weights_sha256 of model.safetensors, verified on every load
+`save_bundle` is the one writer and `read_meta` the one reader; a bundle.json with an unknown
+field or a value of the wrong type is refused, naming the field.
 
 `models.loaded.load_bundle(path)` turns a bundle into a model whose `predict` takes images and
 returns probabilities, preprocessed exactly as the bundle says (never guessed).
@@ -26,26 +31,120 @@ defaults below and names what it filled (`Preprocessing.defaulted`), so a comman
 from __future__ import annotations
 
 import datetime as dt
-import json
 import platform
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field, ValidationError
 from safetensors.torch import load_file, save_file
 
 from fundusfm import __version__
-from fundusfm.config.core import CropConfig, PreprocessConfig
+from fundusfm.config.core import CropConfig, PreprocessConfig, Strict
 from fundusfm.data.preprocess import FOV_RULE
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from fundusfm.io import file_sha256
+from fundusfm.errors import BundleError
+from fundusfm.io import file_sha256, read_json, write_atomic, write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+Triple = tuple[float, float, float]
 
 
-class BundleError(ValueError):
-    """A bundle folder that is incomplete, altered or of an unknown format."""
+class Architecture(Strict):
+    """The network: a classifier (torchvision ResNet + head) or a U-Net on the same encoder."""
+
+    arch: str
+    type: Literal["classifier", "unet"] = "classifier"
+    head: Literal["linear", "mlp"] | None = None
+    hidden: int = 512
+    dropout: float = 0.0
+    outputs: int = Field(ge=1)
+    decoder_channels: list[int] | None = None
+
+
+class TaskInfo(Strict):
+    """What the outputs mean and the decision rule (binary: threshold of the positive class)."""
+
+    name: str
+    kind: Literal["binary", "multiclass", "multilabel", "segmentation"]
+    classes: list[str]
+    thresholds: list[float] = Field(default_factory=list)
+    thresholds_validated: bool = True
+    thresholds_note: str | None = None
+
+
+class PreprocessingInfo(Strict):
+    """Input settings as recorded; `read_preprocessing` fills in what an older bundle lacks."""
+
+    resolution: int = Field(gt=0)
+    crop: CropConfig | None = None
+    fov_rule: int | None = None
+    mean: Triple | None = None
+    std: Triple | None = None
+    resize: str | None = None  # segmentation: how images are brought to the resolution
+
+
+class Provenance(Strict):
+    """Where the weights came from: the resolved config, code, data and package versions."""
+
+    config: dict | None = None
+    git_commit: str | None = None
+    manifest: str | None = None
+    manifest_sha256: str | None = None
+    versions: dict[str, str] = Field(default_factory=dict)
+    created: str | None = None
+    source_file: str | None = None  # imported checkpoints: the file and its sha256
+    source_sha256: str | None = None
+    loaded_by: str | None = None
+    made_by: str | None = None
+
+
+class Pretraining(Strict):
+    strategy: str
+
+
+class BundleMeta(Strict):
+    """`bundle.json`: every field typed; an unknown field or a wrong type is refused by name."""
+
+    format_version: Literal[2] = FORMAT_VERSION
+    architecture: Architecture
+    task: TaskInfo
+    preprocessing: PreprocessingInfo
+    provenance: Provenance = Provenance()
+    weights_sha256: str | None = None  # set by save_bundle, checked by read_bundle
+    method: str | None = None  # fine-tuning: lf, ff or partial
+    probe: str | None = None  # LF through the feature cache: the probe fitted
+    pretraining: Pretraining | None = None
+    encoder: Literal["frozen", "full"] | None = None  # segmentation: how the encoder trained
+    init: str | None = None  # segmentation: the encoder's initialisation
+
+    @property
+    def segmentation(self) -> bool:
+        return self.task.kind == "segmentation"
+
+
+def _migrate(raw: dict) -> dict:
+    """Format 1 (the first release) had the same fields, untyped: it loads unchanged."""
+    if raw.get("format_version") == 1:
+        raw = {**raw, "format_version": 2}
+    return raw
+
+
+def parse_meta(raw: dict, where: str = "bundle.json") -> BundleMeta:
+    """A `bundle.json` dict as a BundleMeta (migrated from older formats), or a BundleError
+    naming each field that is unknown or of the wrong type."""
+    version = raw.get("format_version")
+    if version not in (1, FORMAT_VERSION):
+        raise BundleError(f"{where}: bundle format {version} is not supported")
+    try:
+        return BundleMeta.model_validate(_migrate(raw))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise BundleError(f"{where}: {problems}") from None
 
 
 def git_commit() -> str | None:
@@ -81,41 +180,36 @@ def provenance(config: dict, manifest: Path | None) -> dict:
     }
 
 
-def save_bundle(model: torch.nn.Module, path: Path, meta: dict) -> Path:
-    """Write weights and metadata; `meta` needs architecture, task, preprocessing, provenance."""
+def save_bundle(model: torch.nn.Module, path: Path, meta: BundleMeta) -> Path:
+    """The one writer of bundles: weights, then `bundle.json` with their sha256."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = path / "model.safetensors"
-    tmp = path / "model.safetensors.tmp"
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp))
-    tmp.replace(weights)
-    meta = {"format_version": FORMAT_VERSION, **meta, "weights_sha256": file_sha256(weights)}
-    (path / "bundle.json").write_text(json.dumps(meta, indent=2, default=str))
+    write_atomic(weights, lambda tmp: save_file(state, str(tmp)))
+    meta = meta.model_copy(update={"weights_sha256": file_sha256(weights)})
+    write_json(path / "bundle.json", meta.model_dump(mode="json", exclude_none=True))
     return path
 
 
-def read_meta(path: Path) -> dict:
-    """bundle.json of a bundle folder, its format checked (the weights are not read)."""
+def read_meta(path: Path) -> BundleMeta:
+    """The one reader of `bundle.json` (typed, migrated); the weights are not read."""
     path = Path(path)
     meta_file, weights = path / "bundle.json", path / "model.safetensors"
     if not meta_file.is_file() or not weights.is_file():
         raise BundleError(f"{path} is not a bundle: it needs bundle.json and model.safetensors")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format {meta.get('format_version')} is not supported")
-    return meta
+    return parse_meta(read_json(meta_file), str(meta_file))
 
 
-def read_bundle(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_bundle(path: Path) -> tuple[BundleMeta, dict[str, torch.Tensor]]:
     """Metadata and state dict of a bundle, after checking the weights' sha256."""
     meta = read_meta(path)
     weights = Path(path) / "model.safetensors"
     digest = file_sha256(weights)
-    if digest != meta.get("weights_sha256"):
+    if digest != meta.weights_sha256:
         raise BundleError(
             f"{weights}: sha256 {digest[:12]}... does not match bundle.json "
-            f"({str(meta.get('weights_sha256'))[:12]}...); the weights were changed or damaged"
+            f"({str(meta.weights_sha256)[:12]}...); the weights were changed or damaged"
         )
     return meta, load_file(weights)
 
@@ -139,44 +233,35 @@ class Preprocessing:
         )
 
 
-def read_preprocessing(meta: dict) -> Preprocessing:
-    """The preprocessing block of `bundle.json`, with the module's defaults for what is absent."""
-    block = meta.get("preprocessing") or {}
-    if "resolution" not in block:
-        raise BundleError("bundle.json has no preprocessing.resolution; the input size is unknown")
+def read_preprocessing(meta: BundleMeta) -> Preprocessing:
+    """The preprocessing of a bundle, with the module's defaults for what is absent."""
+    block = meta.preprocessing
     defaulted = []
-    segmentation = (meta.get("task") or {}).get("kind") == "segmentation"
     crop = None
-    if not segmentation:
-        if "crop" not in block:
+    if not meta.segmentation:
+        if block.crop is None:
             defaulted.append("crop")
-        try:
-            crop = CropConfig.model_validate(block.get("crop") or {})
-        except ValueError as exc:
-            raise BundleError(f"bundle.json preprocessing.crop is not valid: {exc}") from exc
+        crop = block.crop or CropConfig()
     values = {}
     for key, default in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
-        if key not in block:
+        recorded = getattr(block, key)
+        if recorded is None:
             defaulted.append(key)
-        values[key] = tuple(float(v) for v in block.get(key, default))
-        if len(values[key]) != 3:
-            raise BundleError(f"bundle.json preprocessing.{key} needs 3 values (R, G, B)")
-    return Preprocessing(
-        int(block["resolution"]), crop, values["mean"], values["std"], tuple(defaulted)
-    )
+        values[key] = tuple(float(v) for v in (recorded or default))
+    return Preprocessing(block.resolution, crop, values["mean"], values["std"], tuple(defaulted))
 
 
-def bundle_notes(meta: dict) -> list[str]:
+def bundle_notes(meta: BundleMeta) -> list[str]:
     """What a user should know before trusting a bundle's outputs (printed by the commands,
     recorded in metrics.json): thresholds not chosen on data, preprocessing defaults filled
     in, a FOV rule other than the one this fundusfm crops with."""
     notes = []
-    task = meta.get("task") or {}
-    if task.get("thresholds_validated") is False and task.get("kind") != "multiclass":
-        imported = "source_file" in (meta.get("provenance") or {})
-        why = task.get("thresholds_note") or ("imported weights" if imported else "not recorded")
+    task = meta.task
+    if not task.thresholds_validated and task.kind != "multiclass":
+        imported = meta.provenance.source_file is not None
+        why = task.thresholds_note or ("imported weights" if imported else "not recorded")
         notes.append(
-            f"thresholds {task.get('thresholds')} were not (all) chosen on validation data "
+            f"thresholds {task.thresholds} were not (all) chosen on validation data "
             f"({why}); validate them before relying on the decisions"
         )
     pre = read_preprocessing(meta)
@@ -190,9 +275,9 @@ def bundle_notes(meta: dict) -> list[str]:
             f"bundle.json records no preprocessing {', '.join(pre.defaulted)}: used "
             + ", ".join(filled[k] for k in pre.defaulted)
         )
-    block = meta.get("preprocessing") or {}
-    if pre.crop is not None and "crop" in block and block.get("fov_rule") != FOV_RULE:
-        made = block.get("fov_rule") or "not recorded (made before fundusfm recorded it)"
+    rule = meta.preprocessing.fov_rule
+    if meta.preprocessing.crop is not None and rule != FOV_RULE:
+        made = rule or "not recorded (made before fundusfm recorded it)"
         notes.append(
             f"the bundle's FOV rule is {made}; this fundusfm crops with rule {FOV_RULE}, so "
             "crops of some images may differ slightly from its training"

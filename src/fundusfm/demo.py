@@ -17,14 +17,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fundusfm.config.core import ConfigError, changed_settings, dump_config
+from fundusfm.config.core import changed_settings, dump_config
 from fundusfm.config.grid import DemoConfig, ExternalSet
 from fundusfm.data.manifest import load_manifest
 from fundusfm.data.splits import make_splits
 from fundusfm.data.validate import check_manifest
+from fundusfm.errors import ConfigError, WeightsNotFound
 from fundusfm.grid.report import build_report
 from fundusfm.grid.runner import run_grid
-from fundusfm.models.inits import WeightsNotFound, imagenet_state
+from fundusfm.models.inits import imagenet_state
 from fundusfm.synthetic.generate import generate
 from fundusfm.tasks.classify import pretrain
 

@@ -20,17 +20,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fundusfm.bundle import file_sha256, provenance, read_bundle, read_preprocessing, save_bundle
+from fundusfm.bundle import (
+    BundleMeta,
+    file_sha256,
+    provenance,
+    read_bundle,
+    read_preprocessing,
+    save_bundle,
+)
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fundusfm.errors import PickleRefused
 from fundusfm.models.heads import Classifier, scores_from_logits
 from fundusfm.models.loaded import build_model, load_bundle
 
 ARCH_BLOCKS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34"}
 BOTTLENECK_BLOCKS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
-
-
-class PickleRefused(ValueError):
-    """A checkpoint that can only be loaded by unpickling, without --trust-pickle."""
 
 
 def _load_checkpoint(path: Path, trust_pickle: bool):
@@ -113,7 +117,7 @@ def import_legacy(
             ours["head." + ("0." + rest if head == "linear" else rest)] = value
         else:
             ours["backbone.net." + key] = value
-    meta = {
+    raw = {
         "architecture": {"arch": arch, "head": head, "hidden": hidden, "outputs": outputs},
         "task": {
             "name": "abnormal" if outputs == 2 else "imported",
@@ -134,6 +138,7 @@ def import_legacy(
             "loaded_by": "unpickling (--trust-pickle)" if trust_pickle else "weights-only",
         },
     }
+    meta = BundleMeta.model_validate(raw)
 
     model = build_model(meta)
     missing, unexpected = model.load_state_dict(ours, strict=False)
@@ -145,27 +150,26 @@ def import_legacy(
 def card(bundle_path: Path) -> str:
     """A readable summary of a bundle (what it predicts, from what, made how)."""
     meta, state = read_bundle(bundle_path)
-    a, t, p = meta["architecture"], meta["task"], read_preprocessing(meta)
-    prov = meta.get("provenance", {})
+    a, t, p = meta.architecture, meta.task, read_preprocessing(meta)
+    prov = meta.provenance
     params = sum(v.numel() for v in state.values())
     lines = [
         f"bundle        {bundle_path}",
-        f"model         {a['arch']} + {a.get('head', a.get('type', ''))}, {params:,} parameters",
-        f"task          {t['name']} ({t['kind']}): {', '.join(map(str, t['classes']))}",
-        f"thresholds    {t.get('thresholds')}"
-        + ("" if t.get("thresholds_validated", True) else " (not chosen on validation data)"),
+        f"model         {a.arch} + {a.head or a.type}, {params:,} parameters",
+        f"task          {t.name} ({t.kind}): {', '.join(map(str, t.classes))}",
+        f"thresholds    {t.thresholds}"
+        + ("" if t.thresholds_validated else " (not chosen on validation data)"),
         f"input         {p.resolution} px, mean {list(p.mean)}, std {list(p.std)}"
         + (f" ({', '.join(p.defaulted)}: not recorded, defaults used)" if p.defaulted else ""),
-        f"weights       sha256 {meta['weights_sha256']}",
+        f"weights       sha256 {meta.weights_sha256}",
     ]
-    versions = prov.get("versions", {})
-    if versions:
-        lines.append("made with     " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    if prov.versions:
+        lines.append("made with     " + ", ".join(f"{k} {v}" for k, v in prov.versions.items()))
     for key in ("created", "git_commit", "manifest", "manifest_sha256", "source_file"):
-        if prov.get(key):
-            lines.append(f"{key:<14}{prov[key]}")
-    if prov.get("source_sha256"):
-        lines.append(f"source sha256 {prov['source_sha256']} ({prov.get('loaded_by')})")
+        if getattr(prov, key):
+            lines.append(f"{key:<14}{getattr(prov, key)}")
+    if prov.source_sha256:
+        lines.append(f"source sha256 {prov.source_sha256} ({prov.loaded_by})")
     return "\n".join(lines)
 
 
@@ -210,7 +214,7 @@ def export(bundle_path: Path, fmt: str, out: Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "torchvision":
-        torch.save(torchvision_state(bundle.model, bundle.meta["architecture"]["head"]), out)
+        torch.save(torchvision_state(bundle.model, bundle.meta.architecture.head), out)
         return out
     if fmt != "onnx":
         raise ValueError(f"unknown format {fmt!r}; choose torchvision or onnx")

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fundusfm.config.core import ConfigError, FinetuneConfig, PreprocessConfig
+from fundusfm.config.core import FinetuneConfig, PreprocessConfig
 from fundusfm.config.grid import ProbeConfig
 from fundusfm.data.datasets import CachedImages, load_fold, rows_of_parts
 from fundusfm.data.manifest import Manifest
@@ -25,6 +25,7 @@ from fundusfm.data.preprocess import ImageCache, build_cache, preprocess_image
 from fundusfm.data.splits import fold_sets
 from fundusfm.data.transforms import normalise, to_tensor
 from fundusfm.engine.loop import make_loss, resolve_device, set_trainable, train_mode
+from fundusfm.errors import ConfigError
 from fundusfm.models.heads import Classifier, make_head
 from fundusfm.models.inits import create_backbone
 from fundusfm.tasks.features import extract

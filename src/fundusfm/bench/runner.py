@@ -31,7 +31,8 @@ from fundusfm.bench.memory import bench_memory
 from fundusfm.bench.pipeline import PipelineSetting, bench_pipeline
 from fundusfm.bench.screening import ScreenSetting, bench_screening
 from fundusfm.bench.workspace import Workspace
-from fundusfm.config.core import ConfigError, FinetuneConfig, SynthConfig
+from fundusfm.config.core import FinetuneConfig, SynthConfig
+from fundusfm.errors import ConfigError
 from fundusfm.synthetic.generate import generate
 
 GROUPS = {"a": "pipeline", "b": "lf", "c": "screen", "d": "memory"}

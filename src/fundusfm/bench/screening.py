@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fundusfm.bundle import save_bundle
+from fundusfm.bundle import BundleMeta, save_bundle
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fundusfm.models.loaded import build_model, load_bundle
 from fundusfm.weights import export, exported_module
@@ -45,21 +45,23 @@ class ScreenSetting:
 
 def random_bundle(arch: str, resolution: int, folder: Path) -> Path:
     """A binary classification bundle with random weights (what screening would load)."""
-    meta = {
-        "architecture": {"arch": arch, "head": "mlp", "hidden": 512, "outputs": 2},
-        "task": {
-            "name": "bench",
-            "kind": "binary",
-            "classes": ["normal", "abnormal"],
-            "thresholds": [0.5],
-        },
-        "preprocessing": {
-            "resolution": resolution,
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-        },
-        "provenance": {"made_by": "fundusfm bench (random weights)"},
-    }
+    meta = BundleMeta.model_validate(
+        {
+            "architecture": {"arch": arch, "head": "mlp", "hidden": 512, "outputs": 2},
+            "task": {
+                "name": "bench",
+                "kind": "binary",
+                "classes": ["normal", "abnormal"],
+                "thresholds": [0.5],
+            },
+            "preprocessing": {
+                "resolution": resolution,
+                "mean": list(IMAGENET_MEAN),
+                "std": list(IMAGENET_STD),
+            },
+            "provenance": {"made_by": "fundusfm bench (random weights)"},
+        }
+    )
     torch.manual_seed(0)
     return save_bundle(build_model(meta), folder, meta)
 

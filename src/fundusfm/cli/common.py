@@ -4,7 +4,7 @@ the `--config`/`--set` options and `resolve`, which turns them into a typed conf
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -14,8 +14,8 @@ import typer
 from pydantic import BaseModel
 from typer.core import TyperGroup
 
-from fundusfm.config.core import ConfigError, load_config
-from fundusfm.data.decode import ImageDecodeError
+from fundusfm.config.core import load_config
+from fundusfm.errors import ConfigError, FundusError, TrainingDiverged
 
 DEBUG = {"traceback": False}  # set by `fundusfm --debug`
 
@@ -67,7 +67,7 @@ def user_errors() -> Iterator[None]:
     """Turn the errors a user can fix (bad input, paths, permissions) into one clear line."""
     try:
         yield
-    except (ConfigError, ImageDecodeError, ValueError, OSError) as exc:
+    except (FundusError, ValueError, OSError) as exc:
         if DEBUG["traceback"]:  # a ValueError may be a bug too: --debug shows where it arose
             raise
         raise fail(str(exc)) from exc
@@ -87,3 +87,17 @@ def resolve(model: type[M], config: Path | None, sets: list[str] | None, **flags
         return load_config(model, config, overrides)
     except ConfigError as exc:
         raise fail(str(exc)) from exc
+
+
+def run_training(runner: Callable[[M], Path], cfg: M, resume: bool, quiet: bool) -> Path | None:
+    """Run a training command with `--resume`/`--quiet` applied; a diverged loss exits 1.
+    Returns the run folder on the process that reports (rank 0 under torchrun), else None."""
+    from fundusfm.engine.distributed import is_main  # torch: not loaded for --help
+
+    run = cfg.run.model_copy(update={"resume": cfg.run.resume or resume, "progress": not quiet})
+    with user_errors():
+        try:
+            out = runner(cfg.model_copy(update={"run": run}))
+        except TrainingDiverged as exc:
+            raise fail(str(exc), code=1) from exc
+    return out if is_main() else None

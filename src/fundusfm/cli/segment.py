@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from fundusfm.cli.common import ConfigOpt, QuietOpt, SetOpt, fail, group, resolve, user_errors
+from fundusfm.cli.common import (
+    ConfigOpt,
+    QuietOpt,
+    SetOpt,
+    group,
+    resolve,
+    run_training,
+    user_errors,
+)
 
 app = group("Vessel segmentation: a U-Net on the foundation backbone.")
 
@@ -29,20 +37,10 @@ def train(
 ) -> None:
     """Train a U-Net (encoder: any init, frozen or full) and test it; writes a bundle."""
     from fundusfm.config.segment import SegmentConfig
-    from fundusfm.engine.loop import TrainingDiverged
     from fundusfm.tasks.segment import train_segmentation
 
-    cfg = resolve(SegmentConfig, config, set_)
-    run = cfg.run.model_copy(update={"resume": cfg.run.resume or resume, "progress": not quiet})
-    cfg = cfg.model_copy(update={"run": run})
-    with user_errors():
-        try:
-            out = train_segmentation(cfg)
-        except TrainingDiverged as exc:
-            raise fail(str(exc), code=1) from exc
-    from fundusfm.engine.distributed import is_main
-
-    if not is_main():  # under torchrun rank 0 reports
+    out = run_training(train_segmentation, resolve(SegmentConfig, config, set_), resume, quiet)
+    if out is None:  # under torchrun rank 0 reports
         return
     metrics = json.loads((out / "metrics.json").read_text())
     if metrics.get("test"):

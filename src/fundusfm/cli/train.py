@@ -8,7 +8,16 @@ from typing import Annotated
 
 import typer
 
-from fundusfm.cli.common import ConfigOpt, QuietOpt, SetOpt, fail, resolve, say_notes, user_errors
+from fundusfm.cli.common import (
+    ConfigOpt,
+    QuietOpt,
+    SetOpt,
+    fail,
+    resolve,
+    run_training,
+    say_notes,
+    user_errors,
+)
 from fundusfm.config.grid import DemoConfig
 
 
@@ -43,24 +52,8 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupt
 
 
 def _train_command(model, config, set_, resume, quiet, runner) -> None:
-    cfg = resolve(model, config, set_)
-    cfg = cfg.model_copy(
-        update={
-            "run": cfg.run.model_copy(
-                update={"resume": cfg.run.resume or resume, "progress": not quiet}
-            )
-        }
-    )
-    from fundusfm.engine.loop import TrainingDiverged
-
-    with user_errors():
-        try:
-            out = runner(cfg)
-        except TrainingDiverged as exc:
-            raise fail(str(exc), code=1) from exc
-    from fundusfm.engine.distributed import is_main
-
-    if not is_main():  # under torchrun rank 0 reports
+    out = run_training(runner, resolve(model, config, set_), resume, quiet)
+    if out is None:  # under torchrun rank 0 reports
         return
     metrics = json.loads((out / "metrics.json").read_text())
     for part in ("val", "test", "holdout"):

@@ -26,7 +26,8 @@ def import_legacy(
     resolution: Annotated[int, typer.Option(help="Input size the weights were trained at.")] = 512,
 ) -> None:
     """Convert the authors' checkpoint (pickled DataParallel ResNet or state dict) to a bundle."""
-    from fundusfm.weights import PickleRefused, card
+    from fundusfm.errors import PickleRefused
+    from fundusfm.weights import card
     from fundusfm.weights import import_legacy as run
 
     names = [c.strip() for c in classes.split(",")] if classes else None

@@ -14,9 +14,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-
-class ConfigError(ValueError):
-    """A configuration file or override that cannot be used as given."""
+from fundusfm.errors import ConfigError
 
 
 class Strict(BaseModel):

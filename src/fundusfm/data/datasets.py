@@ -20,7 +20,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
-from fundusfm.config.core import AugmentConfig, ConfigError, DataConfig
+from fundusfm.config.core import AugmentConfig, DataConfig
+from fundusfm.errors import ConfigError, DataError
 from fundusfm.data.manifest import Manifest, TaskSpec, encode_labels, load_manifest
 from fundusfm.data.preprocess import ImageCache, build_cache, open_cache
 from fundusfm.data.splits import fold_sets, labelled_counts, make_splits
@@ -111,7 +112,7 @@ def rows_of_parts(ids: np.ndarray, parts_ids: dict[str, list[str]], cfg: DataCon
     row_of = {iid: i for i, iid in enumerate(ids)}
     unknown = [i for part in parts_ids.values() for i in part if i not in row_of]
     if unknown:
-        raise ConfigError(
+        raise DataError(
             f"{cfg.splits}: {len(unknown)} image ids are not in {cfg.manifest} "
             f"(first: {unknown[0]}); were the splits made from another manifest?"
         )
@@ -121,7 +122,7 @@ def rows_of_parts(ids: np.ndarray, parts_ids: dict[str, list[str]], cfg: DataCon
         if p != "holdout" or parts_ids.get(p)
     }
     if len(parts["train"]) == 0 or len(parts["val"]) == 0:
-        raise ConfigError(
+        raise DataError(
             f"fold {cfg.fold} at fraction {cfg.fraction} has no training or validation images"
         )
     return parts
@@ -162,7 +163,7 @@ def load_fold(cfg: DataConfig, val_fraction: float | None = None, progress: bool
     report = build_cache(manifest, pre, cache_root, progress=progress)
     if report.errors:
         _iid, path, reason = report.errors[0]
-        raise ConfigError(
+        raise DataError(
             f"{len(report.errors)} images could not be preprocessed (first: "
             f"{path}: {reason}); run `fundusfm data check {cfg.manifest}`"
         )

@@ -14,15 +14,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fundusfm.errors import ImageDecodeError
+
 SUPPORTED_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".webp")
 
 # Refuse images that would take more than this many pixels to decode (decompression bombs).
 # Checked from the header, before any pixel is decoded. Pillow's own global limit is left as is.
 MAX_PIXELS = 150_000_000
 
-
-class ImageDecodeError(ValueError):
-    """An image file that cannot be turned into pixels; the message says why."""
 
 
 def _bits_per_sample(img: Image.Image) -> int | None:

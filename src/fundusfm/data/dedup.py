@@ -24,7 +24,8 @@ from PIL import Image
 from scipy.fft import dctn
 from tqdm import tqdm
 
-from fundusfm.data.decode import ImageDecodeError, read_rgb
+from fundusfm.data.decode import read_rgb
+from fundusfm.errors import ImageDecodeError
 
 POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint16)
 

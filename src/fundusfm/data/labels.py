@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from fundusfm.config.core import ConfigError
+from fundusfm.errors import ConfigError, DataError
 from fundusfm.data.manifest import TaskSpec, load_manifest, save_manifest
 
 SHIPPED = Path(__file__).parent / "vocabulary"
@@ -53,7 +53,7 @@ def terms_of_rows(table: pd.DataFrame, spec: dict, source: str) -> list[list[str
     if "column" in spec:
         column, mapping = spec["column"], {str(k): v or [] for k, v in spec["map"].items()}
         if column not in table.columns:
-            raise ConfigError(f"{source}: column {column!r} is not in the manifest")
+            raise DataError(f"{source}: column {column!r} is not in the manifest")
         missing = sorted(set(table[column]) - set(mapping))
         if missing:
             raise ConfigError(f"{source}: values {missing[:5]} of {column!r} are not mapped")

@@ -29,7 +29,9 @@ import pandas as pd
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from fundusfm.config.core import ConfigError, Strict
+from fundusfm.io import write_text_atomic
+from fundusfm.config.core import Strict
+from fundusfm.errors import ConfigError, DataError
 from fundusfm.data.decode import SUPPORTED_SUFFIXES
 
 REQUIRED_COLUMNS = ("image_id", "path", "patient_id", "eye")
@@ -101,7 +103,7 @@ class Manifest:
         """Raise a clear error when the table lacks columns a stage needs."""
         missing = [c for c in columns if c not in self.table.columns]
         if missing:
-            raise ConfigError(
+            raise DataError(
                 f"{self.path}: missing column(s) {', '.join(missing)}; "
                 f"run `fundusfm data check {self.path}`"
             )
@@ -112,7 +114,7 @@ class Manifest:
         ids = self.table["image_id"]
         empty = np.flatnonzero((ids == "").to_numpy())
         if len(empty):
-            raise ConfigError(
+            raise DataError(
                 f"{self.path} line {self.line(int(empty[0]))}: empty image_id; every row needs "
                 f"a unique id (run `fundusfm data check {self.path}` to list all problems)"
             )
@@ -120,7 +122,7 @@ class Manifest:
         if len(repeated):
             i = int(repeated[0])
             first = int(np.flatnonzero((ids == ids.iat[i]).to_numpy())[0])
-            raise ConfigError(
+            raise DataError(
                 f"{self.path} line {self.line(i)}: image_id {ids.iat[i]!r} repeats line "
                 f"{self.line(first)} ({len(repeated)} repeated ids in all); ids must be unique: "
                 f"rename or remove the copies (run `fundusfm data check {self.path}`)"
@@ -129,7 +131,7 @@ class Manifest:
     def task(self, name: str | None = None) -> tuple[str, TaskSpec]:
         """Return a declared task by name, or the first one when `name` is None."""
         if not self.spec.tasks:
-            raise ConfigError(f"{self.sidecar}: declares no tasks (see `tasks:` in the docs)")
+            raise DataError(f"{self.sidecar}: declares no tasks (see `tasks:` in the docs)")
         if name is None:
             name = next(iter(self.spec.tasks))
         if name not in self.spec.tasks:
@@ -161,7 +163,7 @@ def read_table(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"manifest not found: {path}")
+        raise DataError(f"manifest not found: {path}")
     try:
         table = pd.read_csv(
             path,
@@ -173,12 +175,12 @@ def read_table(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
             skip_blank_lines=False,
         )
     except UnicodeDecodeError as exc:
-        raise ConfigError(
+        raise DataError(
             f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
             "save it as UTF-8 (in Excel: 'CSV UTF-8')"
         ) from exc
     except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as exc:
-        raise ConfigError(f"{path}: cannot read as CSV ({exc})") from exc
+        raise DataError(f"{path}: cannot read as CSV ({exc})") from exc
     table.columns = [str(c).strip() for c in table.columns]
     table = table.fillna("").apply(lambda col: col.str.strip())  # " P1" is "P1"
     lines = np.arange(len(table)) + 2
@@ -196,7 +198,7 @@ def load_manifest(path: Path) -> Manifest:
         try:
             spec = DatasetSpec.model_validate(yaml.safe_load(side.read_text("utf-8")) or {})
         except (ValidationError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{side}: invalid dataset description:\n{exc}") from exc
+            raise DataError(f"{side}: invalid dataset description:\n{exc}") from exc
     root = (side.parent / spec.root).resolve()
     return Manifest(path=path, table=table, spec=spec, root=root, lines=lines)
 
@@ -216,18 +218,6 @@ def is_utf8(name: str) -> bool:
     return True
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a temporary file beside `path`, then rename: a failure leaves `path` as it was."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # usual permissions, not 0600
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_manifest(table: pd.DataFrame, spec: DatasetSpec, path: Path) -> Path:
     """Write a manifest CSV and its sidecar YAML (each whole or not at all)."""
     path = Path(path)
@@ -245,13 +235,13 @@ def save_manifest(table: pd.DataFrame, spec: DatasetSpec, path: Path) -> Path:
             ),
             ("the header", ",".join(map(str, table.columns))),
         )
-        raise ConfigError(
+        raise DataError(
             f"cannot write {path}: {where}: '{printable(value)}' is not valid UTF-8 "
             "(a file name in another system's encoding?); rename it"
         ) from exc
-    _write_atomic(path, text)
+    write_text_atomic(path, text)
     spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-    _write_atomic(sidecar_path(path), spec_text)
+    write_text_atomic(sidecar_path(path), spec_text)
     return path
 
 
@@ -319,8 +309,8 @@ def _bad_label(manifest: Manifest, i: int, col: str, allowed) -> None:
     t, where = manifest.table, f"{manifest.path} line {manifest.line(i)}"
     n = int((t[col] == "").sum())
     if t[col].iat[i] == "":
-        raise ConfigError(
+        raise DataError(
             f"{where}: empty label in column {col} ({n} empty in all); fill in a label or "
             f"remove the row (run `fundusfm data check {manifest.path}` to list all problems)"
         )
-    raise ConfigError(f"{where}: {col}={t[col].iat[i]!r} is not one of {allowed}")
+    raise DataError(f"{where}: {col}={t[col].iat[i]!r} is not one of {allowed}")

@@ -34,9 +34,12 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from fundusfm.errors import NoFieldOfView
 from fundusfm.config.core import PreprocessConfig
-from fundusfm.data.decode import ImageDecodeError, open_image, to_rgb_array
+from fundusfm.data.decode import open_image, to_rgb_array
+from fundusfm.errors import ImageDecodeError
 from fundusfm.data.manifest import Manifest
+from fundusfm.io import read_json, value_sha256, write_npy, write_text_atomic
 
 # 2: the FOV box is the largest bright region, at least FOV_MARGIN above the background
 CACHE_FORMAT = 2
@@ -76,16 +79,12 @@ def check_min_side(rgb: np.ndarray) -> None:
         )
 
 
-class NoFieldOfView(ImageDecodeError):
-    """The image has no bright region that could be a fundus field of view."""
-
 
 def cache_key(cfg: PreprocessConfig) -> str:
     """Hash of every setting that changes the cached pixels (not of `workers`)."""
     settings = cfg.model_dump(exclude={"workers"})
     settings["format"] = CACHE_FORMAT
-    blob = json.dumps(settings, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
+    return value_sha256(settings)[:12]
 
 
 def cache_dir(cache_root: Path, cfg: PreprocessConfig) -> Path:
@@ -226,18 +225,6 @@ def _array_name(source: str) -> str:
     return hashlib.sha1(source.encode()).hexdigest()[:24] + ".npy"
 
 
-def _save_atomic(arr: np.ndarray, path: Path) -> None:
-    """Write to a uniquely named temporary file, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class ImageCache:
     """Read access to one built cache directory."""
 
@@ -248,7 +235,7 @@ class ImageCache:
             raise FileNotFoundError(
                 f"{self.dir} is not an image cache (no settings.json); run `fundusfm preprocess`"
             )
-        self.settings = json.loads(settings.read_text())
+        self.settings = read_json(settings)
         index = self.dir / "index.csv"
         table = pd.read_csv(index) if index.is_file() else pd.DataFrame(columns=INDEX_COLUMNS)
         self.index: dict[str, dict] = {r["source"]: r for r in table.to_dict("records")}
@@ -285,17 +272,9 @@ class BuildReport:
     seconds: float = 0.0
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Unique temporary file, then rename: safe when several grid shards share a cache."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def _write_index(directory: Path, index: dict[str, dict]) -> None:
     table = pd.DataFrame(list(index.values()), columns=INDEX_COLUMNS)
-    _write_text_atomic(directory / "index.csv", table.to_csv(index=False))
+    write_text_atomic(directory / "index.csv", table.to_csv(index=False))
 
 
 def build_cache(
@@ -306,7 +285,7 @@ def build_cache(
     (directory / "arrays").mkdir(parents=True, exist_ok=True)
     settings = {**cfg.model_dump(exclude={"workers"}), "format": CACHE_FORMAT}
     if not (directory / "settings.json").is_file():
-        _write_text_atomic(directory / "settings.json", json.dumps(settings, indent=2))
+        write_text_atomic(directory / "settings.json", json.dumps(settings, indent=2))
     cache = ImageCache(directory)
     report = BuildReport(directory=directory)
     manifest.require("image_id", "path")
@@ -330,7 +309,7 @@ def build_cache(
         except ImageDecodeError as exc:
             return iid, source, None, str(exc)
         name = _array_name(str(source))
-        _save_atomic(arr, directory / "arrays" / name)
+        write_npy(directory / "arrays" / name, arr)
         row = {
             "source": str(source),
             "size": st.st_size,
@@ -367,7 +346,7 @@ def build_cache(
         if report.built or not (directory / "index.csv").is_file():
             _write_index(directory, cache.index)
     errors = pd.DataFrame(report.errors, columns=["image_id", "path", "reason"])
-    _write_text_atomic(directory / "errors.csv", errors.to_csv(index=False))
+    write_text_atomic(directory / "errors.csv", errors.to_csv(index=False))
     return report
 
 

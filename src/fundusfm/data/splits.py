@@ -43,7 +43,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from fundusfm.config.core import ConfigError, SplitConfig
+from fundusfm.config.core import SplitConfig
+from fundusfm.errors import ConfigError, DataError
 from fundusfm.data.manifest import Manifest, TaskSpec, encode_labels
 
 
@@ -123,7 +124,7 @@ def make_splits(manifest: Manifest, cfg: SplitConfig) -> pd.DataFrame:
     t = manifest.table
     if (t["patient_id"] == "").any():
         i = int(np.flatnonzero((t["patient_id"] == "").to_numpy())[0])
-        raise ConfigError(
+        raise DataError(
             f"{manifest.path} line {manifest.line(i)}: empty patient_id; every image needs one "
             "(use the image_id when the patient is unknown)"
         )
@@ -142,7 +143,7 @@ def make_splits(manifest: Manifest, cfg: SplitConfig) -> pd.DataFrame:
         )
     cv = np.flatnonzero(~holdout)
     if len(cv) < k:
-        raise ConfigError(f"{len(cv)} patients (after the held-out part) cannot fill {k} folds")
+        raise DataError(f"{len(cv)} patients (after the held-out part) cannot fill {k} folds")
     fold[cv] = stratified_assign(counts[cv], sizes[cv], [1.0] * k, rng)
     fold[holdout] = -1
 
@@ -184,7 +185,7 @@ def make_splits(manifest: Manifest, cfg: SplitConfig) -> pd.DataFrame:
         if cfg.val_fraction > 0 and not parts["val"]:
             empty.append("validation")
         if empty:
-            raise ConfigError(
+            raise DataError(
                 f"fold {j} has an empty {' and '.join(empty)} part with {n_groups} patients; "
                 "use fewer folds or smaller val/test fractions"
             )
@@ -272,16 +273,16 @@ def fractions_of(splits: pd.DataFrame) -> list[float]:
 
 def _check_columns(splits: pd.DataFrame, fold: int, fraction: float) -> str:
     if any(c.startswith("frac_") and "_fold" not in c for c in splits.columns):
-        raise ConfigError(
+        raise DataError(
             "these splits were made by an older fundusfm, whose fractions held more than their "
             "share of small classes; make them again with `fundusfm split`"
         )
     if fold not in set(splits["fold"]):
-        raise ConfigError(f"fold {fold} is not in the splits (folds: {sorted(set(splits.fold))})")
+        raise DataError(f"fold {fold} is not in the splits (folds: {sorted(set(splits.fold))})")
     col = fraction_column(fraction, fold)
     if col not in splits.columns:
         have = [f"{f:g}" for f in fractions_of(splits)]
-        raise ConfigError(f"fraction {fraction:g} is not in the splits; available: {have}")
+        raise DataError(f"fraction {fraction:g} is not in the splits; available: {have}")
     return col
 
 

@@ -25,7 +25,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from fundusfm.config.core import ConfigError
+from fundusfm.errors import ConfigError, DataError
 from fundusfm.config.segment import SegAugmentConfig, SegDataConfig
 from fundusfm.data.decode import read_mask, read_rgb
 from fundusfm.data.manifest import Manifest
@@ -97,7 +97,7 @@ def native_masks(manifest: Manifest, row: int) -> tuple[np.ndarray, np.ndarray]:
     else:
         fov = derive_fov(manifest.image_path(t["path"]))
     if fov.shape != vessel.shape:
-        raise ConfigError(
+        raise DataError(
             f"{manifest.path} line {manifest.line(row)}: FOV mask {fov.shape} and vessel mask "
             f"{vessel.shape} differ in size"
         )
@@ -130,7 +130,7 @@ def load_images(
             image = read_rgb(manifest.image_path(t["path"]))
             vessel, fov = native_masks(manifest, row)
             if image.shape[:2] != vessel.shape:
-                raise ConfigError(
+                raise DataError(
                     f"{manifest.path} line {manifest.line(row)}: image {image.shape[:2]} and "
                     f"vessel mask {vessel.shape} differ in size"
                 )
@@ -167,7 +167,7 @@ def seg_parts(cfg: SegDataConfig, manifest: Manifest, seed: int) -> dict[str, np
         row_of = {iid: i for i, iid in enumerate(ids)}
         unknown = [i for p in named.values() for i in p if i not in row_of]
         if unknown:
-            raise ConfigError(f"{cfg.splits}: image id {unknown[0]!r} is not in {manifest.path}")
+            raise DataError(f"{cfg.splits}: image id {unknown[0]!r} is not in {manifest.path}")
         parts = {p: np.array([row_of[i] for i in named.get(p, [])], int) for p in named}
     else:
         if "split" not in t.columns:
@@ -189,10 +189,10 @@ def seg_parts(cfg: SegDataConfig, manifest: Manifest, seed: int) -> dict[str, np
     for name in ("train", "val"):
         missing = [ids[r] for r in parts.get(name, []) if not has_mask[r]]
         if missing:
-            raise ConfigError(f"{len(missing)} {name} images have no vessel mask: {missing[0]}")
+            raise DataError(f"{len(missing)} {name} images have no vessel mask: {missing[0]}")
     parts["test"] = np.array([r for r in parts.get("test", []) if has_mask[r]], int)
     if len(parts["train"]) == 0:
-        raise ConfigError(f"no training images with vessel masks in {manifest.path}")
+        raise DataError(f"no training images with vessel masks in {manifest.path}")
     return parts
 
 

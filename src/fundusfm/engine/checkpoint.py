@@ -6,8 +6,6 @@ mid-write (kill -9, power loss) or a full disk leaves the last complete file in 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,33 +13,22 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from fundusfm.errors import CheckpointWriteError
+from fundusfm.io import write_atomic
 
-class CheckpointWriteError(OSError):
-    """A checkpoint or weights file could not be written (disk full, quota, permissions)."""
 
-
-def _write_atomic(write: Callable[[str], None], path: Path) -> None:
-    """Write through a temporary file in the same folder, then rename over `path`.
-
-    A failed write (e.g. a full disk) removes the partial file and leaves the previous
-    `path` as it was; the error says so.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def _write_atomic(write: Callable[[Path], None], path: Path) -> None:
+    """`io.write_atomic`, with a failed write (e.g. a full disk) said in words: the previous
+    `path` is as it was, and the run can continue with --resume once there is space."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        write_atomic(path, write)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         kept = "the previous one is intact" if path.is_file() else "none was written before"
         raise CheckpointWriteError(
             exc.errno,
             f"could not write {path} ({exc.strerror or exc}); {kept}. Free disk "
             "space (or choose another run.out) and continue with --resume",
         ) from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_atomic(obj: dict, path: Path) -> None:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, Sampler, Subset
 
-from fundusfm.config.core import ConfigError
+from fundusfm.errors import ConfigError
 
 
 def world_size() -> int:

@@ -26,19 +26,16 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 from tqdm import tqdm
 
-from fundusfm.config.core import ConfigError, TrainConfig
+from fundusfm.config.core import TrainConfig
 from fundusfm.data.datasets import FoldData
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalise
 from fundusfm.engine import distributed as ddp
 from fundusfm.engine.checkpoint import save_atomic, save_weights
+from fundusfm.errors import ConfigError, DataError, TrainingDiverged
 from fundusfm.evaluation.metrics import classification_metrics
 from fundusfm.models.heads import Classifier, scores_from_logits
 
 LOWER_IS_BETTER = {"brier", "loss"}
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass
@@ -129,7 +126,7 @@ def check_select_metric(kind: str, metric: str, val_labels: np.ndarray, n_classe
         )
     partial = probe.get("classes_scored", n_classes) < n_classes
     if math.isnan(probe[metric]) or (partial and metric.startswith(("auroc", "auprc"))):
-        raise ConfigError(
+        raise DataError(
             f"validation {metric} is undefined or partial: the validation part "
             f"({len(val_labels)} images) lacks some classes. Set train.select_metric=loss, or "
             "make validation parts larger (`fundusfm split ... --set val_fraction=0.2`)"

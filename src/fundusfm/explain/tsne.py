@@ -108,7 +108,7 @@ def model_inputs(specs: list[str], arch: str | None, resolution: int | None) -> 
     with the default FOV crop and ImageNet normalisation."""
     metas = {s: read_bundle(Path(s))[0] for s in specs if (Path(s) / "bundle.json").is_file()}
     first = next(iter(metas.values()), None)
-    arch = arch or (first["architecture"]["arch"] if first else "resnet50")
+    arch = arch or (first.architecture.arch if first else "resnet50")
     resolution = resolution or (read_preprocessing(first).resolution if first else 512)
     out = []
     for spec in specs:
@@ -119,7 +119,7 @@ def model_inputs(specs: list[str], arch: str | None, resolution: int | None) -> 
         p = read_preprocessing(metas[spec])
         crop = p.crop or CropConfig()  # a U-Net encoder: fundus images cropped as by default
         pre = PreprocessConfig(resolution=p.resolution, **crop.model_dump())
-        out.append(ModelInput(spec, metas[spec]["architecture"]["arch"], pre, p.mean, p.std))
+        out.append(ModelInput(spec, metas[spec].architecture.arch, pre, p.mean, p.std))
     return out
 
 

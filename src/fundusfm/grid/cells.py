@@ -10,21 +10,20 @@ runs again. Torch-free, so `grid status` and `grid report` start fast.
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from fundusfm.config.core import ConfigError, FinetuneConfig
+from fundusfm.config.core import FinetuneConfig
 from fundusfm.config.grid import GridConfig
 from fundusfm.config.segment import SegmentConfig
 from fundusfm.data.manifest import load_manifest, sidecar_path
 from fundusfm.data.preprocess import FOV_RULE
-from fundusfm.io import file_sha256, read_json
+from fundusfm.errors import ConfigError, FundusError
+from fundusfm.io import file_sha256, read_json, value_sha256
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ def _default_task(cfg: GridConfig) -> str | None:
         return cfg.base.data.task
     try:
         return load_manifest(cfg.base.data.manifest).task(None)[0]
-    except (ConfigError, OSError):
+    except (FundusError, OSError):
         return None
 
 
@@ -179,7 +178,7 @@ def fingerprint(cfg: GridConfig, cell: Cell) -> str:
         "init": _init_digest(c.model.init, getattr(c.model, "init_bundle", None)),
         "fov_rule": FOV_RULE,
     }
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+    return value_sha256(blob)
 
 
 def state(cfg: GridConfig, cell: Cell) -> str:

@@ -25,7 +25,6 @@ Everything is recomputed from the cells' `metrics.json` and `predictions.csv`.
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +44,7 @@ from fundusfm.grid.tables import (
     external_metrics,
     in_groups,
 )
+from fundusfm.io import read_json
 
 # the header of a comparisons.csv without rows (every group incomplete, or one init)
 COMPARISON_COLUMNS = [
@@ -69,7 +69,7 @@ def collect(cfg: GridConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         if state(cfg, cell) != "done":
             continue
         d = cell_dir(cfg, cell)
-        metrics = json.loads((d / "metrics.json").read_text())
+        metrics = read_json(d / "metrics.json")
         row = {"cell": cell.id, **cell.coordinates(), **labelled_columns(metrics)}
         for part in ("val", "test", "holdout"):
             row.update({f"{part}_{k}": v for k, v in metrics.get(part, {}).items()})

@@ -13,15 +13,14 @@ external set into `<cell>/external/<name>/`.
 
 from __future__ import annotations
 
-import json
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from fundusfm.config.core import ConfigError
 from fundusfm.config.grid import GridConfig
 from fundusfm.config.segment import SegmentConfig
 from fundusfm.engine.distributed import launched
+from fundusfm.errors import ConfigError
 from fundusfm.grid.cells import (
     Cell,
     cell_config,
@@ -32,6 +31,7 @@ from fundusfm.grid.cells import (
     start_cell,
     state,
 )
+from fundusfm.io import read_json
 from fundusfm.tasks.classify import evaluate, finetune, probe_finetune, run_notes
 from fundusfm.tasks.segment import evaluate_segmentation, train_segmentation
 
@@ -70,7 +70,7 @@ def run_cell(cfg: GridConfig, cell: Cell, stamp: str, progress: bool = False) ->
 def cell_notes(out: Path) -> list[str]:
     """The warnings of a finished classification cell (segmentation cells have none yet)."""
     metrics = out / "metrics.json"
-    return run_notes(json.loads(metrics.read_text())) if metrics.is_file() else []
+    return run_notes(read_json(metrics)) if metrics.is_file() else []
 
 
 def run_grid(

@@ -18,7 +18,6 @@ Writes into `<grid out>/report/`:
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from fundusfm.evaluation.stats import bootstrap_ci
 from fundusfm.grid.cells import cell_dir, expand, state
 from fundusfm.grid.figures import html_page, line_figure
 from fundusfm.grid.tables import KEYS, completeness, external_metrics, in_groups
+from fundusfm.io import read_json
 
 COLUMNS = ["task", "method", "resolution", "fraction", "init_a", "init_b", "images", "complete"]
 COLUMNS += ["dice_a", "dice_b", "difference", "ci_low", "ci_high", "wilcoxon_p"]
@@ -44,7 +44,7 @@ def collect(cfg: GridConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         if state(cfg, cell) != "done":
             continue
         d = cell_dir(cfg, cell)
-        metrics = json.loads((d / "metrics.json").read_text())
+        metrics = read_json(d / "metrics.json")
         row = {"cell": cell.id, **cell.coordinates(), "test_images": metrics.get("images")}
         row.update({f"test_{k}": v for k, v in metrics.get("test", {}).items()})
         rows.append({**row, **external_metrics(cfg, d)})

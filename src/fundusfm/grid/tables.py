@@ -3,7 +3,6 @@ external metrics. Used by `report` (classification) and `seg_report` (segmentati
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pandas as pd
 
 from fundusfm.config.grid import GridConfig
 from fundusfm.grid.cells import expand, state
+from fundusfm.io import read_json
 
 KEYS = ["task", "init", "method", "resolution", "fraction"]
 NOT_DONE = ("failed", "stale", "pending")
@@ -22,7 +22,7 @@ def external_metrics(cfg: GridConfig, d: Path) -> dict:
     for ext in cfg.external:
         path = d / "external" / ext.name / "metrics.json"
         if path.is_file():
-            ext_metrics = json.loads(path.read_text())["external"]
+            ext_metrics = read_json(path)["external"]
             row.update({f"ext_{ext.name}_{k}": v for k, v in ext_metrics.items()})
     return row
 

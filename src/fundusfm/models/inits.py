@@ -19,13 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from fundusfm.bundle import read_bundle
+from fundusfm.errors import WeightsNotFound
 from fundusfm.models.backbone import ARCHS, Backbone
 
 INITS = ("scratch", "imagenet", "fundus", "imagenet+fundus")
-
-
-class WeightsNotFound(FileNotFoundError):
-    """Pretrained weights that were asked for but are not on this machine."""
 
 
 def imagenet_state(arch: str, version: str = "IMAGENET1K_V1", file: Path | None = None) -> dict:
@@ -104,13 +101,12 @@ def create_backbone(
         backbone.load_torchvision_state(imagenet_state(arch, imagenet_version, imagenet_file))
         return backbone
     meta, state = read_bundle(resolve_bundle(init, init_bundle))
-    if meta["architecture"]["arch"] != arch:
+    if meta.architecture.arch != arch:
         raise ValueError(
-            f"init {init!r} holds a {meta['architecture']['arch']} backbone, not {arch}; "
-            f"set model.arch={meta['architecture']['arch']}"
+            f"init {init!r} holds a {meta.architecture.arch} backbone, not {arch}; "
+            f"set model.arch={meta.architecture.arch}"
         )
-    segmentation = meta.get("task", {}).get("kind") == "segmentation"
-    prefix = "encoder." if segmentation else "backbone.net."  # a U-Net's encoder is a ResNet
+    prefix = "encoder." if meta.segmentation else "backbone.net."  # a U-Net's encoder is a ResNet
     backbone.load_torchvision_state(
         {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     )

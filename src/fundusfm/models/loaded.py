@@ -9,26 +9,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fundusfm.bundle import Preprocessing, read_bundle, read_preprocessing
+from fundusfm.bundle import BundleMeta, Preprocessing, read_bundle, read_preprocessing
 from fundusfm.data.transforms import normalise, to_tensor
 from fundusfm.models.backbone import Backbone
 from fundusfm.models.heads import Classifier, make_head, scores_from_logits
 from fundusfm.models.unet import build_unet
 
 
-def build_model(meta: dict) -> torch.nn.Module:
+def build_model(meta: BundleMeta) -> torch.nn.Module:
     """An untrained model with the architecture a bundle describes (Classifier or U-Net)."""
-    arch = meta["architecture"]
-    if meta["task"]["kind"] == "segmentation":
-        return build_unet(arch["arch"], arch["decoder_channels"])
-    backbone = Backbone(arch["arch"])
-    head = make_head(
-        arch["head"],
-        backbone.num_features,
-        arch["outputs"],
-        arch.get("hidden", 512),
-        arch.get("dropout", 0.0),
-    )
+    a = meta.architecture
+    if meta.segmentation:
+        return build_unet(a.arch, a.decoder_channels)
+    backbone = Backbone(a.arch)
+    head = make_head(a.head or "linear", backbone.num_features, a.outputs, a.hidden, a.dropout)
     return Classifier(backbone, head)
 
 
@@ -37,16 +31,16 @@ class Bundle:
     """A loaded bundle: metadata, the model in eval mode, and prediction."""
 
     path: Path
-    meta: dict
+    meta: BundleMeta
     model: torch.nn.Module
 
     @property
     def kind(self) -> str:
-        return self.meta["task"]["kind"]
+        return self.meta.task.kind
 
     @property
     def classes(self) -> list[str]:
-        return list(self.meta["task"]["classes"])
+        return list(self.meta.task.classes)
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -59,12 +53,12 @@ class Bundle:
     @property
     def thresholds(self) -> list[float]:
         """Decision thresholds (binary: of the positive class; multiclass: none, argmax)."""
-        return [float(t) for t in self.meta["task"].get("thresholds") or []]
+        return [float(t) for t in self.meta.task.thresholds]
 
     @property
     def thresholds_validated(self) -> bool:
         """False when the thresholds were not chosen on validation data (imported, one class)."""
-        return bool(self.meta["task"].get("thresholds_validated", True))
+        return self.meta.task.thresholds_validated
 
     @torch.no_grad()
     def predict(self, images, batch_size: int = 32) -> np.ndarray:

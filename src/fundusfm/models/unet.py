@@ -37,18 +37,6 @@ def create_unet(cfg: SegModelConfig) -> smp.Unet:
     return unet
 
 
-def freeze_encoder(unet: smp.Unet) -> None:
-    for p in unet.encoder.parameters():
-        p.requires_grad_(False)
-
-
-def set_train_mode(unet: smp.Unet, frozen: bool) -> None:
-    """Training mode, except a frozen encoder stays in eval (BatchNorm statistics fixed)."""
-    unet.train()
-    if frozen:
-        unet.encoder.eval()
-
-
 def encoder_state_equal(unet: nn.Module, state: dict[str, torch.Tensor]) -> bool:
     """Whether the encoder's tensors equal a torchvision-named state (fc.* ignored)."""
     own = unet.encoder.state_dict()

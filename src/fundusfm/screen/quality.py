@@ -23,7 +23,8 @@ from PIL import Image
 from scipy import ndimage
 
 from fundusfm.config.screen import QualityConfig
-from fundusfm.data.preprocess import NoFieldOfView, fov_box, fov_mask
+from fundusfm.data.preprocess import fov_box, fov_mask
+from fundusfm.errors import NoFieldOfView
 
 
 @dataclass

@@ -12,8 +12,6 @@ Every figure is recomputable from `predictions.csv`.
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +19,8 @@ import pandas as pd
 import torch
 import yaml
 
-from fundusfm.bundle import bundle_notes, provenance, save_bundle
-from fundusfm.config.core import (
-    ConfigError,
-    FinetuneConfig,
-    PretrainConfig,
-    changed_settings,
-    dump_config,
-)
+from fundusfm.bundle import BundleMeta, bundle_notes, provenance, save_bundle
+from fundusfm.config.core import FinetuneConfig, PretrainConfig, changed_settings, dump_config
 from fundusfm.config.grid import ProbeConfig
 from fundusfm.data.datasets import CachedImages, FoldData, load_fold
 from fundusfm.data.labels import mapping_file
@@ -37,6 +29,7 @@ from fundusfm.data.preprocess import FOV_RULE, build_cache, open_cache
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fundusfm.engine import distributed as ddp
 from fundusfm.engine.loop import amp_dtype, fit, predict, resolve_device
+from fundusfm.errors import ConfigError, DataError
 from fundusfm.evaluation.metrics import (
     Thresholds,
     choose_thresholds,
@@ -44,6 +37,7 @@ from fundusfm.evaluation.metrics import (
     per_class_table,
 )
 from fundusfm.evaluation.stats import metric_intervals
+from fundusfm.io import write_json
 from fundusfm.models.heads import Classifier, make_head
 from fundusfm.models.inits import create_backbone
 from fundusfm.models.loaded import load_bundle
@@ -51,20 +45,6 @@ from fundusfm.tasks.features import cached_features
 from fundusfm.tasks.probe import fit_probe
 
 STRATEGY_INIT = {"fundus": "scratch", "imagenet+fundus": "imagenet"}
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def write_json(obj: dict, path: Path) -> None:
-    Path(path).write_text(json.dumps(_json_safe(obj), indent=2))
 
 
 def prediction_frame(ids, fold: int, split: str, kind: str, classes, labels, scores):
@@ -120,8 +100,10 @@ def _build_model(cfg: FinetuneConfig, init: str, n_classes: int) -> Classifier:
     return Classifier(backbone, head)
 
 
-def _bundle_meta(cfg: FinetuneConfig, data: FoldData, thresholds: Thresholds, extra: dict) -> dict:
-    return {
+def _bundle_meta(
+    cfg: FinetuneConfig, data: FoldData, thresholds: Thresholds, extra: dict
+) -> BundleMeta:
+    raw = {
         "architecture": {
             "arch": cfg.model.arch,
             "head": cfg.model.head,
@@ -147,6 +129,7 @@ def _bundle_meta(cfg: FinetuneConfig, data: FoldData, thresholds: Thresholds, ex
         "provenance": provenance(cfg.model_dump(mode="json"), Path(cfg.data.manifest)),
         **extra,
     }
+    return BundleMeta.model_validate(raw)
 
 
 def train_and_report(
@@ -216,7 +199,7 @@ def write_run(
         ).to_dict("records")
     pd.concat(frames).to_csv(out / "predictions.csv", index=False)
     save_bundle(model, out / "bundle", _bundle_meta(cfg, data, chosen, extra))
-    write_json(metrics, out / "metrics.json")
+    write_json(out / "metrics.json", metrics)
     return out
 
 
@@ -310,7 +293,7 @@ def _external_labels(manifest, bundle, task_name: str | None, label_map: Path | 
     if label_map is None:
         name, task = manifest.task(task_name)
         if task.kind != kind or task.class_names != classes:
-            raise ConfigError(
+            raise DataError(
                 f"task {name!r} ({task.kind}, {task.class_names}) differs from the bundle's "
                 f"({kind}, {classes}); pass --label-map FILE to map one onto the other"
             )
@@ -327,7 +310,7 @@ def _external_labels(manifest, bundle, task_name: str | None, label_map: Path | 
     if kind == "multilabel":
         raise ConfigError("label maps are for binary and multiclass bundles")
     if column not in manifest.table.columns:
-        raise ConfigError(f"{label_map}: column {column!r} is not in {manifest.path}")
+        raise DataError(f"{label_map}: column {column!r} is not in {manifest.path}")
     bad = sorted({str(v) for v in [*mapping.values(), default] if v is not None} - set(classes))
     if bad:
         raise ConfigError(f"{label_map}: {bad} are not classes of the bundle {classes}")
@@ -335,7 +318,7 @@ def _external_labels(manifest, bundle, task_name: str | None, label_map: Path | 
     keep = np.flatnonzero(target.notna().to_numpy())
     if len(keep) == 0:
         seen = sorted(manifest.table[column].unique())[:10]
-        raise ConfigError(
+        raise DataError(
             f"{label_map}: no value of column {column!r} is mapped to a bundle "
             f"class; the column holds {seen}"
         )
@@ -404,5 +387,5 @@ def evaluate(
         "bundle": str(bundle_path),
         "manifest": str(manifest_path),
     }
-    write_json(metrics, out / "metrics.json")
+    write_json(out / "metrics.json", metrics)
     return metrics

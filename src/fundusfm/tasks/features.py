@@ -11,9 +11,6 @@ input can never return stale features.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,7 @@ from tqdm import tqdm
 
 from fundusfm.data.datasets import CachedImages, FoldData
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalise
+from fundusfm.io import value_sha256, write_json, write_npy
 from fundusfm.models.backbone import Backbone
 
 
@@ -42,11 +40,8 @@ def feature_key(backbone: Backbone, data: FoldData) -> str:
     for source in data.sources(np.arange(len(data.manifest.table))):
         entry = data.cache.index[str(source)]
         rows.append([str(source), int(entry["size"]), int(entry["mtime_ns"])])
-    blob = json.dumps(
-        {"weights": weights_digest(backbone), "cache": data.cache.dir.name, "rows": rows},
-        sort_keys=True,
-    ).encode()
-    return hashlib.sha256(blob).hexdigest()[:20]
+    blob = {"weights": weights_digest(backbone), "cache": data.cache.dir.name, "rows": rows}
+    return value_sha256(blob)[:20]
 
 
 @torch.no_grad()
@@ -89,18 +84,12 @@ def cached_features(
     rows = np.arange(len(data.manifest.table))
     dataset = CachedImages(data.cache, data.sources(rows), data.labels[rows])
     features = extract(backbone, dataset, batch_size, device, progress)
-    fd, tmp = tempfile.mkstemp(dir=root, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        np.save(fh, features)
-    os.replace(tmp, path)
-    (root / f"{key}.json").write_text(
-        json.dumps(
-            {
-                "manifest": str(data.manifest.path),
-                "arch": backbone.arch,
-                "cache": str(data.cache.dir),
-                "image_ids": data.manifest.table["image_id"].tolist(),
-            }
-        )
-    )
+    write_npy(path, features)
+    record = {
+        "manifest": str(data.manifest.path),
+        "arch": backbone.arch,
+        "cache": str(data.cache.dir),
+        "image_ids": data.manifest.table["image_id"].tolist(),
+    }
+    write_json(root / f"{key}.json", record)
     return features, False

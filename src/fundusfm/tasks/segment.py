@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from fundusfm.bundle import provenance, save_bundle
+from fundusfm.bundle import BundleMeta, provenance, save_bundle
 from fundusfm.config.segment import SegmentConfig
 from fundusfm.data.decode import read_mask
 from fundusfm.data.manifest import Manifest, load_manifest
@@ -40,16 +40,13 @@ from fundusfm.data.vessel_images import (
 )
 from fundusfm.engine import distributed as ddp
 from fundusfm.engine.checkpoint import save_atomic, save_weights
-from fundusfm.engine.loop import (
-    TrainingDiverged,
-    amp_dtype,
-    cosine_with_warmup,
-    resolve_device,
-)
+from fundusfm.engine.loop import amp_dtype, cosine_with_warmup, resolve_device
+from fundusfm.errors import TrainingDiverged
 from fundusfm.evaluation.seg_metrics import NAMES, Counts, count, scores, summary
+from fundusfm.io import write_json
 from fundusfm.models.loaded import load_bundle
-from fundusfm.models.unet import create_unet, freeze_encoder, set_train_mode
-from fundusfm.tasks.classify import is_finished, prepare_run, write_json
+from fundusfm.models.unet import create_unet
+from fundusfm.tasks.classify import is_finished, prepare_run
 
 
 def seg_loss(logits, vessel, fov, bce_weight: float, dice_weight: float) -> torch.Tensor:
@@ -110,8 +107,8 @@ def fit_unet(model, train_images, val_images, cfg: SegmentConfig, out: Path) -> 
     amp = amp_dtype(t.amp, device)
     channels_last = t.channels_last == "on" or (t.channels_last == "auto" and device.type == "cuda")
     frozen = cfg.model.encoder == "frozen"
-    if frozen:
-        freeze_encoder(model)
+    if frozen:  # smp's own: no gradients, and BatchNorm statistics stay fixed in train()
+        model.freeze_encoder()
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -142,7 +139,7 @@ def fit_unet(model, train_images, val_images, cfg: SegmentConfig, out: Path) -> 
     else:
         torch.manual_seed(t.seed + ddp.rank())  # patches and augmentation differ by rank
     for epoch in range(state["epoch"], t.epochs):
-        set_train_mode(model, frozen)
+        model.train()
         sampler = None
         if ddp.world_size() > 1:
             sampler = DistributedSampler(data, shuffle=True, seed=t.seed, drop_last=True)
@@ -260,8 +257,8 @@ def note_derived_fov(manifest: Manifest, rows: np.ndarray) -> int:
     return n
 
 
-def _bundle_meta(cfg: SegmentConfig, threshold: float) -> dict:
-    return {
+def _bundle_meta(cfg: SegmentConfig, threshold: float) -> BundleMeta:
+    raw = {
         "architecture": {
             "arch": cfg.model.arch,
             "type": "unet",
@@ -284,6 +281,7 @@ def _bundle_meta(cfg: SegmentConfig, threshold: float) -> dict:
         "encoder": cfg.model.encoder,
         "init": cfg.model.init_name,
     }
+    return BundleMeta.model_validate(raw)
 
 
 def train_segmentation(cfg: SegmentConfig) -> Path:
@@ -313,7 +311,7 @@ def train_segmentation(cfg: SegmentConfig) -> Path:
     table.to_csv(out / "per_image.csv", index=False)
     metrics.update(fitted, parts={p: len(r) for p, r in parts.items()}, fov_derived=fov_derived)
     save_bundle(model.cpu(), out / "bundle", _bundle_meta(cfg, cfg.train.threshold))
-    write_json(metrics, out / "metrics.json")
+    write_json(out / "metrics.json", metrics)
     if not cfg.run.keep_checkpoint:
         for name in ("checkpoint.pt", "best.safetensors"):
             (out / name).unlink(missing_ok=True)
@@ -356,5 +354,5 @@ def evaluate_segmentation(
     table.to_csv(Path(out) / "per_image.csv", index=False)
     metrics["bundle"], metrics["manifest"] = str(bundle_path), str(manifest_path)
     metrics["fov_derived"] = fov_derived
-    write_json(metrics, Path(out) / "metrics.json")
+    write_json(Path(out) / "metrics.json", metrics)
     return metrics

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fundusfm.config.core import ConfigError
+from fundusfm.errors import ConfigError, DataError
 from fundusfm.data.adapters.common import (
     binary_task,
     find_file,
@@ -135,7 +135,7 @@ def rfmid(root: Path):
             continue
         t = read_table(csv)
         if "Disease_Risk" not in t.columns or "ID" not in t.columns:
-            raise ConfigError(f"{csv}: expected the RFMiD header (ID, Disease_Risk, DR, ...)")
+            raise DataError(f"{csv}: expected the RFMiD header (ID, Disease_Risk, DR, ...)")
         conditions = [c for c in t.columns if c not in ("ID", "Disease_Risk")]
         rows = []
         for _, r in t.iterrows():
@@ -217,7 +217,7 @@ def odir(root: Path):
     tables = [p for p in sorted(root.rglob("*")) if p.is_file() and rx.fullmatch(p.name)]
     tables = tables or [p for p in [find_file(root, r"full_df\.csv")] if p]
     if not tables:
-        raise ConfigError(f"no ODIR annotation table (*annotation*.xlsx, full_df.csv) under {root}")
+        raise DataError(f"no ODIR annotation table (*annotation*.xlsx, full_df.csv) under {root}")
     frames = []
     for table_path in tables:  # OIA-ODIR: training, off-site and on-site test tables
         if table_path.suffix.lower() == ".xlsx":

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fundusfm.config.core import ConfigError
+from fundusfm.errors import ConfigError, DataError
 
 # the adapter modules register themselves in REGISTRY when imported
 from fundusfm.data.adapters import classification, generic, grading  # noqa: F401
@@ -48,7 +48,7 @@ def import_dataset(
         raise ConfigError(f"unknown dataset {name!r}; choose one of {sorted(REGISTRY)}")
     root = Path(root).resolve()
     if not root.is_dir():
-        raise ConfigError(f"not a folder: {root}")
+        raise DataError(f"not a folder: {root}")
     frame, tasks, notes = REGISTRY[name](root)
     if not frame.empty:  # a manifest is UTF-8 text: names in another encoding cannot go in
         bad = ~frame["path"].map(is_utf8)
@@ -60,15 +60,15 @@ def import_dataset(
             )
             frame = frame[~bad].reset_index(drop=True)
     if frame.empty:
-        raise ConfigError(
+        raise DataError(
             f"no {name} images found under {root} (see `fundusfm data import --help`)"
         )
     same_file = frame["path"][frame["path"].duplicated()]
     if len(same_file):
-        raise ConfigError(f"{same_file.iloc[0]} is listed twice; report this layout")
+        raise DataError(f"{same_file.iloc[0]} is listed twice; report this layout")
     duplicated = frame["image_id"][frame["image_id"].duplicated()]
     if len(duplicated):
-        raise ConfigError(f"image id {duplicated.iloc[0]!r} appears twice; report this layout")
+        raise DataError(f"image id {duplicated.iloc[0]!r} appears twice; report this layout")
     if group_duplicates:
         paths = [root / p for p in frame["path"]]
         joined, report = group_patients(

@@ -36,10 +36,11 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
-from fundusfm.config.core import ConfigError
+from fundusfm.errors import ConfigError, DataError
 from fundusfm.data.decode import read_rgb
 from fundusfm.data.manifest import DatasetSpec, TaskSpec, save_manifest
-from fundusfm.data.preprocess import NoFieldOfView, fov_mask
+from fundusfm.data.preprocess import fov_mask
+from fundusfm.errors import NoFieldOfView
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".ppm", ".bmp"}
 
@@ -60,7 +61,7 @@ def derive_fov(image: Path, threshold: float = 0.06) -> np.ndarray:
     try:
         region = fov_mask(read_rgb(image).max(axis=2), threshold)
     except NoFieldOfView as exc:
-        raise ConfigError(f"{image}: {exc}") from exc
+        raise DataError(f"{image}: {exc}") from exc
     return ndimage.binary_fill_holes(region)
 
 
@@ -276,10 +277,10 @@ def import_vessels(name: str, root: Path, out: Path) -> Path:
     else:
         rows = IMPORTERS[name](root)
     if not rows:
-        raise ConfigError(f"no {name} images found under {root} (see the layouts in --help)")
+        raise DataError(f"no {name} images found under {root} (see the layouts in --help)")
     missing = [r["image_id"] for r in rows if r["vessel"] is None]
     if missing and name != "drive":  # DRIVE test annotations are withheld in newer downloads
-        raise ConfigError(f"{len(missing)} images have no vessel mask (first: {missing[0]})")
+        raise DataError(f"{len(missing)} images have no vessel mask (first: {missing[0]})")
     fov_dir = out.parent / "fov" / name
     table = []
     for r in rows:
