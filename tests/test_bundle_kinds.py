@@ -238,7 +238,7 @@ def test_evaluate_uses_the_bundles_crop_and_normalisation(kinds, tmp_path):
 
 
 def test_unexpected_error_is_one_line_and_debug_shows_it(kinds, tmp_path, monkeypatch):
-    import fundusfm.tasks.classify as experiment
+    import fundusfm.tasks.evaluate as experiment
 
     def broken(*args, **kwargs):
         raise KeyError("crop")

@@ -23,7 +23,8 @@ from fundusfm.errors import BundleError, ConfigError, DataError, TrainingDiverge
 from fundusfm.models.heads import make_head
 from fundusfm.models.inits import INITS, create_backbone
 from fundusfm.models.loaded import load_bundle
-from fundusfm.tasks.classify import evaluate, finetune, pretrain, run_notes
+from fundusfm.tasks.classify import finetune, pretrain, run_notes
+from fundusfm.tasks.evaluate import evaluate
 from fundusfm.tasks.probe import fit_probe
 
 

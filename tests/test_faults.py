@@ -118,7 +118,7 @@ def test_disk_full_mid_run_then_resume_matches_an_uninterrupted_run(
     )
 
     # external validation keys its predictions on image_id: a repeated id is refused by line
-    from fundusfm.tasks.classify import evaluate
+    from fundusfm.tasks.evaluate import evaluate
 
     table = pd.read_csv(synth_set, dtype=str, keep_default_na=False)
     table["path"] = [str(synth_set.parent / p) for p in table["path"]]  # absolute paths

@@ -111,7 +111,7 @@ def evaluate(
     quiet: QuietOpt = False,
 ) -> None:
     """External validation of a bundle on another dataset: predictions.csv and metrics.json."""
-    from fundusfm.tasks.classify import evaluate as run
+    from fundusfm.tasks.evaluate import evaluate as run
 
     with user_errors():
         metrics = run(bundle, manifest, out, label_map, task, cache, device, not quiet, n_boot)

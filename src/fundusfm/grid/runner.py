@@ -32,7 +32,8 @@ from fundusfm.grid.cells import (
     state,
 )
 from fundusfm.io import read_json
-from fundusfm.tasks.classify import evaluate, finetune, probe_finetune, run_notes
+from fundusfm.tasks.classify import finetune, probe_finetune, run_notes
+from fundusfm.tasks.evaluate import evaluate
 from fundusfm.tasks.segment import evaluate_segmentation, train_segmentation
 
 

@@ -1,6 +1,6 @@
-"""The three model commands: `pretrain`, `finetune` and `evaluate` (external validation).
+"""Classification runs: `pretrain` and `finetune` (FF, partial, or LF through the feature cache).
 
-A run directory holds `config.yaml` (the resolved settings), `checkpoint.pt` and
+A run directory (`engine.runs`) holds `config.yaml` (the resolved settings), `checkpoint.pt` and
 `best.safetensors` while training, then `predictions.csv` (one row per validation and test
 image: image_id, fold, split, y_true, one score column per class), `metrics.json` (every
 metric of every part, per-class tables, the training history) and `bundle/`. Once those are
@@ -14,82 +14,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
-import yaml
 
-from fundusfm.bundle import BundleMeta, bundle_notes, provenance, save_bundle
-from fundusfm.config.core import FinetuneConfig, PretrainConfig, changed_settings, dump_config
+from fundusfm.bundle import BundleMeta, provenance, save_bundle
+from fundusfm.config.core import FinetuneConfig, PretrainConfig
 from fundusfm.config.grid import ProbeConfig
-from fundusfm.data.datasets import CachedImages, FoldData, load_fold
-from fundusfm.data.labels import mapping_file
-from fundusfm.data.manifest import encode_labels, load_manifest, patient_of
-from fundusfm.data.preprocess import FOV_RULE, build_cache, open_cache
+from fundusfm.data.datasets import FoldData, load_fold
+from fundusfm.data.preprocess import FOV_RULE
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fundusfm.engine import distributed as ddp
 from fundusfm.engine.loop import amp_dtype, fit, predict, resolve_device
-from fundusfm.errors import ConfigError, DataError
+from fundusfm.engine.runs import is_finished, prediction_frame, prepare_run
+from fundusfm.errors import ConfigError
 from fundusfm.evaluation.metrics import (
     Thresholds,
     choose_thresholds,
     classification_metrics,
     per_class_table,
 )
-from fundusfm.evaluation.stats import metric_intervals
 from fundusfm.io import write_json
 from fundusfm.models.heads import Classifier, make_head
 from fundusfm.models.inits import create_backbone
-from fundusfm.models.loaded import load_bundle
 from fundusfm.tasks.features import cached_features
 from fundusfm.tasks.probe import fit_probe
 
 STRATEGY_INIT = {"fundus": "scratch", "imagenet+fundus": "imagenet"}
-
-
-def prediction_frame(ids, fold: int, split: str, kind: str, classes, labels, scores):
-    """Rows of predictions.csv: y_true is a class index (multilabel: one y_ column per class)."""
-    frame = pd.DataFrame({"image_id": ids, "fold": fold, "split": split})
-    if kind == "multilabel":
-        for j, c in enumerate(classes):
-            frame[f"y_{c}"] = labels[:, j]
-    else:
-        frame["y_true"] = labels
-    for j, c in enumerate(classes):
-        frame[f"score_{c}"] = scores[:, j]
-    return frame
-
-
-def prepare_run(cfg) -> Path:
-    """Create (or reopen, with --resume and the same settings) a run folder; save the config."""
-    out = Path(cfg.run.out)
-    with ddp.main_first():  # under torchrun only rank 0 checks and writes; the others wait
-        if ddp.is_main():
-            _check_and_create(cfg, out)
-    return out
-
-
-def _check_and_create(cfg, out: Path) -> None:
-    if (out / "metrics.json").exists() and not cfg.run.resume:
-        raise ConfigError(f"{out} already holds a finished run; choose another run.out")
-    if (out / "checkpoint.pt").exists() and not cfg.run.resume:
-        raise ConfigError(
-            f"{out} holds an unfinished run: add --resume to continue it, or choose another run.out"
-        )
-    previous = out / "config.yaml"
-    changed = changed_settings(cfg, previous, ignore=("run",)) if cfg.run.resume else []
-    if changed:  # a resumed run must be the same run: only run.* settings may change
-        raise ConfigError(
-            f"--resume with settings that differ from {previous} in {', '.join(changed)}; "
-            "resume with the same settings, or start a new run.out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, previous)
-
-
-def is_finished(out: Path) -> bool:
-    """A resumed run whose outputs are all written has nothing left to do."""
-    return (out / "metrics.json").is_file() and (out / "bundle").is_dir()
 
 
 def _build_model(cfg: FinetuneConfig, init: str, n_classes: int) -> Classifier:
@@ -285,107 +235,3 @@ def pretrain(cfg: PretrainConfig, on_epoch_end=None) -> Path:
     return train_and_report(
         cfg, init, val_fraction, {"pretraining": {"strategy": cfg.strategy}}, on_epoch_end
     )
-
-
-def _external_labels(manifest, bundle, task_name: str | None, label_map: Path | None):
-    """Labels of an external manifest in the bundle's classes, and the rows that have one."""
-    kind, classes = bundle.kind, bundle.classes
-    if label_map is None:
-        name, task = manifest.task(task_name)
-        if task.kind != kind or task.class_names != classes:
-            raise DataError(
-                f"task {name!r} ({task.kind}, {task.class_names}) differs from the bundle's "
-                f"({kind}, {classes}); pass --label-map FILE to map one onto the other"
-            )
-        return encode_labels(manifest, task), np.arange(len(manifest.table))
-
-    label_map = mapping_file(label_map)  # a file, or the name of a shipped map
-    # BaseLoader keeps every key and value a string: `no`, `01` or `1.0` stay as written
-    spec = yaml.load(Path(label_map).read_text(), Loader=yaml.BaseLoader) or {}
-    column = spec.get("column")
-    nulls = ("", "null", "~", "None")
-    mapping = {k: None if v in nulls else v for k, v in (spec.get("map") or {}).items()}
-    default = spec.get("default")  # for values the map does not name; unset: left out
-    default = None if default in nulls else default
-    if kind == "multilabel":
-        raise ConfigError("label maps are for binary and multiclass bundles")
-    if column not in manifest.table.columns:
-        raise DataError(f"{label_map}: column {column!r} is not in {manifest.path}")
-    bad = sorted({str(v) for v in [*mapping.values(), default] if v is not None} - set(classes))
-    if bad:
-        raise ConfigError(f"{label_map}: {bad} are not classes of the bundle {classes}")
-    target = manifest.table[column].map(lambda v: mapping.get(v, default))
-    keep = np.flatnonzero(target.notna().to_numpy())
-    if len(keep) == 0:
-        seen = sorted(manifest.table[column].unique())[:10]
-        raise DataError(
-            f"{label_map}: no value of column {column!r} is mapped to a bundle "
-            f"class; the column holds {seen}"
-        )
-    lookup = {c: i for i, c in enumerate(classes)}
-    return target.map(lambda v: lookup.get(v, -1)).to_numpy(), keep
-
-
-def evaluate(
-    bundle_path: Path,
-    manifest_path: Path,
-    out: Path,
-    label_map: Path | None = None,
-    task: str | None = None,
-    cache: Path | None = None,
-    device: str = "auto",
-    progress: bool = True,
-    n_boot: int = 1000,
-) -> dict:
-    """External validation: score a bundle on another manifest with its own thresholds.
-
-    Every figure comes with a 95% bootstrap interval that resamples patients (`external_ci`,
-    `stats.metric_intervals`): an AUROC on fifty external images says little without one.
-    """
-    dev = resolve_device(device)
-    bundle = load_bundle(bundle_path, device=str(dev))
-    if bundle.kind == "segmentation":
-        raise ConfigError(f"{bundle_path} segments vessels; score it with `fundusfm segment eval`")
-    manifest = load_manifest(manifest_path)
-    manifest.require("image_id", "path")
-    manifest.require_unique_ids()  # predictions are keyed on image_id
-    labels, keep = _external_labels(manifest, bundle, task, label_map)
-    norm = bundle.preprocessing
-    pre = norm.config()
-    cache_root = cache or Path(manifest_path).parent / "cache"
-    report = build_cache(manifest, pre, cache_root, progress=progress)
-    failed = {e[0] for e in report.errors}
-    keep = np.array([i for i in keep if manifest.table["image_id"].iat[i] not in failed], int)
-    kept = type(manifest)(manifest.path, manifest.table.iloc[keep], manifest.spec, manifest.root)
-    image_cache = open_cache(kept, pre, cache_root)
-    sources = [manifest.image_path(p).resolve() for p in manifest.table["path"].iloc[keep]]
-    dataset = CachedImages(image_cache, sources, labels[keep])
-    scores, y, index = predict(
-        bundle.model, dataset, 32, dev, bundle.kind, mean=norm.mean, std=norm.std
-    )
-    thresholds = bundle.thresholds or None
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ids = manifest.table["image_id"].to_numpy()[keep][index]
-    prediction_frame(ids, -1, "external", bundle.kind, bundle.classes, y, scores).to_csv(
-        out / "predictions.csv", index=False
-    )
-    rows = manifest.table.iloc[keep].iloc[index]
-    patients = patient_of(rows)
-    metrics = {
-        "external": classification_metrics(bundle.kind, y, scores, thresholds),
-        "external_per_class": per_class_table(
-            bundle.kind, y, scores, bundle.classes, thresholds
-        ).to_dict("records"),
-        "external_ci": metric_intervals(
-            bundle.kind, y, scores, bundle.classes, thresholds, patients.to_numpy(), n_boot
-        ),
-        "thresholds_validated": bundle.thresholds_validated,
-        "notes": bundle_notes(bundle.meta),
-        "images": len(y),
-        "unmapped_or_unreadable": int(len(manifest.table) - len(y)),
-        "bundle": str(bundle_path),
-        "manifest": str(manifest_path),
-    }
-    write_json(out / "metrics.json", metrics)
-    return metrics

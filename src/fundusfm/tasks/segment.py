@@ -41,12 +41,12 @@ from fundusfm.data.vessel_images import (
 from fundusfm.engine import distributed as ddp
 from fundusfm.engine.checkpoint import save_atomic, save_weights
 from fundusfm.engine.loop import amp_dtype, cosine_with_warmup, resolve_device
+from fundusfm.engine.runs import is_finished, prepare_run
 from fundusfm.errors import TrainingDiverged
 from fundusfm.evaluation.seg_metrics import NAMES, Counts, count, scores, summary
 from fundusfm.io import write_json
 from fundusfm.models.loaded import load_bundle
 from fundusfm.models.unet import create_unet
-from fundusfm.tasks.classify import is_finished, prepare_run
 
 
 def seg_loss(logits, vessel, fov, bce_weight: float, dice_weight: float) -> torch.Tensor:
