@@ -5,7 +5,8 @@
 3. Pretrain a Fundus model (normal vs abnormal, from scratch) on the upstream part.
 4. On the downstream part run the grid: tasks disease (4 classes) and abnormal, Scratch vs
    Fundus, LF and FF, labelled fractions 10/30/100%, 5 patient-grouped folds; the report
-   gives pooled AUROC with patient-level 95% intervals and DeLong / paired bootstrap tests.
+   gives pooled AUROC with patient-level 95% intervals and clustered DeLong / paired
+   patient-bootstrap tests.
    Every cell keeps its bundle (`fundusfm evaluate` takes it to other datasets).
 
     python benchmarks/transfer_study.py ../shared/data/eye_diseases_classification \
