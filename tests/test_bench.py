@@ -31,6 +31,7 @@ QUICK_ROWS = {
 }
 
 
+@pytest.mark.slow
 def test_quick_run_prints_table_and_writes_every_row(tmp_path: Path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -108,6 +109,7 @@ def test_scan_folder(synth_set: Path, tmp_path: Path):
     assert invoke("data", "check", out, "-q").exit_code == 0
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path):
     """The demo's whole pipeline on a reduced preset (tiny sets, 1 epoch, 3 folds, offline)."""
     out = tmp_path / "demo"

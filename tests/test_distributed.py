@@ -134,6 +134,7 @@ def test_single_process_needs_no_torchrun():
     assert wrap(model, torch.device("cpu"), sync_batchnorm=True) is model
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds workers through /proc")
 def test_two_processes_match_one_and_resume_after_kill(setup, tmp_path):
     one = finetune(load_config(FinetuneConfig, None, sets(setup, tmp_path / "one", **{
@@ -183,6 +184,7 @@ def test_grid_refuses_torchrun_and_points_to_shards(monkeypatch, tmp_path):
         run_grid(GridConfig(out=tmp_path / "grid"))
 
 
+@pytest.mark.slow
 def test_segmentation_under_torchrun_scores_every_test_image(setup, tmp_path):
     from fundusfm.config.segment import SegmentConfig
     from fundusfm.models.loaded import load_bundle
@@ -218,6 +220,7 @@ def test_segmentation_under_torchrun_scores_every_test_image(setup, tmp_path):
     assert encoder_state_equal(second, first.encoder.state_dict())  # frozen under DDP too
 
 
+@pytest.mark.slow
 def test_a_one_process_checkpoint_resumes_under_two(setup, tmp_path):
     reference = finetune(load_config(FinetuneConfig, None, sets(setup, tmp_path / "ref")))
 

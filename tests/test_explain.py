@@ -97,6 +97,7 @@ def test_lesion_overlap_is_relative_to_chance():
     assert lesion_overlap(focused, lesions)["enrichment"] == pytest.approx(5.0)
 
 
+@pytest.mark.slow
 def test_gradcam_on_a_manifest_with_lesion_masks(bundles: dict, tmp_path: Path):
     table = explain_gradcam(
         bundles["abnormal"], tmp_path / "cam", manifest=bundles["manifest"], progress=False

@@ -181,6 +181,7 @@ def test_frozen_encoder_does_not_change(vessel_set: dict, tmp_path: Path):
     assert not (out / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_training_beats_a_trivial_baseline_and_cli_eval(vessel_set: dict, tmp_path: Path):
     runner = CliRunner()
     sets = [
@@ -243,6 +244,7 @@ def test_training_beats_a_trivial_baseline_and_cli_eval(vessel_set: dict, tmp_pa
     assert encoder_state_equal(load_bundle(run / "bundle").model, encoder.net.state_dict())
 
 
+@pytest.mark.slow
 def test_segmentation_grid_runs_and_reports(vessel_set: dict, tmp_path: Path):
     from fundusfm.config.grid import GridConfig
     from fundusfm.grid.cells import expand, status
