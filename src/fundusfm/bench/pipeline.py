@@ -1,7 +1,7 @@
 """Row (a): is training limited by the model's compute, or by the input pipeline?
 
 One training epoch through the real data path - `CachedImages` reading the preprocessing
-cache with augmentation, the loader `train.fit` uses (`train.training_loader`: built once,
+cache with augmentation, the loader `engine.loop.fit` uses (`engine.loop.training_loader`: built once,
 worker processes kept across epochs, reseeded per epoch, pinned memory on CUDA),
 normalisation on the device, forward, backward and optimiser step - is timed against the
 same number of steps on batches that are already on the device, normalised (and
@@ -53,7 +53,7 @@ class PipelineSetting:
 
 
 class _Trainer:
-    """Model, optimiser and the training step of `train.fit` (one micro-batch per step)."""
+    """Model, optimiser and the training step of `engine.loop.fit` (one micro-batch per step)."""
 
     def __init__(self, s: PipelineSetting, data: FoldData, train_labels):
         self.device = torch.device(s.device)
@@ -99,7 +99,7 @@ class _Trainer:
 
 
 def make_loader(dataset, labels, s: PipelineSetting, drop_last: bool):
-    """The training loader and its generator, exactly as `train.fit` builds them."""
+    """The training loader and its generator, exactly as `engine.loop.fit` builds them."""
     cfg = TrainConfig(batch_size=s.batch_size, workers=s.workers, seed=s.seed)
     return training_loader(
         dataset, labels, "binary", cfg, s.batch_size, drop_last, torch.device(s.device)

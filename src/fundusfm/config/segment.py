@@ -87,7 +87,7 @@ class SegTrainConfig(Strict):
     channels_last: Literal["auto", "on", "off"] = "auto"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     workers: int = Field(0, ge=0)
-    sync_batchnorm: bool = Field(False, description="under torchrun on GPUs (see train.py)")
+    sync_batchnorm: bool = Field(False, description="under torchrun on GPUs (see engine/loop.py)")
     seed: int = 0
     augment: SegAugmentConfig = SegAugmentConfig()
 

@@ -20,13 +20,12 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
-from fundusfm.config.core import AugmentConfig, DataConfig
-from fundusfm.errors import ConfigError, DataError
+from fundusfm.config.core import AugmentConfig, DataConfig, SplitConfig
 from fundusfm.data.manifest import Manifest, TaskSpec, encode_labels, load_manifest
 from fundusfm.data.preprocess import ImageCache, build_cache, open_cache
 from fundusfm.data.splits import fold_sets, labelled_counts, make_splits
 from fundusfm.data.transforms import to_tensor
-from fundusfm.config.core import SplitConfig
+from fundusfm.errors import ConfigError, DataError
 
 
 def augment(image: torch.Tensor, cfg: AugmentConfig, rng: np.random.Generator) -> torch.Tensor:
@@ -147,7 +146,6 @@ def load_fold(cfg: DataConfig, val_fraction: float | None = None, progress: bool
         parts_ids = fold_sets(splits, cfg.fold, cfg.fraction)
         labelled = labelled_counts(splits, cfg.fold, cfg.fraction)
     elif val_fraction is not None:
-
         folds = max(2, round(1 / val_fraction))
         splits = make_splits(
             manifest, SplitConfig(folds=folds, fractions=[cfg.fraction], val_fraction=0, task=name)

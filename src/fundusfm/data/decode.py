@@ -23,7 +23,6 @@ SUPPORTED_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", 
 MAX_PIXELS = 150_000_000
 
 
-
 def _bits_per_sample(img: Image.Image) -> int | None:
     """Bit depth declared by the file (TIFF tag 258), when the format says it."""
     tags = getattr(img, "tag_v2", None)

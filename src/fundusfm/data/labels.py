@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from fundusfm.errors import ConfigError, DataError
 from fundusfm.data.manifest import TaskSpec, load_manifest, save_manifest
+from fundusfm.errors import ConfigError, DataError
 
 SHIPPED = Path(__file__).parent / "vocabulary"
 

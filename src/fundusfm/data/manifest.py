@@ -19,7 +19,6 @@ per class. The task type is therefore always explicit, never guessed from the va
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,10 +28,10 @@ import pandas as pd
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from fundusfm.io import write_text_atomic
 from fundusfm.config.core import Strict
-from fundusfm.errors import ConfigError, DataError
 from fundusfm.data.decode import SUPPORTED_SUFFIXES
+from fundusfm.errors import ConfigError, DataError
+from fundusfm.io import write_text_atomic
 
 REQUIRED_COLUMNS = ("image_id", "path", "patient_id", "eye")
 EYES = ("left", "right", "unknown")
@@ -283,7 +282,7 @@ def patient_of(table: pd.DataFrame) -> pd.Series:
 def encode_labels(manifest: Manifest, task: TaskSpec) -> np.ndarray:
     """Labels as integers: (N,) class indices for binary/multiclass, (N, C) 0/1 for multilabel.
 
-    Raises ConfigError naming the first offending row; run `fundusfm data check` for all of them.
+    Raises DataError naming the first offending row; run `fundusfm data check` for all of them.
     """
     t = manifest.table
     manifest.require(*task.columns)  # a clear error, not a KeyError, for a missing column

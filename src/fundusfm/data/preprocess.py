@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,11 +33,10 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from fundusfm.errors import NoFieldOfView
 from fundusfm.config.core import PreprocessConfig
 from fundusfm.data.decode import open_image, to_rgb_array
-from fundusfm.errors import ImageDecodeError
 from fundusfm.data.manifest import Manifest
+from fundusfm.errors import ImageDecodeError, NoFieldOfView
 from fundusfm.io import read_json, value_sha256, write_npy, write_text_atomic
 
 # 2: the FOV box is the largest bright region, at least FOV_MARGIN above the background
@@ -77,7 +75,6 @@ def check_min_side(rgb: np.ndarray) -> None:
             f"image is only {w}x{h} pixels, too small to hold a field of view "
             f"(at least {MIN_SIDE} a side)"
         )
-
 
 
 def cache_key(cfg: PreprocessConfig) -> str:

@@ -44,8 +44,8 @@ import numpy as np
 import pandas as pd
 
 from fundusfm.config.core import SplitConfig
-from fundusfm.errors import ConfigError, DataError
 from fundusfm.data.manifest import Manifest, TaskSpec, encode_labels
+from fundusfm.errors import ConfigError, DataError
 
 
 def label_matrix(manifest: Manifest, task: TaskSpec) -> np.ndarray:

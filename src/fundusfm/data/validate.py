@@ -19,9 +19,9 @@ import numpy as np
 from tqdm import tqdm
 
 from fundusfm.data.decode import read_rgb
-from fundusfm.errors import ImageDecodeError
 from fundusfm.data.manifest import EYES, REQUIRED_COLUMNS, Manifest
 from fundusfm.data.preprocess import check_min_side
+from fundusfm.errors import ImageDecodeError
 
 
 @dataclass

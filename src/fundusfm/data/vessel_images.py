@@ -25,12 +25,12 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from fundusfm.errors import ConfigError, DataError
 from fundusfm.config.segment import SegAugmentConfig, SegDataConfig
+from fundusfm.data.adapters.vessels import derive_fov
 from fundusfm.data.decode import read_mask, read_rgb
 from fundusfm.data.manifest import Manifest
 from fundusfm.data.splits import fold_sets
-from fundusfm.data.adapters.vessels import derive_fov
+from fundusfm.errors import ConfigError, DataError
 
 TRAIN_NAMES = {"train", "training"}
 TEST_NAMES = {"test", "testing"}

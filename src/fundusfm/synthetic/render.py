@@ -4,7 +4,7 @@ Anatomy is laid out in a right-eye frame in units of the field-of-view radius (o
 FOV centre, x to the right, y down), then mirrored for left eyes, rotated slightly and scaled
 to pixels. Layers are drawn with Pillow (fast C line and ellipse drawing) and composited in
 NumPy. Sizes of lesions and vessels are given in pixels at 256 px and scale with the image.
-`synthetic.py` decides which diseases an eye has; `lesions.py` draws their lesions.
+`generate.py` decides which diseases an eye has; `lesions.py` draws their lesions.
 """
 
 from __future__ import annotations

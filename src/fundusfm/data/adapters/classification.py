@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from fundusfm.errors import ConfigError, DataError
 from fundusfm.data.adapters.common import (
     binary_task,
     find_file,
@@ -21,6 +20,7 @@ from fundusfm.data.adapters.common import (
     read_table,
 )
 from fundusfm.data.manifest import TaskSpec
+from fundusfm.errors import ConfigError, DataError
 
 
 @importer("eye_diseases")

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fundusfm.errors import ConfigError, DataError
-
 # the adapter modules register themselves in REGISTRY when imported
 from fundusfm.data.adapters import classification, generic, grading  # noqa: F401
 from fundusfm.data.adapters.common import REGISTRY
 from fundusfm.data.dedup import group_patients
 from fundusfm.data.manifest import DatasetSpec, is_utf8, printable, save_manifest
+from fundusfm.errors import ConfigError, DataError
 
 
 def import_dataset(
@@ -60,9 +59,7 @@ def import_dataset(
             )
             frame = frame[~bad].reset_index(drop=True)
     if frame.empty:
-        raise DataError(
-            f"no {name} images found under {root} (see `fundusfm data import --help`)"
-        )
+        raise DataError(f"no {name} images found under {root} (see `fundusfm data import --help`)")
     same_file = frame["path"][frame["path"].duplicated()]
     if len(same_file):
         raise DataError(f"{same_file.iloc[0]} is listed twice; report this layout")

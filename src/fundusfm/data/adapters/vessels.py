@@ -36,11 +36,10 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
-from fundusfm.errors import ConfigError, DataError
 from fundusfm.data.decode import read_rgb
 from fundusfm.data.manifest import DatasetSpec, TaskSpec, save_manifest
 from fundusfm.data.preprocess import fov_mask
-from fundusfm.errors import NoFieldOfView
+from fundusfm.errors import ConfigError, DataError, NoFieldOfView
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".ppm", ".bmp"}
 
