@@ -1,8 +1,8 @@
 """Row (a): is training limited by the model's compute, or by the input pipeline?
 
 One training epoch through the real data path - `CachedImages` reading the preprocessing
-cache with augmentation, the loader `engine.loop.fit` uses (`engine.loop.training_loader`: built once,
-worker processes kept across epochs, reseeded per epoch, pinned memory on CUDA),
+cache with augmentation, the loader `engine.loop.fit` uses (`engine.loop.training_loader`:
+built once, worker processes kept across epochs, reseeded per epoch, pinned memory on CUDA),
 normalisation on the device, forward, backward and optimiser step - is timed against the
 same number of steps on batches that are already on the device, normalised (and
 channels-last where training uses it). The two alternate (A B B A ...) so that drift on a
