@@ -70,24 +70,8 @@ def imagenet_ready(arch: str, version: str, offline: bool) -> tuple[bool, str]:
         return False, f"download failed ({type(exc).__name__}: {exc})"
 
 
-def run_demo(cfg: DemoConfig, out: Path, progress: bool = True, say=print) -> Path:
-    """Run the whole demo inside `out`; returns the path of the HTML report."""
-    out = Path(out)
-    previous = out / "config.yaml"
-    changed = changed_settings(cfg, previous)
-    if changed:  # rerunning resumes, but only the same demo
-        raise ConfigError(
-            f"{out} holds a demo with other settings (in {', '.join(changed)}); rerun with "
-            "the same settings to resume, or choose another --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, previous)
-    start = time.perf_counter()
-
-    def step(text: str) -> None:
-        say(f"[{time.perf_counter() - start:5.0f} s] {text}")
-
-    data = out / "data"
+def _generate_sets(cfg: DemoConfig, data: Path, progress: bool, step) -> dict[str, Path]:
+    """The upstream, downstream and external sets (generated once), each checked."""
     manifests = {}
     for name in ("upstream", "downstream", "external"):
         synth = getattr(cfg, name)
@@ -100,74 +84,85 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True, say=print) -> Pa
         if real:
             raise ValueError(f"{path}: {len(real)} problems, first: {real[0]}")
         manifests[name] = path
+    return manifests
 
+
+def _pretrain_inits(cfg: DemoConfig, out: Path, upstream: Path, progress: bool, step) -> dict:
+    """Pretrain the fundus backbones (once each); the grid's inits by name."""
     arch = cfg.grid.base.model.arch
     ok, why = imagenet_ready(arch, cfg.grid.base.model.imagenet_version, cfg.imagenet == "offline")
-    strategies = ["fundus", "imagenet+fundus"] if ok else ["fundus"]
     if not ok:
         step(f"ImageNet arms skipped: {why}")
-    inits = {"scratch": "scratch"}
-    if ok:
-        inits["imagenet"] = "imagenet"
-    for strategy in strategies:
+    inits = {"scratch": "scratch", **({"imagenet": "imagenet"} if ok else {})}
+    p = cfg.pretrain
+    for strategy in ["fundus", "imagenet+fundus"] if ok else ["fundus"]:
         run_dir = out / "runs" / f"pretrain_{strategy}"
-        bundle = run_dir / "bundle"
         if not (run_dir / "metrics.json").is_file():
             step(
-                f"pretraining {strategy} on the upstream set ({cfg.pretrain.model.arch}, "
-                f"{cfg.pretrain.data.resolution} px, {cfg.pretrain.train.epochs} epochs)"
+                f"pretraining {strategy} on the upstream set ({p.model.arch}, "
+                f"{p.data.resolution} px, {p.train.epochs} epochs)"
             )
-            p = cfg.pretrain
-            pcfg = p.model_copy(
-                update={
-                    "strategy": strategy,
-                    "data": p.data.model_copy(update={"manifest": manifests["upstream"]}),
-                    "run": p.run.model_copy(
-                        update={"out": run_dir, "resume": True, "progress": progress}
-                    ),
-                }
-            )
-            pretrain(pcfg)
-        inits[strategy] = str(bundle)
+            run = p.run.model_copy(update={"out": run_dir, "resume": True, "progress": progress})
+            data = p.data.model_copy(update={"manifest": upstream})
+            pretrain(p.model_copy(update={"strategy": strategy, "data": data, "run": run}))
+        inits[strategy] = str(run_dir / "bundle")
+    return inits
 
-    splits = data / "downstream" / "splits.csv"
-    if not splits.is_file():
-        step(
-            f"splitting the downstream set: {cfg.split.folds} folds, "
-            f"fractions {cfg.split.fractions}"
-        )
-        make_splits(load_manifest(manifests["downstream"]), cfg.split).to_csv(splits, index=False)
+
+def _grid_config(cfg: DemoConfig, out: Path, manifests: dict, splits: Path, inits: dict):
+    """The demo's grid: the downstream set and its splits, the inits, the external set."""
     g = cfg.grid
-    grid = g.model_copy(
+    data = g.base.data.model_copy(update={"manifest": manifests["downstream"], "splits": splits})
+    external = ExternalSet(
+        name="shifted_camera", manifest=manifests["external"], task=g.base.data.task
+    )
+    return g.model_copy(
         update={
             "out": out / "runs" / "grid",
-            "base": g.base.model_copy(
-                update={
-                    "data": g.base.data.model_copy(
-                        update={"manifest": manifests["downstream"], "splits": splits}
-                    )
-                }
-            ),
+            "base": g.base.model_copy(update={"data": data}),
             "axes": g.axes.model_copy(update={"init": inits}),
-            "external": [
-                ExternalSet(
-                    name="shifted_camera", manifest=manifests["external"], task=g.base.data.task
-                )
-            ],
+            "external": [external],
         }
     )
+
+
+def _open_folder(cfg: DemoConfig, out: Path) -> None:
+    """Create `out`, or reopen it when it holds the same demo (rerunning resumes)."""
+    previous = out / "config.yaml"
+    changed = changed_settings(cfg, previous)
+    if changed:
+        raise ConfigError(
+            f"{out} holds a demo with other settings (in {', '.join(changed)}); rerun with "
+            "the same settings to resume, or choose another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, previous)
+
+
+def run_demo(cfg: DemoConfig, out: Path, progress: bool = True, say=print) -> Path:
+    """Run the whole demo inside `out`; returns the path of the HTML report."""
+    out = Path(out)
+    _open_folder(cfg, out)
+    start = time.perf_counter()
+
+    def step(text: str) -> None:
+        say(f"[{time.perf_counter() - start:5.0f} s] {text}")
+
+    manifests = _generate_sets(cfg, out / "data", progress, step)
+    inits = _pretrain_inits(cfg, out, manifests["upstream"], progress, step)
+    splits = out / "data" / "downstream" / "splits.csv"
+    if not splits.is_file():
+        s = cfg.split
+        step(f"splitting the downstream set: {s.folds} folds, fractions {s.fractions}")
+        make_splits(load_manifest(manifests["downstream"]), s).to_csv(splits, index=False)
+    grid = _grid_config(cfg, out, manifests, splits, inits)
     dump_config(grid, out / "grid.yaml")
-    n_cells = (
-        len(grid.axes.init)
-        * len(grid.axes.method)
-        * len(grid.axes.resolution)
-        * len(grid.axes.fraction)
-        * len(grid.axes.fold)
-    )
+    a = grid.axes
+    n_cells = len(a.init) * len(a.method) * len(a.resolution) * len(a.fraction) * len(a.fold)
     step(
         f"running the grid: {n_cells} cells ({', '.join(inits)} x "
-        f"{', '.join(m.upper() for m in grid.axes.method)} x fractions "
-        f"{grid.axes.fraction} x {len(grid.axes.fold)} folds)"
+        f"{', '.join(m.upper() for m in a.method)} x fractions {a.fraction} x "
+        f"{len(a.fold)} folds)"
     )
     counts = run_grid(grid, progress=False, say=lambda text: None)
     step("writing the report")

@@ -24,10 +24,12 @@ from fundusfm.data.manifest import Manifest
 from fundusfm.data.preprocess import ImageCache, build_cache, preprocess_image
 from fundusfm.data.splits import fold_sets
 from fundusfm.data.transforms import normalise, to_tensor
-from fundusfm.engine.loop import make_loss, resolve_device, set_trainable, train_mode
+from fundusfm.engine.device import Runtime, resolve_device
+from fundusfm.engine.loop import Job, Trainer, training_loader
 from fundusfm.errors import ConfigError
 from fundusfm.models.heads import Classifier, make_head
 from fundusfm.models.inits import create_backbone
+from fundusfm.tasks.classify_job import make_loss, set_trainable
 from fundusfm.tasks.features import extract
 from fundusfm.tasks.probe import fit_probe
 
@@ -73,6 +75,62 @@ def bench_cache(manifest: Manifest, cfg: PreprocessConfig, limit: int | None = N
     }
 
 
+def _time_probes(cfg: FinetuneConfig, data, features, fractions, folds) -> tuple[float, list]:
+    """Seconds to fit the logistic-regression probe of every fold x fraction; training sizes."""
+    kind, n_classes = data.task.kind, len(data.task.class_names)
+    splits = pd.read_csv(cfg.data.splits, dtype={"image_id": str})
+    ids = data.manifest.table["image_id"].to_numpy()
+    start, train_sizes = time.perf_counter(), []
+    for fold in folds:
+        for fraction in fractions:
+            part = rows_of_parts(ids, fold_sets(splits, fold, fraction), cfg.data)
+            tr, va = part["train"], part["val"]
+            train_sizes.append(len(tr))
+            x_tr, x_va = features[tr], features[va]
+            y_tr, y_va = data.labels[tr], data.labels[va]
+            fit_probe(kind, x_tr, y_tr, x_va, y_va, n_classes, ProbeConfig().Cs)
+    return time.perf_counter() - start, train_sizes
+
+
+def _time_frozen_epoch(cfg: FinetuneConfig, data, backbone, device) -> float:
+    """Seconds per training image of one epoch of head training on the frozen backbone
+    (fold `cfg.data.fold`, the full fraction), through the engine's own `Trainer.epoch`;
+    the loader's start-up (first batch) is not counted."""
+    kind, n_classes = data.task.kind, len(data.task.class_names)
+    model = Classifier(backbone, make_head("linear", backbone.num_features, n_classes))
+    train_rows = data.parts["train"]
+    criterion = make_loss(kind, cfg.train, data.labels[train_rows], n_classes).to(device)
+    job = Job(
+        model=model,
+        train_set=data.dataset("train", cfg.train.augment, cfg.train.seed),
+        loss=lambda logits, t: criterion(logits, t[0].float() if kind == "multilabel" else t[0]),
+        frozen=set_trainable(model, "lf"),
+    )
+    rt = Runtime(device, batch_size=cfg.train.batch_size, workers=cfg.train.workers)
+    n = len(job.train_set)
+    trainer = Trainer(job, cfg.train, rt, max(1, n // cfg.train.batch_size))
+    loader, _ = training_loader(job, cfg.train, rt, drop_last=False)
+    batches = iter(loader)
+    first = next(batches)
+    start = time.perf_counter()
+    trainer.epoch(_Counted(itertools.chain([first], batches), len(loader)))
+    trainer.sync()
+    return (time.perf_counter() - start) / len(train_rows)
+
+
+class _Counted:
+    """An iterator with the length the training epoch needs for its last accumulation step."""
+
+    def __init__(self, items, n: int):
+        self.items, self.n = items, n
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return self.n
+
+
 def bench_lf(
     cfg: FinetuneConfig, fractions: list[float], folds: list[int], epochs_baseline: int = 50
 ) -> dict:
@@ -83,7 +141,6 @@ def bench_lf(
     frozen-backbone head training (fold 0, fraction 1), whose per-image cost is multiplied
     out to `epochs_baseline` epochs of every fold x fraction training part (stated as such).
     """
-
     device = resolve_device(cfg.train.device)
     data = load_fold(cfg.data, progress=False)
     m = cfg.model
@@ -96,56 +153,8 @@ def bench_lf(
     start = time.perf_counter()
     features = extract(backbone, dataset, cfg.train.batch_size, device, progress=False)
     t_extract = time.perf_counter() - start
-
-    kind, n_classes = data.task.kind, len(data.task.class_names)
-    splits = pd.read_csv(cfg.data.splits, dtype={"image_id": str})
-    ids = data.manifest.table["image_id"].to_numpy()
-    start, train_sizes = time.perf_counter(), []
-    for fold in folds:
-        for fraction in fractions:
-            part = rows_of_parts(ids, fold_sets(splits, fold, fraction), cfg.data)
-            tr, va = part["train"], part["val"]
-            train_sizes.append(len(tr))
-            fit_probe(
-                kind,
-                features[tr],
-                data.labels[tr],
-                features[va],
-                data.labels[va],
-                n_classes,
-                ProbeConfig().Cs,
-            )
-    t_probes = time.perf_counter() - start
-
-    # Baseline: one epoch of head training on the frozen backbone (fold 0, fraction 1),
-    # timing the training batches only (no validation, checkpoints or loader start-up).
-    train_rows = rows_of_parts(ids, fold_sets(splits, folds[0], 1.0), cfg.data)["train"]
-    full = CachedImages(
-        data.cache,
-        data.sources(train_rows),
-        data.labels[train_rows],
-        cfg.train.augment,
-        cfg.train.seed,
-    )
-    model = Classifier(backbone, make_head("linear", backbone.num_features, n_classes))
-    frozen = set_trainable(model, "lf")
-    model.to(device)
-    train_mode(model, frozen)
-    criterion = make_loss(kind, cfg.train, data.labels[train_rows], n_classes)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    loader = torch.utils.data.DataLoader(
-        full, batch_size=cfg.train.batch_size, shuffle=True, num_workers=cfg.train.workers
-    )
-    batches = iter(loader)
-    first = next(batches)  # loader start-up is not counted
-    start = time.perf_counter()
-    for images, y, _ in itertools.chain([first], batches):
-        target = y.float() if kind == "multilabel" else y
-        loss = criterion(model(normalise(images.to(device))), target.to(device))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    per_image = (time.perf_counter() - start) / len(train_rows)
+    t_probes, train_sizes = _time_probes(cfg, data, features, fractions, folds)
+    per_image = _time_frozen_epoch(cfg, data, backbone, device)
     t_baseline = per_image * epochs_baseline * sum(train_sizes)
     lf_total = t_extract + t_probes
     return {

@@ -2,28 +2,28 @@
 
 One training epoch through the real data path - `CachedImages` reading the preprocessing
 cache with augmentation, the loader `engine.loop.fit` uses (`engine.loop.training_loader`:
-built once, worker processes kept across epochs, reseeded per epoch, pinned memory on CUDA),
-normalisation on the device, forward, backward and optimiser step - is timed against the
-same number of steps on batches that are already on the device, normalised (and
-channels-last where training uses it). The two alternate (A B B A ...) so that drift on a
-shared machine falls on both sides; the ratio is the pipeline's total time over the
-in-memory total. 1.00 means the loader costs nothing; the issue's goal is at most 1.10.
+built once, worker processes kept across epochs, reseeded per epoch, pinned memory on CUDA)
+and the engine's own training epoch (`engine.loop.Trainer.epoch`: normalisation on the
+device, forward, backward, optimiser and schedule step) - is timed against the same
+`Trainer.epoch` on the same batches held on the device. The two alternate (A B B A ...)
+so that drift on a shared machine falls on both sides; the ratio is the pipeline's total
+time over the in-memory total. 1.00 means the loader costs nothing; the goal is at most 1.10.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from fundusfm.config.core import AugmentConfig, TrainConfig
 from fundusfm.data.datasets import FoldData
-from fundusfm.data.transforms import normalise
-from fundusfm.engine.loop import amp_dtype, make_loss, training_loader
+from fundusfm.engine.device import Runtime
+from fundusfm.engine.loop import Job, Trainer, training_loader
 from fundusfm.models.backbone import Backbone
 from fundusfm.models.heads import Classifier, make_head
+from fundusfm.tasks.classify_job import make_loss
 
 
 @dataclass
@@ -52,88 +52,57 @@ class PipelineSetting:
         )
 
 
-class _Trainer:
-    """Model, optimiser and the training step of `engine.loop.fit` (one micro-batch per step)."""
-
-    def __init__(self, s: PipelineSetting, data: FoldData, train_labels):
-        self.device = torch.device(s.device)
-        kind, n_classes = data.task.kind, len(data.task.class_names)
-        self.multilabel = kind == "multilabel"
-        torch.manual_seed(s.seed)
-        backbone = Backbone(s.arch)
-        self.model = Classifier(backbone, make_head("mlp", backbone.num_features, n_classes))
-        self.model.to(self.device).train()
-        self.channels_last = s.channels_last
-        if s.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        cfg = TrainConfig()
-        self.amp = amp_dtype("auto" if s.amp else "off", self.device)
-        self.criterion = make_loss(kind, cfg, train_labels, n_classes).to(self.device)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
-        )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
-
-    def inputs(self, images: torch.Tensor, y: torch.Tensor):
-        """What the training loop does to a loader batch before the forward pass."""
-        x = normalise(images.to(self.device, non_blocking=True))
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = y.to(self.device)
-        return x, (y.float() if self.multilabel else y)
-
-    def step(self, x: torch.Tensor, target: torch.Tensor) -> None:
-        with torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext():
-            loss = self.criterion(self.model(x).float(), target)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"the loss became {loss.item()} during the benchmark")
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.item()
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-def make_loader(dataset, labels, s: PipelineSetting, drop_last: bool):
-    """The training loader and its generator, exactly as `engine.loop.fit` builds them."""
-    cfg = TrainConfig(batch_size=s.batch_size, workers=s.workers, seed=s.seed)
-    return training_loader(
-        dataset, labels, "binary", cfg, s.batch_size, drop_last, torch.device(s.device)
+def _trainer(s: PipelineSetting, data: FoldData, dataset) -> tuple[Trainer, TrainConfig]:
+    """The engine's own `Trainer` (model, optimiser, schedule, scaler, step) for the setting."""
+    kind, n_classes = data.task.kind, len(data.task.class_names)
+    cfg = TrainConfig(
+        batch_size=s.batch_size,
+        workers=s.workers,
+        seed=s.seed,
+        amp="auto" if s.amp else "off",
+        channels_last="on" if s.channels_last else "off",
     )
+    torch.manual_seed(s.seed)
+    backbone = Backbone(s.arch)
+    model = Classifier(backbone, make_head("mlp", backbone.num_features, n_classes))
+    criterion = make_loss(kind, cfg, data.labels[data.parts["train"]], n_classes)
+    criterion.to(s.device)
+
+    def loss(logits, targets):
+        return criterion(logits, targets[0].float() if kind == "multilabel" else targets[0])
+
+    job = Job(model=model, train_set=dataset, loss=loss)
+    device = torch.device(s.device)
+    rt = Runtime.of(device, cfg.amp, cfg.channels_last, s.batch_size, s.workers)
+    drop_last = len(dataset) > s.batch_size
+    return Trainer(job, cfg, rt, len(dataset) // s.batch_size if drop_last else 1), cfg
 
 
 def bench_pipeline(data: FoldData, s: PipelineSetting) -> dict:
     """Alternate training epochs through the loader and on in-memory batches; time both."""
-    train_rows = data.parts["train"]
     dataset = data.dataset("train", AugmentConfig(), s.seed)
-    drop_last = len(dataset) > s.batch_size
-    trainer = _Trainer(s, data, data.labels[train_rows])
+    trainer, cfg = _trainer(s, data, dataset)
+    loader, generator = training_loader(trainer.job, cfg, trainer.rt, len(dataset) > s.batch_size)
 
-    # The in-memory side: the epoch's batches, already normalised on the device.
-    loader, generator = make_loader(dataset, data.labels[train_rows], s, drop_last)
+    # The in-memory side: the epoch's uint8 batches, already on the device.
     generator.manual_seed(s.seed * 100_003)
-    resident = [trainer.inputs(images, y) for images, y, _ in loader]
-    steps, images = len(resident), sum(len(y) for _, y in resident)
-    trainer.step(*resident[0])  # first-call set-up (kernel selection, allocations), untimed
+    device = trainer.rt.device
+    resident = [tuple(t.to(device) for t in batch) for batch in loader]
+    steps, images = len(resident), sum(len(b[0]) for b in resident)
+    trainer.epoch(resident[:1])  # first-call set-up (kernel selection, allocations), untimed
     trainer.sync()
 
     def through_loader(epoch: int) -> float:
         dataset.set_epoch(epoch)
         start = time.perf_counter()
         generator.manual_seed(s.seed * 100_003 + epoch)
-        for images, y, _ in loader:
-            trainer.step(*trainer.inputs(images, y))
+        trainer.epoch(loader, epoch)
         trainer.sync()
         return time.perf_counter() - start
 
     def in_memory() -> float:
         start = time.perf_counter()
-        for x, target in resident:
-            trainer.step(x, target)
+        trainer.epoch(resident)
         trainer.sync()
         return time.perf_counter() - start
 

@@ -205,27 +205,11 @@ def data_import(
     quiet: QuietOpt = False,
 ) -> None:
     """Manifest of a public dataset: images, labels, patients, official split, duplicates."""
-    from fundusfm.data.adapters.vessels import IMPORTERS, import_vessels
-
-    if name in IMPORTERS:
-        with user_errors():
-            path = import_vessels(name, root, out)
-        table = load_manifest(path).table
-        derived = int((table.fov_source == "derived").sum())
-        typer.echo(
-            f"wrote {path}: {len(table)} images ({table.split.value_counts().to_dict()}), "
-            f"{derived} FOV masks derived"
-        )
-        return
     from fundusfm.data.adapters.registry import import_dataset
 
     with user_errors():
-        path, notes = import_dataset(name, root, out, group_duplicates, progress=not quiet)
-    table = load_manifest(path).table
-    typer.echo(
-        f"wrote {path}: {len(table)} images, {table.patient_id.nunique()} patient groups, "
-        f"splits {table.split.value_counts().to_dict()}"
-    )
+        path, summary, notes = import_dataset(name, root, out, group_duplicates, progress=not quiet)
+    typer.echo(f"wrote {path}: {summary}")
     for note in notes:
         typer.echo(note)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -34,13 +33,13 @@ def gradcam(
     quiet: QuietOpt = False,
 ) -> None:
     """Grad-CAM overlays, raw maps, ROAD faithfulness and lesion overlap (with masks)."""
-    from fundusfm.explain.gradcam import explain_gradcam
+    from fundusfm.explain.gradcam import explain_gradcam, gradcam_summary
 
     if not images and manifest is None:
         raise fail("give image files or --manifest")
     with user_errors():
         table = explain_gradcam(bundle, out, images, manifest, class_name, road, progress=not quiet)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = gradcam_summary(out)
     typer.echo(
         ", ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -42,7 +41,9 @@ def train(
     out = run_training(train_segmentation, resolve(SegmentConfig, config, set_), resume, quiet)
     if out is None:  # under torchrun rank 0 reports
         return
-    metrics = json.loads((out / "metrics.json").read_text())
+    from fundusfm.engine.runs import run_metrics
+
+    metrics = run_metrics(out)
     if metrics.get("test"):
         typer.echo(_line(f"test, {metrics['images']} images", metrics["test"]))
     if metrics.get("observer2"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -55,7 +54,9 @@ def _train_command(model, config, set_, resume, quiet, runner) -> None:
     out = run_training(runner, resolve(model, config, set_), resume, quiet)
     if out is None:  # under torchrun rank 0 reports
         return
-    metrics = json.loads((out / "metrics.json").read_text())
+    from fundusfm.engine.runs import run_metrics
+
+    metrics = run_metrics(out)
     for part in ("val", "test", "holdout"):
         if part in metrics:
             shown = {

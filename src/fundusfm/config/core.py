@@ -144,21 +144,19 @@ class AugmentConfig(Strict):
     contrast: float = Field(0.15, ge=0, le=1)
 
 
-class TrainConfig(Strict):
+class LoopConfig(Strict):
+    """The settings of the one training loop (`engine.loop.fit`), shared by every task."""
+
     epochs: int = Field(20, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="global batch (split across torchrun ranks)")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
     warmup_epochs: float = Field(1.0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    class_weighted_loss: bool = False
-    balanced_sampler: bool = False
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
-    select_metric: str = Field("auroc", description="validation metric for model selection")
     patience: int = Field(0, ge=0, description="early stopping after this many epochs; 0 = off")
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -167,6 +165,13 @@ class TrainConfig(Strict):
         False, description="under torchrun on GPUs: BatchNorm statistics over the global batch"
     )
     seed: int = 0
+
+
+class TrainConfig(LoopConfig):
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weighted_loss: bool = False
+    balanced_sampler: bool = False
+    select_metric: str = Field("auroc", description="validation metric for model selection")
     augment: AugmentConfig = AugmentConfig()
 
 

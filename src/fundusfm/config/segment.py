@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from fundusfm.config.core import EncoderInit, RunConfig, Strict
+from fundusfm.config.core import EncoderInit, LoopConfig, RunConfig, Strict
 
 
 class SegDataConfig(Strict):
@@ -74,21 +74,17 @@ class SegAugmentConfig(Strict):
     contrast: float = Field(0.2, ge=0, le=1)
 
 
-class SegTrainConfig(Strict):
+class SegTrainConfig(LoopConfig):
     epochs: int = Field(100, ge=1)
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, description="global batch (split across torchrun ranks)")
     lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
     warmup_epochs: float = Field(2.0, ge=0)
+    patience: int = Field(
+        0, ge=0, description="early stopping on validation Dice (needs a validation part)"
+    )
     dice_weight: float = Field(1.0, ge=0, description="loss = bce_weight*BCE + dice_weight*Dice")
     bce_weight: float = Field(1.0, ge=0)
     threshold: float = Field(0.5, gt=0, lt=1, description="probability of a vessel pixel")
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    channels_last: Literal["auto", "on", "off"] = "auto"
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    workers: int = Field(0, ge=0)
-    sync_batchnorm: bool = Field(False, description="under torchrun on GPUs (see engine/loop.py)")
-    seed: int = 0
     augment: SegAugmentConfig = SegAugmentConfig()
 
     @model_validator(mode="after")

@@ -107,8 +107,7 @@ def stratified_assign(
     return out
 
 
-def make_splits(manifest: Manifest, cfg: SplitConfig) -> pd.DataFrame:
-    """Build the split table for a manifest (see module docstring); deterministic for a seed."""
+def _check_settings(cfg: SplitConfig) -> list[float]:
     k = cfg.folds
     if cfg.val_fraction * (k - 1) > 1:
         raise ConfigError(
@@ -118,6 +117,11 @@ def make_splits(manifest: Manifest, cfg: SplitConfig) -> pd.DataFrame:
     fractions = sorted(set(cfg.fractions))
     if not fractions or fractions[0] <= 0 or fractions[-1] > 1:
         raise ConfigError(f"fractions must lie in (0, 1], got {cfg.fractions}")
+    return fractions
+
+
+def _patients(manifest: Manifest, cfg: SplitConfig):
+    """Patients, each image's patient, label counts and image counts per patient."""
     manifest.require("image_id", "patient_id")
     manifest.require_unique_ids()
     y = _strata(manifest, cfg.task)
@@ -129,12 +133,14 @@ def make_splits(manifest: Manifest, cfg: SplitConfig) -> pd.DataFrame:
             "(use the image_id when the patient is unknown)"
         )
     patients, group = np.unique(t["patient_id"].to_numpy(), return_inverse=True)
-    n_groups = len(patients)
-    counts = np.zeros((n_groups, y.shape[1]), dtype=np.int64)
+    counts = np.zeros((len(patients), y.shape[1]), dtype=np.int64)
     np.add.at(counts, group, y)
-    sizes = np.bincount(group, minlength=n_groups)
-    rng = np.random.default_rng(cfg.seed)
+    return patients, group, counts, np.bincount(group, minlength=len(patients))
 
+
+def _folds(counts, sizes, cfg: SplitConfig, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Each patient's fold (-1: held out) and whether it is in the held-out test part."""
+    k, n_groups = cfg.folds, len(sizes)
     fold = np.zeros(n_groups, dtype=int)
     holdout = np.zeros(n_groups, dtype=bool)
     if cfg.test_fraction > 0:
@@ -146,27 +152,56 @@ def make_splits(manifest: Manifest, cfg: SplitConfig) -> pd.DataFrame:
         raise DataError(f"{len(cv)} patients (after the held-out part) cannot fill {k} folds")
     fold[cv] = stratified_assign(counts[cv], sizes[cv], [1.0] * k, rng)
     fold[holdout] = -1
+    return fold, holdout
 
-    val_fold = np.full(n_groups, -1)
-    if cfg.val_fraction > 0:
-        for j in range(k):
-            members = np.flatnonzero(fold == j)
-            others = [f for f in range(k) if f != j]
-            props = [cfg.val_fraction] * len(others) + [1 - cfg.val_fraction * len(others)]
-            part = stratified_assign(counts[members], sizes[members], props, rng)
-            for i, other in enumerate(others):
-                val_fold[members[part == i]] = other
-        # Small sets: a share can round to no patient. Give such a fold one patient of the
-        # commonest class from its training part, so that model selection stays possible.
-        common = counts.sum(axis=0).argmax()
-        for j in range(k):
-            if (val_fold == j).any():
-                continue
-            free = np.flatnonzero((fold != j) & (fold >= 0) & (val_fold == -1))
-            if len(free):
-                best = free[counts[free, common] == counts[free, common].max()]
-                val_fold[rng.choice(best)] = j
 
+def _validation_folds(counts, sizes, fold, cfg: SplitConfig, rng) -> np.ndarray:
+    """The fold whose validation part each patient is in (-1: none)."""
+    k = cfg.folds
+    val_fold = np.full(len(sizes), -1)
+    if cfg.val_fraction <= 0:
+        return val_fold
+    for j in range(k):
+        members = np.flatnonzero(fold == j)
+        others = [f for f in range(k) if f != j]
+        props = [cfg.val_fraction] * len(others) + [1 - cfg.val_fraction * len(others)]
+        part = stratified_assign(counts[members], sizes[members], props, rng)
+        for i, other in enumerate(others):
+            val_fold[members[part == i]] = other
+    # Small sets: a share can round to no patient. Give such a fold one patient of the
+    # commonest class from its training part, so that model selection stays possible.
+    common = counts.sum(axis=0).argmax()
+    for j in range(k):
+        if (val_fold == j).any():
+            continue
+        free = np.flatnonzero((fold != j) & (fold >= 0) & (val_fold == -1))
+        if len(free):
+            best = free[counts[free, common] == counts[free, common].max()]
+            val_fold[rng.choice(best)] = j
+    return val_fold
+
+
+def _check_parts(table: pd.DataFrame, cfg: SplitConfig, smallest: float, n_groups: int) -> None:
+    for j in range(cfg.folds):
+        parts = fold_sets(table, j, smallest)
+        empty = [p for p in ("train", "test") if not parts[p]]
+        if cfg.val_fraction > 0 and not parts["val"]:
+            empty.append("validation")
+        if empty:
+            raise DataError(
+                f"fold {j} has an empty {' and '.join(empty)} part with {n_groups} patients; "
+                "use fewer folds or smaller val/test fractions"
+            )
+
+
+def make_splits(manifest: Manifest, cfg: SplitConfig) -> pd.DataFrame:
+    """Build the split table for a manifest (see module docstring); deterministic for a seed."""
+    fractions = _check_settings(cfg)
+    patients, group, counts, sizes = _patients(manifest, cfg)
+    rng = np.random.default_rng(cfg.seed)
+    fold, holdout = _folds(counts, sizes, cfg, rng)
+    val_fold = _validation_folds(counts, sizes, fold, cfg, rng)
+    t = manifest.table
     table = pd.DataFrame(
         {
             "image_id": t["image_id"].to_numpy(),
@@ -179,16 +214,7 @@ def make_splits(manifest: Manifest, cfg: SplitConfig) -> pd.DataFrame:
     labelled = labelled_fractions(counts, fold, val_fold, fractions, cfg.val_policy, rng)
     for (f, j), chosen in labelled.items():
         table[fraction_column(f, j)] = chosen[group].astype(int)
-    for j in range(k):
-        parts = fold_sets(table, j, fractions[0])
-        empty = [p for p in ("train", "test") if not parts[p]]
-        if cfg.val_fraction > 0 and not parts["val"]:
-            empty.append("validation")
-        if empty:
-            raise DataError(
-                f"fold {j} has an empty {' and '.join(empty)} part with {n_groups} patients; "
-                "use fewer folds or smaller val/test fractions"
-            )
+    _check_parts(table, cfg, fractions[0], len(patients))
     return table
 
 

@@ -124,11 +124,72 @@ class _RootTest:
         return False
 
 
+def _check_rows(m: Manifest, report: CheckReport) -> list[tuple[int, Path]]:
+    """Ids, patients, eyes and paths of every row; returns the (row, file) pairs to decode."""
+    first_row: dict[str, int] = {}
+    to_decode: list[tuple[int, Path]] = []
+    inside = _RootTest(m)
+    add = report.problems.append
+    for i, row in enumerate(m.table.itertuples(index=False)):
+        line, iid = m.line(i), str(row.image_id)
+        if not iid:
+            add(Problem(line, "", "image_id", "empty image_id"))
+        elif iid in first_row:
+            first = first_row[iid]
+            add(Problem(line, iid, "image_id", f"duplicate image_id (first on line {first})"))
+        else:
+            first_row[iid] = line
+        if not str(row.patient_id):
+            add(Problem(line, iid, "patient_id", "empty patient_id (use the image_id if unknown)"))
+        if row.eye not in EYES:
+            add(Problem(line, iid, "eye", f"{row.eye!r} is not one of {', '.join(EYES)}"))
+        rel = str(row.path)
+        if not rel:
+            add(Problem(line, iid, "path", "empty path"))
+            continue
+        full = Path(os.path.normpath(m.image_path(rel)))
+        if not inside(full):
+            add(Problem(line, iid, "path", f"{rel!r} lies outside the data root {m.root}"))
+        elif not full.is_file():
+            add(Problem(line, iid, "path", f"file not found: {full}"))
+        else:
+            to_decode.append((i, full))
+    return to_decode
+
+
+def _check_decoding(m: Manifest, to_decode, report: CheckReport, workers: int, progress: bool):
+    """Decode every file (threads): unreadable files and repeated image content."""
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        results = list(
+            tqdm(
+                pool.map(lambda item: _decode_and_hash(item[1]), to_decode),
+                total=len(to_decode),
+                desc="decode",
+                disable=not progress,
+                unit="img",
+            )
+        )
+    seen: dict[str, tuple[int, str]] = {}
+    for (i, full), (digest, error) in zip(to_decode, results, strict=True):
+        line, iid = m.line(i), str(m.table["image_id"].iat[i])
+        if error:
+            report.problems.append(Problem(line, iid, "path", f"{full.name}: {error}"))
+            continue
+        report.decoded += 1
+        if digest not in seen:
+            seen[digest] = (line, iid)
+            continue
+        other_line, other_id = seen[digest]
+        if other_id != iid:
+            message = f"same image content as {other_id!r} (line {other_line})"
+            report.problems.append(Problem(line, iid, "path", message))
+
+
 def check_manifest(
     manifest: Manifest, decode: bool = True, workers: int = 0, progress: bool = True
 ) -> CheckReport:
     """Validate a manifest and return every problem found, not only the first one."""
-    m, t = manifest, manifest.table
+    t = manifest.table
     report = CheckReport(rows=len(t))
     if len(t) == 0:
         report.problems.append(Problem(0, "", "", "the manifest has no rows"))
@@ -139,76 +200,9 @@ def check_manifest(
             Problem(0, "", ",".join(missing), f"required columns missing (need {REQUIRED_COLUMNS})")
         )
         return report
-
-    first_row: dict[str, int] = {}
-    to_decode: list[tuple[int, Path]] = []  # (row, file)
-    inside = _RootTest(m)
-    for i, row in enumerate(t.itertuples(index=False)):
-        line, iid = m.line(i), str(row.image_id)
-        if not iid:
-            report.problems.append(Problem(line, "", "image_id", "empty image_id"))
-        elif iid in first_row:
-            report.problems.append(
-                Problem(
-                    line, iid, "image_id", f"duplicate image_id (first on line {first_row[iid]})"
-                )
-            )
-        else:
-            first_row[iid] = line
-        if not str(row.patient_id):
-            report.problems.append(
-                Problem(line, iid, "patient_id", "empty patient_id (use the image_id if unknown)")
-            )
-        if row.eye not in EYES:
-            report.problems.append(
-                Problem(line, iid, "eye", f"{row.eye!r} is not one of {', '.join(EYES)}")
-            )
-        rel = str(row.path)
-        if not rel:
-            report.problems.append(Problem(line, iid, "path", "empty path"))
-            continue
-        full = Path(os.path.normpath(m.image_path(rel)))
-        if not inside(full):
-            report.problems.append(
-                Problem(line, iid, "path", f"{rel!r} lies outside the data root {m.root}")
-            )
-            continue
-        if not full.is_file():
-            report.problems.append(Problem(line, iid, "path", f"file not found: {full}"))
-            continue
-        to_decode.append((i, full))
-
+    to_decode = _check_rows(manifest, report)
     if decode and to_decode:
-        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-            results = list(
-                tqdm(
-                    pool.map(lambda item: _decode_and_hash(item[1]), to_decode),
-                    total=len(to_decode),
-                    desc="decode",
-                    disable=not progress,
-                    unit="img",
-                )
-            )
-        seen: dict[str, tuple[int, str]] = {}
-        for (i, full), (digest, error) in zip(to_decode, results, strict=True):
-            line, iid = m.line(i), str(t["image_id"].iat[i])
-            if error:
-                report.problems.append(Problem(line, iid, "path", f"{full.name}: {error}"))
-                continue
-            report.decoded += 1
-            if digest in seen:
-                other_line, other_id = seen[digest]
-                if other_id != iid:
-                    report.problems.append(
-                        Problem(
-                            line,
-                            iid,
-                            "path",
-                            f"same image content as {other_id!r} (line {other_line})",
-                        )
-                    )
-            else:
-                seen[digest] = (line, iid)
-    _check_labels(m, report)
+        _check_decoding(manifest, to_decode, report, workers, progress)
+    _check_labels(manifest, report)
     report.problems.sort(key=lambda p: p.line)
     return report

@@ -197,7 +197,12 @@ def seg_parts(cfg: SegDataConfig, manifest: Manifest, seed: int) -> dict[str, np
 
 
 class VesselTrainSet(Dataset):
-    """Augmented (image, vessel, fov) tensors; `patches_per_image` random crops per image."""
+    """Augmented (image, vessel, fov) tensors; `patches_per_image` random crops per image.
+
+    Crops, flips, rotation and colour are drawn from a generator seeded by (seed, epoch,
+    index), as `CachedImages` does: the same images whatever the number of loader workers or
+    processes, and a resumed run sees what an uninterrupted one would.
+    """
 
     def __init__(
         self,
@@ -205,8 +210,10 @@ class VesselTrainSet(Dataset):
         augment: SegAugmentConfig,
         patch: int | None = None,
         patches_per_image: int = 1,
+        seed: int = 0,
     ):
-        self.images, self.patch, self.per_image = images, patch, patches_per_image
+        self.images, self.patch, self.per_image, self.seed = images, patch, patches_per_image, seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # seen by workers
         geometric = []
         if augment.flip:
             geometric += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
@@ -217,6 +224,9 @@ class VesselTrainSet(Dataset):
         self.geometric = v2.Compose(geometric)
         self.colour = v2.ColorJitter(augment.brightness, augment.contrast)
 
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
     def __len__(self) -> int:
         return len(self.images) * self.per_image
 
@@ -224,8 +234,11 @@ class VesselTrainSet(Dataset):
         s = self.images[i // self.per_image]
         image = tv_tensors.Image(torch.from_numpy(s.image).permute(2, 0, 1).contiguous())
         masks = tv_tensors.Mask(torch.from_numpy(np.stack([s.vessel, s.fov])).to(torch.uint8))
-        image, masks = self.geometric(image, masks)
-        image = self.colour(image)
+        draw = np.random.default_rng([self.seed, int(self._epoch), i]).integers(2**63)
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global generator
+            torch.manual_seed(int(draw))
+            image, masks = self.geometric(image, masks)
+            image = self.colour(image)
         return image.as_subclass(torch.Tensor), masks[0].float(), masks[1].float()
 
 

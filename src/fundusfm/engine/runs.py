@@ -10,6 +10,7 @@ import pandas as pd
 from fundusfm.config.core import changed_settings, dump_config
 from fundusfm.engine import distributed as ddp
 from fundusfm.errors import ConfigError
+from fundusfm.io import read_json
 
 
 def prediction_frame(ids, fold: int, split: str, kind: str, classes, labels, scores):
@@ -55,3 +56,8 @@ def _check_and_create(cfg, out: Path) -> None:
 def is_finished(out: Path) -> bool:
     """A resumed run whose outputs are all written has nothing left to do."""
     return (out / "metrics.json").is_file() and (out / "bundle").is_dir()
+
+
+def run_metrics(out: Path) -> dict:
+    """A finished run's metrics.json (what `train`, `segment train` and reports print)."""
+    return read_json(Path(out) / "metrics.json")

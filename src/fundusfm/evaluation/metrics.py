@@ -234,3 +234,11 @@ def per_class_table(
             }
         )
     return pd.DataFrame(rows)
+
+
+def validation_loss(kind: str, labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mean cross-entropy (binary/multiclass) or binary cross-entropy (multilabel) of scores."""
+    p = np.clip(scores, 1e-7, 1 - 1e-7)
+    if kind == "multilabel":
+        return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+    return float(-np.mean(np.log(p[np.arange(len(labels)), labels])))

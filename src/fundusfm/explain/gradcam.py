@@ -12,7 +12,6 @@ image they cover.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from fundusfm.data.decode import read_mask
 from fundusfm.data.manifest import load_manifest
 from fundusfm.data.preprocess import crop_resize, decode_for
 from fundusfm.data.transforms import normalise
+from fundusfm.io import read_json, write_json
 from fundusfm.models.loaded import Bundle, load_bundle
 
 
@@ -149,6 +149,76 @@ def _crop_mask(paths: list[Path], box: tuple, scale: float, size: int) -> np.nda
     return np.asarray(img.resize((size, size), Image.Resampling.NEAREST), dtype=bool)
 
 
+def _decode_chunk(sources, pre, errors: list) -> tuple[list, list, list]:
+    """Decoded, cropped images of a chunk; an unreadable one is recorded, the others go on."""
+    chunk, arrays, boxes = [], [], []
+    for s in sources:
+        try:
+            rgb, scale = decode_for(s.path, pre)
+            arr, box = crop_resize(rgb, pre)
+        except Exception as exc:
+            errors.append({"image": s.name, "file": str(s.path), "reason": f"{exc}"})
+            continue
+        chunk.append(s)
+        arrays.append(arr)
+        boxes.append((box, scale))
+    return chunk, arrays, boxes
+
+
+def _targets(probs, kind: str, classes: list[str], class_name: str | None) -> list[tuple]:
+    """(image in chunk, class index) to explain: the named class, every label, or the top."""
+    jobs = []
+    for k, p in enumerate(probs):
+        if class_name is not None:
+            jobs.append((k, classes.index(class_name)))
+        elif kind == "multilabel":
+            jobs += [(k, j) for j in range(len(classes))]
+        else:
+            jobs.append((k, int(np.argmax(p))))
+    return jobs
+
+
+def _explain_chunk(bundle, chunk, arrays, boxes, class_name, road: bool, pre, out) -> list:
+    """Maps, overlays and rows of one decoded chunk."""
+    classes = bundle.classes
+    probs = bundle.predict(np.stack(arrays))
+    jobs = _targets(probs, bundle.kind, classes, class_name)
+    imgs, targets = [arrays[k] for k, _ in jobs], [j for _, j in jobs]
+    maps = gradcam_maps(bundle, imgs, targets)
+    faith = road_scores(bundle, imgs, maps, targets) if road else [float("nan")] * len(jobs)
+    rows = []
+    for (k, j), cam, score in zip(jobs, maps, faith, strict=True):
+        s, name = chunk[k], f"{chunk[k].name}_{classes[j]}"
+        Image.fromarray(overlay(arrays[k], cam)).save(out / "overlays" / f"{name}.png")
+        np.save(out / "maps" / f"{name}.npy", cam.astype(np.float16))
+        row = {
+            "image": s.name,
+            "file": str(s.path),
+            "class": classes[j],
+            "probability": float(probs[k][j]),
+            "road": float(score),
+        }
+        if s.lesion_masks:
+            box, scale = boxes[k]
+            row.update(lesion_overlap(cam, _crop_mask(s.lesion_masks, box, scale, pre.resolution)))
+        rows.append(row)
+    return rows
+
+
+def _summary(table: pd.DataFrame, unreadable: int) -> dict:
+    road = float(table["road"].mean())
+    summary = {"maps": len(table), "unreadable": unreadable, "road_mean": road}
+    if "enrichment" in table:
+        with_lesions = table.dropna(subset=["enrichment"])
+        summary.update(
+            images_with_lesions=len(with_lesions),
+            cam_mass_on_lesions_mean=float(with_lesions["cam_mass_on_lesions"].mean()),
+            lesion_area_mean=float(with_lesions["lesion_area"].mean()),
+            enrichment_median=float(with_lesions["enrichment"].median()),
+        )
+    return summary
+
+
 def explain_gradcam(
     bundle_path: Path,
     out: Path,
@@ -163,9 +233,8 @@ def explain_gradcam(
     bundle = load_bundle(bundle_path)
     if bundle.kind == "segmentation":
         raise ValueError("Grad-CAM explains classifiers; this bundle segments vessels")
-    classes = bundle.classes
-    if class_name is not None and class_name not in classes:
-        raise ValueError(f"class {class_name!r} is not one of the bundle's: {classes}")
+    if class_name is not None and class_name not in bundle.classes:
+        raise ValueError(f"class {class_name!r} is not one of the bundle's: {bundle.classes}")
     sources = _sources(images, manifest)
     if not sources:
         raise ValueError("no images: give image files or --manifest")
@@ -175,48 +244,9 @@ def explain_gradcam(
         (out / sub).mkdir(parents=True, exist_ok=True)
     rows, errors = [], []
     for i in tqdm(range(0, len(sources), batch_size), disable=not progress, desc="grad-cam"):
-        chunk, arrays, boxes = [], [], []
-        for s in sources[i : i + batch_size]:
-            try:  # one unreadable image is reported, the others are explained
-                rgb, scale = decode_for(s.path, pre)
-                arr, box = crop_resize(rgb, pre)
-            except Exception as exc:
-                errors.append({"image": s.name, "file": str(s.path), "reason": f"{exc}"})
-                continue
-            chunk.append(s)
-            arrays.append(arr)
-            boxes.append((box, scale))
-        if not chunk:
-            continue
-        probs = bundle.predict(np.stack(arrays))
-        jobs = []  # (index in chunk, class index)
-        for k, p in enumerate(probs):
-            if class_name is not None:
-                jobs.append((k, classes.index(class_name)))
-            elif bundle.kind == "multilabel":
-                jobs += [(k, j) for j in range(len(classes))]
-            else:
-                jobs.append((k, int(np.argmax(p))))
-        imgs = [arrays[k] for k, _ in jobs]
-        targets = [j for _, j in jobs]
-        maps = gradcam_maps(bundle, imgs, targets)
-        faith = road_scores(bundle, imgs, maps, targets) if road else [float("nan")] * len(jobs)
-        for (k, j), cam, score in zip(jobs, maps, faith, strict=True):
-            s, name = chunk[k], f"{chunk[k].name}_{classes[j]}"
-            Image.fromarray(overlay(arrays[k], cam)).save(out / "overlays" / f"{name}.png")
-            np.save(out / "maps" / f"{name}.npy", cam.astype(np.float16))
-            row = {
-                "image": s.name,
-                "file": str(s.path),
-                "class": classes[j],
-                "probability": float(probs[k][j]),
-                "road": float(score),
-            }
-            if s.lesion_masks:
-                box, scale = boxes[k]
-                lesions = _crop_mask(s.lesion_masks, box, scale, pre.resolution)
-                row.update(lesion_overlap(cam, lesions))
-            rows.append(row)
+        chunk, arrays, boxes = _decode_chunk(sources[i : i + batch_size], pre, errors)
+        if chunk:
+            rows += _explain_chunk(bundle, chunk, arrays, boxes, class_name, road, pre, out)
     table = pd.DataFrame(rows)
     table.to_csv(out / "gradcam.csv", index=False)
     pd.DataFrame(errors, columns=["image", "file", "reason"]).to_csv(
@@ -224,18 +254,10 @@ def explain_gradcam(
     )
     if table.empty:
         raise ValueError(f"no image could be read; see {out / 'errors.csv'}")
-    summary = {
-        "maps": len(table),
-        "unreadable": len(errors),
-        "road_mean": float(table["road"].mean()),
-    }
-    if "enrichment" in table:
-        with_lesions = table.dropna(subset=["enrichment"])
-        summary.update(
-            images_with_lesions=len(with_lesions),
-            cam_mass_on_lesions_mean=float(with_lesions["cam_mass_on_lesions"].mean()),
-            lesion_area_mean=float(with_lesions["lesion_area"].mean()),
-            enrichment_median=float(with_lesions["enrichment"].median()),
-        )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", _summary(table, len(errors)))
     return table
+
+
+def gradcam_summary(out: Path) -> dict:
+    """The summary.json `explain_gradcam` wrote into `out`."""
+    return read_json(Path(out) / "summary.json")

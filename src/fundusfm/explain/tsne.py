@@ -33,7 +33,7 @@ from fundusfm.data.datasets import CachedImages
 from fundusfm.data.manifest import encode_labels, load_manifest, patient_of
 from fundusfm.data.preprocess import build_cache, open_cache
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from fundusfm.engine.loop import resolve_device
+from fundusfm.engine.device import resolve_device
 from fundusfm.models.inits import create_backbone
 from fundusfm.tasks.features import extract
 

@@ -74,7 +74,7 @@ def summarise(results, images, patients: dict, n_boot: int) -> pd.DataFrame:
             row[f"test_{name}_mean"], row[f"test_{name}_sd"] = values.mean(), values.std(ddof=1)
         frame = images[np.logical_and.reduce([images[k] == row[k] for k in KEYS])]
         dice = frame["dice"].to_numpy(float)
-        groups = frame["image_id"].map(patients).fillna(frame["image_id"]).to_numpy()
+        groups = frame["image_id"].map(lambda i: patients.get(i, i)).to_numpy()
         row["image_dice"] = float(np.nanmean(dice)) if len(dice) else float("nan")
         row["image_dice_ci_low"], row["image_dice_ci_high"] = _mean_ci(dice, groups, n_boot)
         row["images"] = len(dice)

@@ -146,6 +146,77 @@ def _shading(cv: Canvas, fovea, camera: CameraConfig, rng: np.random.Generator) 
     return np.asarray(Image.fromarray(shade, "F").resize((cv.size, cv.size), Image.BICUBIC))
 
 
+def _tessellation(cv: Canvas, img, rr, fovea, disc, rd, s: float, rng, lesions: dict) -> None:
+    """Myopia: choroidal vessels seen through a thin pigment epithelium, and (when marked)
+    peripapillary atrophy, a pale crescent on the temporal side of the disc."""
+    f32 = np.float32
+    for _ in range(40):
+        a, r0 = rng.uniform(0, 2 * np.pi), rng.uniform(0.05, 0.3)
+        pts = []
+        for j in range(12):
+            a += rng.normal(0, 0.12)
+            pts.append(
+                cv.px(
+                    fovea[0] + (r0 + j * 0.08) * math.cos(a),
+                    fovea[1] + (r0 + j * 0.08) * math.sin(a),
+                )
+            )
+        cv.layer("tess").line(pts, fill=255, width=int(rng.uniform(5, 10) * cv.k))
+    gaps = 1 - cv.array("tess", blur=2.0)
+    img *= (1 - f32(0.18 + 0.35 * s) * gaps * np.clip(1.2 - rr, 0, 1))[..., None]
+    lesions["tessellation"] = (gaps > 0.6) & (rr < 0.95)
+    if s > 0.25:
+        w = 0.5 + 0.9 * s
+        cv.ellipse("ppa", disc[0] - rd * w * 0.6, disc[1], rd * (1 + w * 0.55), rd * 1.2)
+        cv.blend(img, "ppa", (0.95, 0.84, 0.68), 0.85, blur=0.8)
+
+
+def _disc_and_cup(cv: Canvas, img, d: dict, disc, rd: float, rng, lesions: dict) -> None:
+    """The optic disc (tilted in myopia) and its cup (enlarged in glaucoma)."""
+    tilt = 0.8 if "myopia" in d else 1.0
+    cv.ellipse("disc", disc[0], disc[1], rd * tilt, rd * 1.1)
+    cdr = 0.6 + 0.32 * d["glaucoma"] if "glaucoma" in d else rng.uniform(0.2, 0.5)
+    cv.ellipse(
+        "cup", disc[0], disc[1], rd * tilt * cdr, rd * 1.1 * cdr * (1.08 if cdr > 0.6 else 1)
+    )
+    cv.blend(img, "disc", (0.93, 0.62, 0.40), 0.85, blur=1.2)
+    cv.blend(img, "cup", (1.0, 0.93, 0.80), 0.85, blur=0.8)
+    if "ppa" in cv.layers:
+        lesions["peripapillary_atrophy"] = cv.mask("ppa") & ~cv.mask("disc")
+    if "glaucoma" in d:
+        lesions["enlarged_cup"] = cv.mask("cup")
+
+
+def _look_alikes(cv: Canvas, img, segs, rng) -> None:
+    """Harmless look-alikes that healthy eyes have too: camera dust, nerve-fibre sheen."""
+    if rng.random() < 0.2:
+        for _ in range(int(rng.integers(1, 4))):
+            cv.dot("dust", rng.uniform(-0.6, 0.6), rng.uniform(-0.6, 0.6), rng.uniform(1.5, 3))
+        cv.blend(img, "dust", (0.0, 0.0, 0.0), 0.25, 1.0)
+    if rng.random() < 0.3:
+        for sg in segs[:200:3]:
+            cv.dot("sheen", sg[0], sg[1], 2.5, fill=60)
+        cv.blend(img, "sheen", (0.9, 0.9, 0.9), 0.25, 2.0)
+
+
+def _camera(img, fov_soft, k: float, camera: CameraConfig, case: EyeCase, rng) -> np.ndarray:
+    """Tint, gamma, exposure, blur, noise; black outside the field of view (uint8 image)."""
+    f32 = np.float32
+    tint = np.array(camera.tint, f32) * np.array(case.tint, f32) * f32(rng.uniform(0.85, 1.1))
+    gamma = math.exp(rng.normal(0, camera.gamma_jitter))
+    lut = np.round(255 * (np.arange(256) / 255.0) ** gamma).astype(np.uint8)
+    img *= (tint * 255)[None, None, :]
+    img *= fov_soft[..., None]
+    out = Image.fromarray(lut[np.clip(img + 0.5, 0, 255).astype(np.uint8)], "RGB")
+    blur = rng.uniform(0, camera.blur_max) * k
+    if blur > 0.2:
+        out = out.filter(ImageFilter.GaussianBlur(blur))
+    arr = np.asarray(out, dtype=f32)
+    sigma = f32(rng.uniform(0.003, max(camera.noise_max, 0.003)) * 255)
+    noise = rng.standard_normal(arr.shape, dtype=f32) * sigma
+    return np.clip(arr + noise * fov_soft[..., None] + 0.5, 0, 255).astype(np.uint8)
+
+
 def render_eye(
     size: int, case: EyeCase, camera: CameraConfig, rng: np.random.Generator
 ) -> Rendered:
@@ -165,40 +236,10 @@ def render_eye(
     img = base[None, None, :] * _shading(cv, fovea, camera, rng)[..., None]
 
     rd = rng.normal(0.115, 0.008)
-    tilt = 0.8 if "myopia" in d else 1.0
     lesions: dict[str, np.ndarray] = {}
-    if "myopia" in d:  # tessellation: choroidal vessels seen through a thin pigment epithelium
-        s = d["myopia"]
-        for _ in range(40):
-            a, r0 = rng.uniform(0, 2 * np.pi), rng.uniform(0.05, 0.3)
-            pts = []
-            for j in range(12):
-                a += rng.normal(0, 0.12)
-                pts.append(
-                    cv.px(
-                        fovea[0] + (r0 + j * 0.08) * math.cos(a),
-                        fovea[1] + (r0 + j * 0.08) * math.sin(a),
-                    )
-                )
-            cv.layer("tess").line(pts, fill=255, width=int(rng.uniform(5, 10) * cv.k))
-        gaps = 1 - cv.array("tess", blur=2.0)
-        img *= (1 - f32(0.18 + 0.35 * s) * gaps * np.clip(1.2 - rr, 0, 1))[..., None]
-        lesions["tessellation"] = (gaps > 0.6) & (rr < 0.95)
-        if s > 0.25:  # peripapillary atrophy: pale crescent on the temporal side of the disc
-            w = 0.5 + 0.9 * s
-            cv.ellipse("ppa", disc[0] - rd * w * 0.6, disc[1], rd * (1 + w * 0.55), rd * 1.2)
-            cv.blend(img, "ppa", (0.95, 0.84, 0.68), 0.85, blur=0.8)
-    cv.ellipse("disc", disc[0], disc[1], rd * tilt, rd * 1.1)
-    cdr = 0.6 + 0.32 * d["glaucoma"] if "glaucoma" in d else rng.uniform(0.2, 0.5)
-    cv.ellipse(
-        "cup", disc[0], disc[1], rd * tilt * cdr, rd * 1.1 * cdr * (1.08 if cdr > 0.6 else 1)
-    )
-    cv.blend(img, "disc", (0.93, 0.62, 0.40), 0.85, blur=1.2)
-    cv.blend(img, "cup", (1.0, 0.93, 0.80), 0.85, blur=0.8)
-    if "ppa" in cv.layers:
-        lesions["peripapillary_atrophy"] = cv.mask("ppa") & ~cv.mask("disc")
-    if "glaucoma" in d:
-        lesions["enlarged_cup"] = cv.mask("cup")
+    if "myopia" in d:
+        _tessellation(cv, img, rr, fovea, disc, rd, d["myopia"], rng, lesions)
+    _disc_and_cup(cv, img, d, disc, rd, rng, lesions)
 
     # Vessels; a vein occlusion widens and darkens the veins of the occluded trunks.
     segs = _grow_vessels(rng, disc, fovea)
@@ -211,34 +252,13 @@ def render_eye(
     cv.blend(img, "artery", (0.62, 0.16, 0.10), 0.65, 0.45)
 
     draw_lesions(cv, d, segs, occluded, disc, fovea, rd, rng)
-    # Harmless look-alikes that healthy eyes have too: camera dust, nerve-fibre sheen.
-    if rng.random() < 0.2:
-        for _ in range(int(rng.integers(1, 4))):
-            cv.dot("dust", rng.uniform(-0.6, 0.6), rng.uniform(-0.6, 0.6), rng.uniform(1.5, 3))
-        cv.blend(img, "dust", (0.0, 0.0, 0.0), 0.25, 1.0)
-    if rng.random() < 0.3:
-        for sg in segs[:200:3]:
-            cv.dot("sheen", sg[0], sg[1], 2.5, fill=60)
-        cv.blend(img, "sheen", (0.9, 0.9, 0.9), 0.25, 2.0)
+    _look_alikes(cv, img, segs, rng)
     for name, (colour, alpha, blur) in LOOK.items():
         if name in cv.layers:
             lesions[name] = cv.mask(name)
             cv.blend(img, name, colour, alpha, blur)
 
-    # Camera: tint, gamma, exposure, blur, noise; black outside the field of view.
-    tint = np.array(camera.tint, f32) * np.array(case.tint, f32) * f32(rng.uniform(0.85, 1.1))
-    gamma = math.exp(rng.normal(0, camera.gamma_jitter))
-    lut = np.round(255 * (np.arange(256) / 255.0) ** gamma).astype(np.uint8)
-    img *= (tint * 255)[None, None, :]
-    img *= fov_soft[..., None]
-    out = Image.fromarray(lut[np.clip(img + 0.5, 0, 255).astype(np.uint8)], "RGB")
-    blur = rng.uniform(0, camera.blur_max) * cv.k
-    if blur > 0.2:
-        out = out.filter(ImageFilter.GaussianBlur(blur))
-    arr = np.asarray(out, dtype=f32)
-    sigma = f32(rng.uniform(0.003, max(camera.noise_max, 0.003)) * 255)
-    noise = rng.standard_normal(arr.shape, dtype=f32) * sigma
-    image = np.clip(arr + noise * fov_soft[..., None] + 0.5, 0, 255).astype(np.uint8)
+    image = _camera(img, fov_soft, cv.k, camera, case, rng)
     fov = rr <= 1.0
     masks = {k: v & fov for k, v in lesions.items()}
     return Rendered(

@@ -24,7 +24,9 @@ from fundusfm.data.datasets import FoldData, load_fold
 from fundusfm.data.preprocess import FOV_RULE
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fundusfm.engine import distributed as ddp
-from fundusfm.engine.loop import amp_dtype, fit, predict, resolve_device
+from fundusfm.engine.device import resolve_device
+from fundusfm.engine.loop import fit, runtime
+from fundusfm.engine.predict import predict
 from fundusfm.engine.runs import is_finished, prediction_frame, prepare_run
 from fundusfm.errors import ConfigError
 from fundusfm.evaluation.metrics import (
@@ -36,6 +38,7 @@ from fundusfm.evaluation.metrics import (
 from fundusfm.io import write_json
 from fundusfm.models.heads import Classifier, make_head
 from fundusfm.models.inits import create_backbone
+from fundusfm.tasks.classify_job import classification_job
 from fundusfm.tasks.features import cached_features
 from fundusfm.tasks.probe import fit_probe
 
@@ -86,32 +89,21 @@ def train_and_report(
     cfg: FinetuneConfig, init: str, val_fraction: float | None, extra: dict, on_epoch_end=None
 ) -> Path:
     """Shared body of pretrain and finetune: train, predict, score, bundle."""
-    device = ddp.setup(resolve_device(cfg.train.device))  # joins torchrun's group, if any
+    rt = runtime(cfg.train)  # joins torchrun's group, if any
     out = prepare_run(cfg)
     if is_finished(out):
         return out
     progress = cfg.run.progress and ddp.is_main()
     with ddp.main_first():  # rank 0 builds the preprocessing cache; the others then read it
         data = load_fold(cfg.data, val_fraction=val_fraction, progress=progress)
-    kind, classes = data.task.kind, data.task.class_names
-    model = _build_model(cfg, init, len(classes))
-    result = fit(
-        model,
-        data,
-        cfg.train,
-        out,
-        cfg.method,
-        cfg.partial_stages,
-        cfg.run.resume,
-        progress,
-        on_epoch_end,
-    )
-    amp = amp_dtype(cfg.train.amp, device)
-    eval_batch, parts = ddp.local_batch(cfg.train.batch_size), {}
+    model = _build_model(cfg, init, len(data.task.class_names))
+    job = classification_job(model, data, cfg.train, cfg.method, cfg.partial_stages)
+    result = fit(job, cfg.train, out, cfg.run.resume, progress, on_epoch_end)
+    parts = {}
     for part in ("val", "test", "holdout"):
         if len(data.parts.get(part, [])):
             scores, labels, index = ddp.gather_predictions(
-                *predict(model, ddp.shard(data.dataset(part)), eval_batch, device, kind, amp)
+                *predict(model, ddp.shard(data.dataset(part)), rt, data.task.kind)
             )
             parts[part] = (scores, labels, data.parts[part][index])
     summary = {"best_epoch": result.best_epoch, "history": result.history}

@@ -18,7 +18,8 @@ from fundusfm.data.datasets import CachedImages
 from fundusfm.data.labels import mapping_file
 from fundusfm.data.manifest import encode_labels, load_manifest, patient_of
 from fundusfm.data.preprocess import build_cache, open_cache
-from fundusfm.engine.loop import predict, resolve_device
+from fundusfm.engine.device import Runtime, resolve_device
+from fundusfm.engine.predict import predict
 from fundusfm.engine.runs import prediction_frame
 from fundusfm.errors import ConfigError, DataError
 from fundusfm.evaluation.metrics import (
@@ -103,9 +104,8 @@ def evaluate(
     image_cache = open_cache(kept, pre, cache_root)
     sources = [manifest.image_path(p).resolve() for p in manifest.table["path"].iloc[keep]]
     dataset = CachedImages(image_cache, sources, labels[keep])
-    scores, y, index = predict(
-        bundle.model, dataset, 32, dev, bundle.kind, mean=norm.mean, std=norm.std
-    )
+    rt = Runtime(dev, batch_size=32)  # full precision, as before
+    scores, y, index = predict(bundle.model, dataset, rt, bundle.kind, norm.mean, norm.std)
     thresholds = bundle.thresholds or None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

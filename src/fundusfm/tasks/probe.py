@@ -18,7 +18,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from fundusfm.engine.loop import validation_loss
+from fundusfm.evaluation.metrics import validation_loss
 
 NEVER = -30.0  # logit of a class the training part never showed
 

@@ -10,7 +10,6 @@ observer where the dataset has one), `metrics.json` (pooled and mean metrics, hi
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +17,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from fundusfm.bundle import BundleMeta, provenance, save_bundle
 from fundusfm.config.segment import SegmentConfig
 from fundusfm.data.decode import read_mask
 from fundusfm.data.manifest import Manifest, load_manifest
-from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalise
+from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fundusfm.data.vessel_images import (
     TEST_NAMES,
     VesselImage,
@@ -39,10 +36,9 @@ from fundusfm.data.vessel_images import (
     to_native,
 )
 from fundusfm.engine import distributed as ddp
-from fundusfm.engine.checkpoint import save_atomic, save_weights
-from fundusfm.engine.loop import amp_dtype, cosine_with_warmup, resolve_device
+from fundusfm.engine.device import Runtime, resolve_device
+from fundusfm.engine.loop import Job, fit, runtime
 from fundusfm.engine.runs import is_finished, prepare_run
-from fundusfm.errors import TrainingDiverged
 from fundusfm.evaluation.seg_metrics import NAMES, Counts, count, scores, summary
 from fundusfm.io import write_json
 from fundusfm.models.loaded import load_bundle
@@ -63,152 +59,65 @@ def seg_loss(logits, vessel, fov, bce_weight: float, dice_weight: float) -> torc
 def predict_probs(
     model,
     images: list[VesselImage],
-    batch_size,
-    device,
-    amp,
+    rt: Runtime,
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
 ) -> np.ndarray:
     """Vessel probabilities (N x R x R) at the training size; `mean`/`std`: a bundle's own."""
     model.eval()
     out = []
-    for i in range(0, len(images), batch_size):
-        x, _, _ = batch_of(images[i : i + batch_size])
-        x = normalise(x.to(device), mean, std)
-        with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-            out.append(torch.sigmoid(model(x)[:, 0].float()).cpu().numpy())
+    for i in range(0, len(images), rt.batch_size):
+        x, _, _ = batch_of(images[i : i + rt.batch_size])
+        with rt.autocast():
+            out.append(torch.sigmoid(model(rt.inputs(x, mean, std))[:, 0].float()).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 1, 1), np.float32)
 
 
-def _val_dice(model, images, cfg: SegmentConfig, device, amp) -> float:
+def _val_dice(model, images: list[VesselImage], rt: Runtime, threshold: float) -> float:
     """Pooled validation Dice; under torchrun each rank counts its share and all are summed."""
     mine = images[ddp.rank() :: ddp.world_size()]
-    probs = predict_probs(model, mine, ddp.local_batch(cfg.train.batch_size), device, amp)
+    probs = predict_probs(model, mine, rt)
     total = Counts()
     for c in ddp.gather_list(
-        [count(p, s.vessel, s.fov, cfg.train.threshold) for s, p in zip(mine, probs, strict=True)]
+        [count(p, s.vessel, s.fov, threshold) for s, p in zip(mine, probs, strict=True)]
     ):
         total = total + c
     return scores(total)["dice"]
 
 
-def predict_all(model, images: list[VesselImage], batch_size, device, amp) -> np.ndarray:
+def predict_all(model, images: list[VesselImage], rt: Runtime) -> np.ndarray:
     """`predict_probs` of every image; under torchrun each rank predicts a share."""
     rows = np.arange(ddp.rank(), len(images), ddp.world_size())
-    probs = predict_probs(model, [images[i] for i in rows], batch_size, device, amp)
+    probs = predict_probs(model, [images[i] for i in rows], rt)
     return ddp.gather_predictions(probs, rows, rows)[0]
 
 
-def fit_unet(model, train_images, val_images, cfg: SegmentConfig, out: Path) -> dict:
-    """Train; keep the best validation Dice (or the last epoch without a validation part)."""
+def segmentation_job(model, train_images, val_images, cfg: SegmentConfig) -> Job:
+    """The loop's job: BCE + Dice inside the FOV, the best validation Dice kept (or, with no
+    validation part, the last epoch). `encoder=frozen` uses smp's own freeze: no gradients,
+    and the encoder's BatchNorm statistics stay fixed in train()."""
     t = cfg.train
-    device = ddp.setup(resolve_device(t.device))
-    progress = cfg.run.progress and ddp.is_main()
-    amp = amp_dtype(t.amp, device)
-    channels_last = t.channels_last == "on" or (t.channels_last == "auto" and device.type == "cuda")
-    frozen = cfg.model.encoder == "frozen"
-    if frozen:  # smp's own: no gradients, and BatchNorm statistics stay fixed in train()
+    if cfg.model.encoder == "frozen":
         model.freeze_encoder()
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    trained = ddp.wrap(model, device, t.sync_batchnorm)  # `model` itself with one process
-    batch_size = ddp.local_batch(t.batch_size)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    data = VesselTrainSet(train_images, t.augment, cfg.data.patch, cfg.data.patches_per_image)
-    drop_last = len(data) > t.batch_size
-    if len(data) < ddp.world_size():
-        raise ValueError(f"{len(data)} training images for {ddp.world_size()} processes")
-    steps = len(data) // t.batch_size if drop_last else 1
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(steps * t.epochs, round(steps * t.warmup_epochs))
+
+    def loss(logits: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
+        vessel, fov = targets
+        return seg_loss(logits, vessel, fov, t.bce_weight, t.dice_weight)
+
+    def validate(m, rt: Runtime) -> dict[str, float]:
+        dice = _val_dice(m, val_images, rt, t.threshold)
+        return {"dice": -1.0 if math.isnan(dice) else dice}
+
+    train_set = VesselTrainSet(
+        train_images, t.augment, cfg.data.patch, cfg.data.patches_per_image, t.seed
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)  # fp16 underflows
-    checkpoint, best_file = out / "checkpoint.pt", out / "best.safetensors"
-    state = {"epoch": 0, "best_epoch": 0, "best_dice": -1.0, "history": []}
-    if cfg.run.resume and checkpoint.is_file():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        ddp.restore_rng(saved.get("rank_rng", []), saved["torch_rng"])
-        state = saved["state"]
-    else:
-        torch.manual_seed(t.seed + ddp.rank())  # patches and augmentation differ by rank
-    for epoch in range(state["epoch"], t.epochs):
-        model.train()
-        sampler = None
-        if ddp.world_size() > 1:
-            sampler = DistributedSampler(data, shuffle=True, seed=t.seed, drop_last=True)
-            sampler.set_epoch(epoch)
-        loader = DataLoader(
-            data,
-            batch_size=batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            drop_last=drop_last,
-            num_workers=t.workers,
-        )
-        total, seen = 0.0, 0
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch + 1}/{t.epochs}",
-            disable=not progress,
-            leave=False,
-            unit="batch",
-        )
-        for images, vessel, fov in bar:
-            x = normalise(images.to(device))
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-                logits = trained(x)
-            loss = seg_loss(logits, vessel.to(device), fov.to(device), t.bce_weight, t.dice_weight)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the loss became {loss.item()} at epoch {epoch + 1}; try a lower train.lr"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            total, seen = total + loss.item() * len(images), seen + len(images)
-            bar.set_postfix(loss=f"{total / seen:.4f}")
-        total, seen = ddp.sum_all(total, seen)
-        record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1)}
-        if val_images:
-            record["val_dice"] = _val_dice(model, val_images, cfg, device, amp)
-        state["history"].append(record)
-        dice = record.get("val_dice", float(epoch))  # no validation part: the last epoch wins
-        if math.isnan(dice):
-            dice = -1.0
-        improved = dice > state["best_dice"]
-        if improved:
-            state["best_dice"], state["best_epoch"] = dice, epoch + 1
-        state["epoch"] = epoch + 1
-        rank_rng = ddp.rng_states()  # collective: every rank takes part
-        if ddp.is_main():
-            if improved:
-                save_weights(model, best_file)
-            saved = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "rank_rng": rank_rng,
-                "state": state,
-            }
-            save_atomic(saved, checkpoint)
-        if progress:
-            tqdm.write(", ".join(f"{k} {v:.4g}" for k, v in record.items()))
-    ddp.barrier()  # rank 0 has written the best weights
-    model.load_state_dict(load_file(best_file))
-    return {"best_epoch": state["best_epoch"], "history": state["history"]}
+    return Job(
+        model=model,
+        train_set=train_set,
+        loss=loss,
+        validate=validate if val_images else None,
+        select="dice",
+    )
 
 
 def score_images(
@@ -288,7 +197,7 @@ def train_segmentation(cfg: SegmentConfig) -> Path:
     """Train a U-Net on the configured part, test it, write the run folder; returns it."""
     if cfg.data.manifest is None:
         raise ValueError("data.manifest is not set (e.g. --set data.manifest=PATH/manifest.csv)")
-    device = ddp.setup(resolve_device(cfg.train.device))  # joins torchrun's group, if any
+    rt = runtime(cfg.train)  # joins torchrun's group, if any
     out = prepare_run(cfg)
     if is_finished(out):
         return out
@@ -301,9 +210,10 @@ def train_segmentation(cfg: SegmentConfig) -> Path:
     images = {p: load_images(manifest, rows, size, progress) for p, rows in parts.items()}
     torch.manual_seed(cfg.train.seed)
     model = create_unet(cfg.model)
-    fitted = fit_unet(model, images["train"], images.get("val", []), cfg, out)
-    amp, batch = amp_dtype(cfg.train.amp, device), ddp.local_batch(cfg.train.batch_size)
-    probs = predict_all(model, images["test"], batch, device, amp)
+    job = segmentation_job(model, images["train"], images["val"], cfg)
+    result = fit(job, cfg.train, out, cfg.run.resume, progress)
+    fitted = {"best_epoch": result.best_epoch, "history": result.history}
+    probs = predict_all(model, images["test"], rt)
     if not ddp.is_main():
         ddp.barrier()  # rank 0 scores and writes the run folder
         return out
@@ -344,10 +254,12 @@ def evaluate_segmentation(
         raise ValueError(f"{manifest_path}: no images with vessel masks in split {split!r}")
     fov_derived = note_derived_fov(manifest, rows)
     images = load_images(manifest, rows, bundle.resolution, progress)
-    dev = resolve_device(device)
-    model = bundle.model.to(dev)
+    rt = Runtime.of(resolve_device(device), "auto", "auto", batch_size=4)
+    model = bundle.model.to(rt.device)
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
     pre = bundle.preprocessing
-    probs = predict_probs(model, images, 4, dev, amp_dtype("auto", dev), pre.mean, pre.std)
+    probs = predict_probs(model, images, rt, pre.mean, pre.std)
     table, metrics = score_images(
         manifest, rows, probs, bundle.thresholds[0], Path(out), "external"
     )

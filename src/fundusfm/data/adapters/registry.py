@@ -1,8 +1,11 @@
-"""Importers for public classification datasets: their layouts -> one manifest each.
+"""The one registry of public datasets, classification and vessels alike: layouts -> manifests.
 
-`fundusfm data import NAME ROOT --out manifest.csv` finds the dataset's label files under
-ROOT (mirrors add folders, so they are searched for, never assumed), and writes a manifest
-with `image_id` (namespaced by split where names repeat), `path` (relative to ROOT),
+`import_dataset` dispatches every name `fundusfm data import NAME` takes: the vessel sets
+(drive, chase_db1, stare, hrf, fives: `adapters.vessels`, image + vessel + FOV masks and the
+official split) and the classification sets below. For a classification set it finds the
+dataset's label files under ROOT (mirrors add folders, so they are searched for, never
+assumed), and writes a manifest with `image_id` (namespaced by split where names repeat),
+`path` (relative to ROOT),
 `patient_id`, `eye`, `split` (official, or `all`), `source`, the dataset's own label columns,
 `abnormal` (1/0; how it is derived is below and in the sidecar) and tasks in the sidecar YAML.
 Then near-duplicates are grouped (see data/dedup.py): images that are copies of each other share
@@ -29,9 +32,19 @@ from pathlib import Path
 # the adapter modules register themselves in REGISTRY when imported
 from fundusfm.data.adapters import classification, generic, grading  # noqa: F401
 from fundusfm.data.adapters.common import REGISTRY
+from fundusfm.data.adapters.vessels import IMPORTERS as VESSEL_IMPORTERS
+from fundusfm.data.adapters.vessels import import_vessels
 from fundusfm.data.dedup import group_patients
-from fundusfm.data.manifest import DatasetSpec, is_utf8, printable, save_manifest
+from fundusfm.data.manifest import DatasetSpec, is_utf8, load_manifest, printable, save_manifest
 from fundusfm.errors import ConfigError, DataError
+
+
+def dataset_names() -> dict[str, str]:
+    """Every importable dataset and its kind (`vessels` or `classification`)."""
+    return {
+        **dict.fromkeys(VESSEL_IMPORTERS, "vessels"),
+        **dict.fromkeys(REGISTRY, "classification"),
+    }
 
 
 def import_dataset(
@@ -41,10 +54,31 @@ def import_dataset(
     group_duplicates: bool = True,
     max_distance: int = 6,
     progress: bool = True,
+) -> tuple[Path, str, list[str]]:
+    """Write the manifest of a public dataset; returns it, a one-line summary and the notes."""
+    if name in VESSEL_IMPORTERS:
+        path = import_vessels(name, root, out)
+        t = load_manifest(path).table
+        derived = int((t.fov_source == "derived").sum())
+        summary = (
+            f"{len(t)} images ({t.split.value_counts().to_dict()}), {derived} FOV masks derived"
+        )
+        return path, summary, []
+    path, notes = _import_classification(name, root, out, group_duplicates, max_distance, progress)
+    t = load_manifest(path).table
+    summary = (
+        f"{len(t)} images, {t.patient_id.nunique()} patient groups, "
+        f"splits {t.split.value_counts().to_dict()}"
+    )
+    return path, summary, notes
+
+
+def _import_classification(
+    name: str, root: Path, out: Path, group_duplicates: bool, max_distance: int, progress: bool
 ) -> tuple[Path, list[str]]:
     """Write the manifest of a public classification dataset; returns it and the notes."""
     if name not in REGISTRY:
-        raise ConfigError(f"unknown dataset {name!r}; choose one of {sorted(REGISTRY)}")
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {sorted(dataset_names())}")
     root = Path(root).resolve()
     if not root.is_dir():
         raise DataError(f"not a folder: {root}")

@@ -303,36 +303,6 @@ def test_segmentation_grid_refuses_classification_methods():
         )
 
 
-def test_interrupted_run_resumes_to_the_same_weights(vessel_set: dict, tmp_path: Path, monkeypatch):
-    import fundusfm.tasks.segment as segment
-
-    whole = train_segmentation(seg_config(vessel_set, tmp_path / "whole", "train.epochs=2"))
-    cfg = seg_config(vessel_set, tmp_path / "cut", "train.epochs=2")
-    real = segment.save_atomic
-
-    def stop_after_first_checkpoint(obj, path):
-        real(obj, path)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(segment, "save_atomic", stop_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        train_segmentation(cfg)
-    monkeypatch.setattr(segment, "save_atomic", real)
-    with pytest.raises(ConfigError, match="--resume"):
-        train_segmentation(cfg)
-    resumed = train_segmentation(
-        cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume": True})})
-    )
-    a, b = (
-        load_bundle(whole / "bundle").model.state_dict(),
-        load_bundle(resumed / "bundle").model.state_dict(),
-    )
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    pd.testing.assert_frame_equal(
-        pd.read_csv(whole / "per_image.csv"), pd.read_csv(resumed / "per_image.csv")
-    )
-
-
 def test_cldice_counts_an_empty_prediction_as_zero():
     truth, fov = vessels()
     empty = np.zeros(truth.shape, np.float32)

@@ -150,7 +150,7 @@ def test_task_not_trivial_after_one_epoch():
     """A ResNet-18 at 128 px must not separate normal from abnormal perfectly after one epoch."""
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from benchmarks.synth_learnability import run
 
     (first_epoch,) = run(n=160, size=128, epochs=1, seed=0, say=lambda _: None)

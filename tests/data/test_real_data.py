@@ -6,8 +6,7 @@ import pytest
 from fundusfm.config.core import PreprocessConfig
 from fundusfm.data.decode import read_mask, read_rgb
 from fundusfm.data.preprocess import fov_box, preprocess_image
-
-from .conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA
 
 DRIVE = SHARED_DATA / "DRIVE"
 pytestmark = pytest.mark.skipif(not DRIVE.is_dir(), reason=f"real data not found at {DRIVE}")

@@ -16,31 +16,8 @@ from fundusfm.data.manifest import load_manifest
 from fundusfm.data.splits import make_splits
 from fundusfm.data.validate import check_manifest
 from fundusfm.errors import ConfigError, DataError
-
-from .conftest import SHARED_DATA
-from .test_preprocess import camera_frame, dimmed
-
-
-def fundus(path: Path, size=(64, 60), seed=0) -> None:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
-    inside = (xx - size[0] / 2) ** 2 + (yy - size[1] / 2) ** 2 < (min(size) / 2 - 3) ** 2
-    img = np.zeros((size[1], size[0], 3), np.uint8)
-    img[inside] = rng.integers(120, 220, (inside.sum(), 3))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(path)
-
-
-def mask(path: Path, size=(64, 60), mode="L", value=255) -> None:
-    arr = np.zeros((size[1], size[0]), np.uint8)
-    arr[20:30, 10:50] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray(arr, "L")
-    if mode == "P":
-        img = img.convert("P")
-    elif mode == "RGB":
-        img = img.convert("RGB")
-    img.save(path)
+from tests.conftest import SHARED_DATA
+from tests.fakes import camera_frame, dimmed, fundus, mask
 
 
 def test_drive(tmp_path: Path):

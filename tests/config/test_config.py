@@ -59,7 +59,7 @@ def test_dump_round_trip(tmp_path: Path):
     assert load_config(DemoConfig, path) == cfg
 
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)

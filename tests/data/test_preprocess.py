@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 
-from fundusfm.config.core import PreprocessConfig, SynthConfig
+from fundusfm.config.core import PreprocessConfig
 from fundusfm.data.manifest import DatasetSpec, load_manifest, save_manifest
 from fundusfm.data.preprocess import (
     ImageCache,
@@ -16,8 +16,7 @@ from fundusfm.data.preprocess import (
     open_cache,
     preprocess_image,
 )
-from fundusfm.synthetic.generate import sample_patient
-from fundusfm.synthetic.render import render_eye
+from tests.fakes import camera_frame, dimmed
 
 
 def fundus_like(h: int, w: int, cx: float, cy: float, r: float, seed: int = 0) -> np.ndarray:
@@ -47,22 +46,6 @@ def test_fov_box_finds_circle():
     x0, y0, x1, y1 = fov_box(img, 0.06, 0.02)
     assert abs(x0 - 90) <= 3 and abs(x1 - 330) <= 3
     assert abs(y0 - 20) <= 3 and abs(y1 - 260) <= 3
-
-
-def camera_frame(seed: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """A generated fundus photograph in a black 4:3 camera frame, and its true FOV's box."""
-    cfg = SynthConfig(size=128, seed=seed)
-    r = render_eye(128, sample_patient(cfg, 0)[0], cfg.camera, np.random.default_rng(seed))
-    frame = np.zeros((160, 213, 3), np.uint8)
-    frame[16:144, 42:170] = r.image
-    ys, xs = np.nonzero(r.fov)
-    return frame, (xs.min() + 42, ys.min() + 16, xs.max() + 43, ys.max() + 17)
-
-
-def dimmed(rgb: np.ndarray, factor: float, seed: int = 0) -> np.ndarray:
-    """The image at `factor` of its brightness, with 0-3 grey levels of noise everywhere."""
-    noise = np.random.default_rng(seed).integers(0, 4, rgb.shape)
-    return np.clip(np.round(rgb * factor) + noise, 0, 255).astype(np.uint8)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

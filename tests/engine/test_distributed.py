@@ -218,18 +218,3 @@ def test_segmentation_under_torchrun_scores_every_test_image(setup, tmp_path):
     assert len(history) == 2 and all(np.isfinite(h["val_dice"]) for h in history)
     first, second = (load_bundle(r / "bundle").model for r in (one, two))
     assert encoder_state_equal(second, first.encoder.state_dict())  # frozen under DDP too
-
-
-@pytest.mark.slow
-def test_a_one_process_checkpoint_resumes_under_two(setup, tmp_path):
-    reference = finetune(load_config(FinetuneConfig, None, sets(setup, tmp_path / "ref")))
-
-    def stop_after_first(epoch: int, model) -> None:
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    cut = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        finetune(load_config(FinetuneConfig, None, sets(setup, cut)), on_epoch_end=stop_after_first)
-    finished(torchrun([*finetune_args(setup, cut), "--resume"]))
-    assert_same_run(reference, cut)

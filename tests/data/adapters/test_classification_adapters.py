@@ -17,9 +17,8 @@ from fundusfm.data.adapters.registry import import_dataset
 from fundusfm.data.labels import SHIPPED, harmonise, mapping_file
 from fundusfm.data.manifest import load_manifest
 from fundusfm.errors import ConfigError, DataError
-
-from .conftest import SHARED_DATA
-from .test_vessel_datasets import fundus
+from tests.conftest import SHARED_DATA
+from tests.fakes import fundus
 
 runner = CliRunner()
 counter = iter(range(10_000))
@@ -36,7 +35,7 @@ def table(path: Path, text: str) -> None:
 
 
 def load(name: str, root: Path, tmp_path: Path, **kw):
-    path, notes = import_dataset(name, root, tmp_path / f"{name}.csv", progress=False, **kw)
+    path, _, notes = import_dataset(name, root, tmp_path / f"{name}.csv", progress=False, **kw)
     return load_manifest(path), notes
 
 
@@ -282,3 +281,15 @@ def test_real_eye_diseases_import(tmp_path: Path):
     t = m.table.set_index("image_id")
     assert t.loc["cataract/1415_right", "patient_id"] == t.loc["glaucoma/1415_right", "patient_id"]
     assert np.all(pd.Series(m.table.patient_id).str.len() > 0)
+
+
+def test_one_registry_names_every_dataset_and_the_cli_help_lists_them():
+    from typer.testing import CliRunner
+
+    from fundusfm.cli import app
+    from fundusfm.data.adapters.registry import dataset_names
+
+    names = dataset_names()
+    assert names["drive"] == "vessels" and names["jsiec"] == "classification"
+    shown = CliRunner().invoke(app, ["data", "import", "--help"], terminal_width=200).output
+    assert [n for n in names if n not in shown] == []

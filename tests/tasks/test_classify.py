@@ -18,12 +18,12 @@ from fundusfm.config.core import (
 )
 from fundusfm.data.manifest import load_manifest
 from fundusfm.data.splits import fold_sets, make_splits
-from fundusfm.engine.loop import make_loss, make_sampler
 from fundusfm.errors import BundleError, ConfigError, DataError, TrainingDiverged, WeightsNotFound
 from fundusfm.models.heads import make_head
 from fundusfm.models.inits import INITS, create_backbone
 from fundusfm.models.loaded import load_bundle
 from fundusfm.tasks.classify import finetune, pretrain, run_notes
+from fundusfm.tasks.classify_job import make_loss, make_sampler
 from fundusfm.tasks.evaluate import evaluate
 from fundusfm.tasks.probe import fit_probe
 
@@ -212,30 +212,6 @@ def test_bundle_round_trip_and_tamper_check(tiny, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(BundleError, match="sha256"):
         load_bundle(out / "bundle")
-
-
-def test_resume_equals_uninterrupted(tiny, tmp_path):
-    sets = {"train.epochs": 3, "method": "ff", "run.keep_checkpoint": True}
-    whole = finetune(config(tiny, tmp_path / "whole", **sets))
-
-    def stop_after_first(epoch: int, model) -> None:
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    cfg = config(tiny, tmp_path / "cut", **sets)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(cfg, on_epoch_end=stop_after_first)
-    with pytest.raises(ConfigError, match="--resume"):
-        finetune(cfg)
-    resumed = finetune(cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume": True})}))
-    a = torch.load(whole / "checkpoint.pt", weights_only=True)
-    b = torch.load(resumed / "checkpoint.pt", weights_only=True)
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    pd.testing.assert_frame_equal(pd.DataFrame(a["history"]), pd.DataFrame(b["history"]))
-    pd.testing.assert_frame_equal(
-        pd.read_csv(whole / "predictions.csv"), pd.read_csv(resumed / "predictions.csv")
-    )
 
 
 def test_finished_run_drops_checkpoint_and_resume_keeps_it_finished(tiny, tmp_path):

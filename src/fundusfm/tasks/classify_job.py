@@ -1,0 +1,118 @@
+"""What classification hands the engine loop: which layers train, the loss, the training
+order and the validation score that picks the best epoch (`engine.loop.Job`)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import RandomSampler, WeightedRandomSampler
+
+from fundusfm.config.core import TrainConfig
+from fundusfm.data.datasets import FoldData
+from fundusfm.engine import distributed as ddp
+from fundusfm.engine.device import Runtime
+from fundusfm.engine.loop import Job
+from fundusfm.engine.predict import predict
+from fundusfm.errors import ConfigError, DataError
+from fundusfm.evaluation.metrics import classification_metrics, validation_loss
+from fundusfm.models.heads import Classifier
+
+LOWER_IS_BETTER = {"brier", "loss"}
+
+
+def set_trainable(model: Classifier, method: str, partial_stages: int = 1) -> list[nn.Module]:
+    """Freeze what the method does not train; return the modules to keep in eval mode.
+
+    `lf` trains only the head on a frozen backbone (its BatchNorm statistics frozen too),
+    `ff` trains everything, `partial` the last k residual stages and the head.
+    """
+    stages = model.backbone.stages()
+    trained = {"lf": 0, "ff": len(stages), "partial": partial_stages}[method]
+    frozen = stages[: len(stages) - trained]
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
+    return frozen
+
+
+def make_loss(kind: str, cfg: TrainConfig, train_labels: np.ndarray, n_classes: int):
+    if kind == "multilabel":
+        pos_weight = None
+        if cfg.class_weighted_loss:
+            pos = train_labels.sum(axis=0).clip(min=1)
+            pos_weight = torch.tensor((len(train_labels) - pos) / pos, dtype=torch.float32)
+        return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    weight = None
+    if cfg.class_weighted_loss:
+        counts = np.bincount(train_labels, minlength=n_classes).clip(min=1)
+        weight = torch.tensor(len(train_labels) / (n_classes * counts), dtype=torch.float32)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def check_select_metric(kind: str, metric: str, val_labels: np.ndarray, n_classes: int) -> None:
+    """Fail before training when the selection metric cannot be computed on this validation part.
+
+    A validation part that lacks a class leaves AUROC undefined or partial: selection would
+    silently keep the first epoch. Better to say so and let the user choose.
+    """
+    if metric == "loss":
+        return
+    scores = np.random.default_rng(0).dirichlet(np.ones(n_classes), size=len(val_labels))
+    probe = classification_metrics(kind, val_labels, scores)
+    if metric not in probe:
+        raise ConfigError(
+            f"train.select_metric={metric!r} is not a {kind} metric; choose one of "
+            f"{sorted([*probe, 'loss'])}"
+        )
+    partial = probe.get("classes_scored", n_classes) < n_classes
+    if math.isnan(probe[metric]) or (partial and metric.startswith(("auroc", "auprc"))):
+        raise DataError(
+            f"validation {metric} is undefined or partial: the validation part "
+            f"({len(val_labels)} images) lacks some classes. Set train.select_metric=loss, or "
+            "make validation parts larger (`fundusfm split ... --set val_fraction=0.2`)"
+        )
+
+
+def make_sampler(labels: np.ndarray, kind: str, balanced: bool, generator: torch.Generator):
+    """Training order: a shuffle, or draws in proportion 1/class count (`balanced_sampler`)."""
+    if not balanced:
+        return RandomSampler(range(len(labels)), generator=generator)
+    if kind == "multilabel":
+        raise ConfigError("train.balanced_sampler needs a binary or multiclass task")
+    counts = np.bincount(labels).astype(float)
+    weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+    return WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
+
+
+def classification_job(
+    model: Classifier, data: FoldData, cfg: TrainConfig, method: str, partial_stages: int = 1
+) -> Job:
+    """The loop's job for one fold: train on `data`'s training part, select on its validation."""
+    kind, n_classes = data.task.kind, len(data.task.class_names)
+    train_labels = data.labels[data.parts["train"]]
+    check_select_metric(kind, cfg.select_metric, data.labels[data.parts["val"]], n_classes)
+    criterion = make_loss(kind, cfg, train_labels, n_classes)
+    val_set = data.dataset("val")
+
+    def loss(logits: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
+        y = targets[0]
+        return criterion.to(logits.device)(logits, y.float() if kind == "multilabel" else y)
+
+    def validate(m: nn.Module, rt: Runtime) -> dict[str, float]:
+        scores, labels, _ = ddp.gather_predictions(*predict(m, ddp.shard(val_set), rt, kind))
+        metrics = classification_metrics(kind, labels, scores)
+        return {**metrics, "loss": validation_loss(kind, labels, scores)}
+
+    return Job(
+        model=model,
+        frozen=set_trainable(model, method, partial_stages),
+        train_set=data.dataset("train", cfg.augment, cfg.seed),
+        loss=loss,
+        validate=validate,
+        select=cfg.select_metric,
+        lower_is_better=cfg.select_metric in LOWER_IS_BETTER,
+        sampler=lambda g: make_sampler(train_labels, kind, cfg.balanced_sampler, g),
+    )

@@ -1,0 +1,128 @@
+"""Resume equals an uninterrupted run, for every task the one loop trains.
+
+Each case trains once without interruption and once interrupted right after its first
+checkpoint (the loop's own `save_atomic` raises), refuses to reuse the folder without
+--resume, then resumes; weights, history and outputs must be equal. The `ddp` case resumes a
+one-process checkpoint under torchrun with two processes (equal up to float summation order).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import fundusfm.engine.loop as loop
+from fundusfm.config.core import FinetuneConfig, SplitConfig, load_config
+from fundusfm.config.segment import SegmentConfig
+from fundusfm.data.manifest import load_manifest
+from fundusfm.data.splits import make_splits
+from fundusfm.errors import ConfigError
+from fundusfm.tasks.classify import finetune
+from fundusfm.tasks.segment import train_segmentation
+from tests.engine.test_distributed import assert_same_run, finished, torchrun
+
+
+@pytest.fixture(scope="module")
+def fold(synth_set: Path, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("resume")
+    split = SplitConfig(folds=3, val_fraction=0.2, task="abnormal")
+    make_splits(load_manifest(synth_set), split).to_csv(out / "splits.csv", index=False)
+    return {"manifest": synth_set, "splits": out / "splits.csv", "cache": out / "cache"}
+
+
+def common(fold: dict, out: Path) -> dict:
+    return {
+        "data.manifest": fold["manifest"],
+        "data.splits": fold["splits"],
+        "data.resolution": 64,
+        "model.arch": "resnet18",
+        "model.init": "scratch",
+        "train.batch_size": 8,
+        "train.device": "cpu",
+        "run.out": out,
+        "run.keep_checkpoint": True,
+        "run.progress": False,
+    }
+
+
+def classification(fold: dict, out: Path, **extra) -> FinetuneConfig:
+    sets = common(fold, out) | {
+        "data.cache": fold["cache"],
+        "data.task": "abnormal",
+        "model.hidden": 16,
+        "train.epochs": 3,
+        "train.grad_accum": 2,
+        "train.lr": 0.001,
+        "train.select_metric": "loss",
+    }
+    return load_config(FinetuneConfig, None, [f"{k}={v}" for k, v in (sets | extra).items()])
+
+
+def segmentation(fold: dict, out: Path) -> SegmentConfig:
+    sets = common(fold, out) | {
+        "model.decoder_channels": "[64, 32, 16, 16, 8]",
+        "train.epochs": 2,
+        "train.grad_accum": 2,
+    }
+    return load_config(SegmentConfig, None, [f"{k}={v}" for k, v in sets.items()])
+
+
+def resumed(cfg):
+    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume": True})})
+
+
+def interrupt_after_first_checkpoint(monkeypatch, train, cfg) -> None:
+    real = loop.save_atomic
+
+    def stop(obj, path):
+        real(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_atomic", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(loop, "save_atomic", real)
+    assert torch.load(Path(cfg.run.out) / "checkpoint.pt", weights_only=True)["epoch"] == 0
+    with pytest.raises(ConfigError, match="--resume"):
+        train(cfg)
+
+
+def assert_same_weights_and_history(a: Path, b: Path) -> None:
+    x = torch.load(a / "checkpoint.pt", weights_only=True)
+    y = torch.load(b / "checkpoint.pt", weights_only=True)
+    for k, v in x["model"].items():
+        assert torch.equal(v, y["model"][k]), k
+    pd.testing.assert_frame_equal(pd.DataFrame(x["history"]), pd.DataFrame(y["history"]))
+    assert len(x["history"]) == x["epoch"] + 1
+
+
+TASKS = ["classification", "segmentation", pytest.param("ddp", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_resume_equals_uninterrupted(task, fold, tmp_path, monkeypatch):
+    if task == "segmentation":
+        whole = train_segmentation(segmentation(fold, tmp_path / "whole"))
+        cut = segmentation(fold, tmp_path / "cut")
+        interrupt_after_first_checkpoint(monkeypatch, train_segmentation, cut)
+        train_segmentation(resumed(cut))
+        assert_same_weights_and_history(whole, tmp_path / "cut")
+        a, b = (pd.read_csv(d / "per_image.csv") for d in (whole, tmp_path / "cut"))
+        pd.testing.assert_frame_equal(a, b)
+        return
+    lf = {"method": "lf", "model.head": "linear", "train.lr": 0.01} if task == "ddp" else {}
+    whole = finetune(classification(fold, tmp_path / "whole", **lf))
+    cut = classification(fold, tmp_path / "cut", **lf)
+    interrupt_after_first_checkpoint(monkeypatch, finetune, cut)
+    if task == "ddp":  # the folder's own config.yaml, resumed by two processes
+        config = str(tmp_path / "cut" / "config.yaml")
+        finished(torchrun(["finetune", "-q", "--config", config, "--resume"]))
+        assert_same_run(whole, tmp_path / "cut")
+        return
+    finetune(resumed(cut))
+    assert_same_weights_and_history(whole, tmp_path / "cut")
+    a, b = (pd.read_csv(d / "predictions.csv") for d in (whole, tmp_path / "cut"))
+    pd.testing.assert_frame_equal(a, b)

@@ -1,0 +1,50 @@
+"""Fake fundus photographs and masks that tests across the stages draw (files and arrays)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fundusfm.config.core import SynthConfig
+from fundusfm.synthetic.generate import sample_patient
+from fundusfm.synthetic.render import render_eye
+
+
+def fundus(path: Path, size=(64, 60), seed=0) -> None:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
+    inside = (xx - size[0] / 2) ** 2 + (yy - size[1] / 2) ** 2 < (min(size) / 2 - 3) ** 2
+    img = np.zeros((size[1], size[0], 3), np.uint8)
+    img[inside] = rng.integers(120, 220, (inside.sum(), 3))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+
+
+def mask(path: Path, size=(64, 60), mode="L", value=255) -> None:
+    arr = np.zeros((size[1], size[0]), np.uint8)
+    arr[20:30, 10:50] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(arr, "L")
+    if mode == "P":
+        img = img.convert("P")
+    elif mode == "RGB":
+        img = img.convert("RGB")
+    img.save(path)
+
+
+def camera_frame(seed: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A generated fundus photograph in a black 4:3 camera frame, and its true FOV's box."""
+    cfg = SynthConfig(size=128, seed=seed)
+    r = render_eye(128, sample_patient(cfg, 0)[0], cfg.camera, np.random.default_rng(seed))
+    frame = np.zeros((160, 213, 3), np.uint8)
+    frame[16:144, 42:170] = r.image
+    ys, xs = np.nonzero(r.fov)
+    return frame, (xs.min() + 42, ys.min() + 16, xs.max() + 43, ys.max() + 17)
+
+
+def dimmed(rgb: np.ndarray, factor: float, seed: int = 0) -> np.ndarray:
+    """The image at `factor` of its brightness, with 0-3 grey levels of noise everywhere."""
+    noise = np.random.default_rng(seed).integers(0, 4, rgb.shape)
+    return np.clip(np.round(rgb * factor) + noise, 0, 255).astype(np.uint8)
