@@ -11,6 +11,16 @@ from fundusfm.synthetic.generate import generate
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+# The tests' tiny backbone: ResNet-10 (one BasicBlock per stage, models/backbone.py), a
+# registered arch, so unit tests that train do not train ResNet-18s. Tests of a named
+# architecture's layout (legacy import, ImageNet files) keep their own.
+TINY_ARCH = "resnet10"
+
+
+@pytest.fixture(scope="session")
+def tiny_arch() -> str:
+    return TINY_ARCH
+
 
 @pytest.fixture(scope="session")
 def synth_set(tmp_path_factory) -> Path:

@@ -33,7 +33,7 @@ from fundusfm.errors import PickleRefused
 from fundusfm.models.heads import Classifier, scores_from_logits
 from fundusfm.models.loaded import build_model, load_bundle
 
-ARCH_BLOCKS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34"}
+ARCH_BLOCKS = {(1, 1, 1, 1): "resnet10", (2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34"}
 BOTTLENECK_BLOCKS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
 
 

@@ -31,6 +31,7 @@ from fundusfm.config.core import SplitConfig
 from fundusfm.data.manifest import DatasetSpec, load_manifest, save_manifest
 from fundusfm.data.splits import make_splits
 from fundusfm.errors import DataError
+from tests.conftest import TINY_ARCH
 
 LINUX = sys.platform.startswith("linux")  # file names are bytes there; not so on macOS/Windows
 
@@ -116,7 +117,7 @@ def setup(synth_set: Path, tmp_path_factory):
     splits = make_splits(load_manifest(synth_set), SplitConfig(folds=3, val_fraction=0.2))
     splits.to_csv(out / "splits.csv", index=False)
     sets = f"data.manifest={synth_set} data.splits={out / 'splits.csv'} data.cache={out / 'cache'}"
-    sets += " data.task=abnormal data.resolution=64 model.arch=resnet18 model.init=scratch"
+    sets += " data.task=abnormal data.resolution=64 model.arch=" + TINY_ARCH + " model.init=scratch"
     sets += " model.hidden=16 method=ff train.epochs=3 train.batch_size=8 train.select_metric=loss"
     args = ["finetune", "-q", *[x for kv in sets.split() for x in ("--set", kv)]]
     whole = out / "whole"
@@ -358,6 +359,7 @@ def test_bom_semicolon_and_crlf_just_work(setup, tmp_path: Path):
     assert len(pd.read_csv(run / "predictions.csv")) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_kill_9_then_resume_equals_an_uninterrupted_run(setup, tmp_path: Path):
     """A real process is killed as soon as its first checkpoint appears, then resumed."""

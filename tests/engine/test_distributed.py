@@ -27,6 +27,7 @@ from fundusfm.data.splits import make_splits
 from fundusfm.engine.distributed import local_batch, shard_order, wrap
 from fundusfm.errors import ConfigError
 from fundusfm.tasks.classify import finetune
+from tests.conftest import TINY_ARCH
 
 TOLERANCE = 1e-5  # scores of LF runs, 1 vs 2 processes (float summation order only)
 
@@ -48,7 +49,7 @@ def sets(setup: dict, out: Path, **extra) -> list[str]:
         "data.cache": setup["cache"],
         "data.resolution": 64,
         "data.task": "abnormal",
-        "model.arch": "resnet18",
+        "model.arch": TINY_ARCH,
         "model.init": "scratch",
         "model.head": "linear",
         "method": "lf",
@@ -195,7 +196,7 @@ def test_segmentation_under_torchrun_scores_every_test_image(setup, tmp_path):
         f"data.manifest={setup['manifest']}",
         f"data.splits={setup['splits']}",
         "data.resolution=64",
-        "model.arch=resnet18",
+        f"model.arch={TINY_ARCH}",
         "model.init=scratch",
         "model.encoder=frozen",
         "model.decoder_channels=[64, 32, 16, 16, 8]",

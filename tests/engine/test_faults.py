@@ -18,6 +18,7 @@ from fundusfm.data.splits import make_splits
 from fundusfm.engine.checkpoint import save_atomic, save_weights
 from fundusfm.errors import CheckpointWriteError, DataError
 from fundusfm.tasks.classify import finetune
+from tests.conftest import TINY_ARCH
 
 REAL_SAVE = torch.save
 
@@ -85,7 +86,7 @@ def run_sets(synth_set: Path, splits: Path, out: Path) -> list[str]:
         f"data.cache={splits.parent / 'cache'}",
         "data.resolution=64",
         "data.task=abnormal",
-        "model.arch=resnet18",
+        f"model.arch={TINY_ARCH}",
         "model.init=scratch",
         "train.epochs=3",
         "train.batch_size=8",

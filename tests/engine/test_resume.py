@@ -22,6 +22,7 @@ from fundusfm.data.splits import make_splits
 from fundusfm.errors import ConfigError
 from fundusfm.tasks.classify import finetune
 from fundusfm.tasks.segment import train_segmentation
+from tests.conftest import TINY_ARCH
 from tests.engine.test_distributed import assert_same_run, finished, torchrun
 
 
@@ -38,7 +39,7 @@ def common(fold: dict, out: Path) -> dict:
         "data.manifest": fold["manifest"],
         "data.splits": fold["splits"],
         "data.resolution": 64,
-        "model.arch": "resnet18",
+        "model.arch": TINY_ARCH,
         "model.init": "scratch",
         "train.batch_size": 8,
         "train.device": "cpu",

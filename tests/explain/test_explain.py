@@ -33,6 +33,7 @@ from fundusfm.explain.tsne import separation
 from fundusfm.models.loaded import load_bundle
 from fundusfm.screen.quality import assess
 from fundusfm.tasks.classify import finetune
+from tests.conftest import TINY_ARCH
 
 runner = CliRunner()
 
@@ -51,7 +52,7 @@ def bundles(synth_set: Path, tmp_path_factory) -> dict:
             "data.cache": out / "cache",
             "data.task": task,
             "data.resolution": 64,
-            "model.arch": "resnet18",
+            "model.arch": TINY_ARCH,
             "model.init": "scratch",
             "model.hidden": 16,
             "train.epochs": 1,

@@ -34,6 +34,7 @@ from fundusfm.grid.runner import run_grid
 from fundusfm.models.inits import create_backbone
 from fundusfm.tasks.classify import pretrain
 from fundusfm.tasks.features import feature_key
+from tests.conftest import TINY_ARCH
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def grid_config(setup: dict, out: Path, **sets) -> GridConfig:
         "base.data.splits": setup["splits"],
         "base.data.task": "abnormal",
         "base.data.cache": setup["root"] / "cache",
-        "base.model.arch": "resnet18",
+        "base.model.arch": TINY_ARCH,
         "base.model.hidden": 16,
         "base.train.epochs": 1,
         "base.train.batch_size": 8,
@@ -102,7 +103,7 @@ def pretrained(setup: dict, tmp_path_factory) -> Path:
         "data.cache": setup["root"] / "cache",
         "data.resolution": 64,
         "data.task": "abnormal",
-        "model.arch": "resnet18",
+        "model.arch": TINY_ARCH,
         "model.hidden": 16,
         "train.epochs": 1,
         "train.batch_size": 8,

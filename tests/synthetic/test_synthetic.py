@@ -146,6 +146,7 @@ def test_every_class_and_subtle_cases(synth_large: Path):
     assert (pairs["left"] == pairs["right"]).mean() > 0.7
 
 
+@pytest.mark.slow
 def test_task_not_trivial_after_one_epoch():
     """A ResNet-18 at 128 px must not separate normal from abnormal perfectly after one epoch."""
     import sys

@@ -26,6 +26,7 @@ from fundusfm.tasks.classify import finetune, pretrain, run_notes
 from fundusfm.tasks.classify_job import make_loss, make_sampler
 from fundusfm.tasks.evaluate import evaluate
 from fundusfm.tasks.probe import fit_probe
+from tests.conftest import TINY_ARCH
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def config(tiny: dict, out: Path, cls=FinetuneConfig, **sets) -> FinetuneConfig:
         "data.cache": tiny["cache"],
         "data.resolution": 64,
         "data.task": "abnormal",
-        "model.arch": "resnet18",
+        "model.arch": TINY_ARCH,
         "model.init": "scratch",
         "model.hidden": 16,
         "train.epochs": 1,
@@ -128,7 +129,7 @@ def test_config_contract_keys(tmp_path: Path):
 def test_finetune_every_method_and_task(tiny, tmp_path, method, task):
     cfg = config(tiny, tmp_path / "run", **{"method": method, "data.task": task})
     torch.manual_seed(0)
-    before = create_backbone("resnet18", "scratch").state_dict()
+    before = create_backbone(TINY_ARCH, "scratch").state_dict()
     out = finetune(cfg)
     for name in ("config.yaml", "metrics.json", "predictions.csv", "bundle/bundle.json"):
         assert (out / name).is_file(), name

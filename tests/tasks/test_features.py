@@ -14,6 +14,7 @@ from fundusfm.data.splits import make_splits
 from fundusfm.data.transforms import normalise
 from fundusfm.models.inits import create_backbone
 from fundusfm.tasks.features import cached_features
+from tests.conftest import TINY_ARCH
 
 
 def test_cached_features_are_the_pooled_backbone_outputs_and_are_reused(synth_set, tmp_path):
@@ -22,7 +23,7 @@ def test_cached_features_are_the_pooled_backbone_outputs_and_are_reused(synth_se
     cfg = DataConfig(manifest=synth_set, splits=splits, resolution=32, cache=tmp_path / "cache")
     data = load_fold(cfg, progress=False)
     torch.manual_seed(0)
-    backbone = create_backbone("resnet18", "scratch")
+    backbone = create_backbone(TINY_ARCH, "scratch")
     cpu = torch.device("cpu")
     features, hit = cached_features(backbone, data, tmp_path / "f", 16, cpu, progress=False)
     assert not hit and features.shape == (len(data.manifest.table), backbone.num_features)

@@ -28,6 +28,7 @@ from fundusfm.models.inits import create_backbone
 from fundusfm.models.loaded import load_bundle
 from fundusfm.models.unet import create_unet, encoder_state_equal
 from fundusfm.tasks.segment import note_derived_fov, score_images, seg_loss, train_segmentation
+from tests.conftest import TINY_ARCH
 
 
 def vessels(shape=(40, 48), seed=0):
@@ -133,7 +134,7 @@ def seg_config(vessel_set: dict, out: Path, *sets: str) -> SegmentConfig:
         f"data.manifest={vessel_set['manifest']}",
         f"data.splits={vessel_set['splits']}",
         "data.resolution=64",
-        "model.arch=resnet18",
+        f"model.arch={TINY_ARCH}",
         "model.init=scratch",
         "model.decoder_channels=[64, 32, 16, 16, 8]",
         "train.epochs=1",

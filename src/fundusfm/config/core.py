@@ -114,7 +114,7 @@ class DataConfig(Strict):
 class EncoderInit(Strict):
     """Which ResNet and which of the four initialisations (or a bundle) it starts from."""
 
-    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    arch: Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
     init: str | None = Field(
         None, description="scratch | imagenet | fundus | imagenet+fundus | path; unset: imagenet"
     )

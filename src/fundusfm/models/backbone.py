@@ -11,7 +11,15 @@ import torch
 import torchvision
 from torch import nn
 
+
+def resnet10(weights=None) -> torchvision.models.ResNet:
+    """ResNet-10: torchvision's ResNet with one BasicBlock per stage (4.9 M parameters). It has
+    no ImageNet weights; it is for quick CPU runs and the tests' tiny backbone."""
+    return torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+
+
 ARCHS = {
+    "resnet10": (resnet10, None),
     "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights),
     "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights),
     "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights),

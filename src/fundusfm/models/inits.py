@@ -28,6 +28,11 @@ INITS = ("scratch", "imagenet", "fundus", "imagenet+fundus")
 def imagenet_state(arch: str, version: str = "IMAGENET1K_V1", file: Path | None = None) -> dict:
     """torchvision's ImageNet weights for `arch`, from `file` or the torch hub cache, offline."""
     weights_enum = ARCHS[arch][1]
+    if weights_enum is None:
+        raise WeightsNotFound(
+            f"{arch} has no ImageNet weights (a small architecture for quick runs); use "
+            "model.init=scratch or a bundle, or an architecture with ImageNet weights"
+        )
     try:
         weights = weights_enum[version]
     except KeyError:

@@ -10,10 +10,26 @@ from __future__ import annotations
 
 import segmentation_models_pytorch as smp
 import torch
+import torchvision
 from torch import nn
 
 from fundusfm.config.segment import SegModelConfig
 from fundusfm.models.inits import create_backbone
+
+# smp knows torchvision's ResNets by name; ResNet-10 (models/backbone.py) is added the way
+# smp lists its own: the same encoder class with one BasicBlock per stage.
+smp.encoders.encoders.setdefault(
+    "resnet10",
+    {
+        "encoder": smp.encoders.encoders["resnet18"]["encoder"],
+        "pretrained_settings": {},
+        "params": {
+            "out_channels": [3, 64, 64, 128, 256, 512],
+            "block": torchvision.models.resnet.BasicBlock,
+            "layers": [1, 1, 1, 1],
+        },
+    },
+)
 
 
 def build_unet(arch: str, decoder_channels: list[int]) -> smp.Unet:

@@ -270,6 +270,7 @@ def test_harmonise_jsiec_and_shipped_maps(tmp_path: Path):
     assert (SHIPPED / "conditions.yaml").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "eye_diseases_classification").is_dir(), reason="no data")
 def test_real_eye_diseases_import(tmp_path: Path):
     m, notes = load("eye_diseases", SHARED_DATA / "eye_diseases_classification", tmp_path)

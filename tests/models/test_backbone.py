@@ -1,0 +1,30 @@
+"""The tests' tiny backbone is a real arch: the same seam, U-Net encoder and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fundusfm.config.segment import SegModelConfig
+from fundusfm.errors import WeightsNotFound
+from fundusfm.models.inits import create_backbone
+from fundusfm.models.unet import create_unet, encoder_state_equal
+
+
+def test_resnet10_has_the_backbone_seam_and_one_block_per_stage(tiny_arch):
+    b = create_backbone(tiny_arch, "scratch")
+    maps = b.feature_maps(torch.zeros(1, 3, 64, 64))
+    assert [m.shape[-1] for m in maps] == [16, 8, 4, 2] and b.num_features == 512
+    assert [len(stage) for stage in b.stages()[1:]] == [1, 1, 1, 1]
+    with pytest.raises(WeightsNotFound, match="no ImageNet weights"):
+        create_backbone(tiny_arch, "imagenet")
+
+
+def test_resnet10_encodes_a_unet_with_the_backbones_weights(tiny_arch):
+    torch.manual_seed(0)
+    backbone = create_backbone(tiny_arch, "scratch")
+    cfg = SegModelConfig(arch=tiny_arch, init="scratch", decoder_channels=[64, 32, 16, 16, 8])
+    unet = create_unet(cfg)
+    unet.encoder.load_state_dict(backbone.net.state_dict())
+    assert encoder_state_equal(unet, backbone.net.state_dict())
+    assert unet(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
