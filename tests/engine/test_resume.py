@@ -65,8 +65,9 @@ def classification(fold: dict, out: Path, **extra) -> FinetuneConfig:
 def segmentation(fold: dict, out: Path) -> SegmentConfig:
     sets = common(fold, out) | {
         "model.decoder_channels": "[64, 32, 16, 16, 8]",
-        "train.epochs": 2,
+        "train.epochs": 3,
         "train.grad_accum": 2,
+        "train.patience": 2,  # early stopping on validation Dice: its state is resumed too
     }
     return load_config(SegmentConfig, None, [f"{k}={v}" for k, v in sets.items()])
 
@@ -100,7 +101,12 @@ def assert_same_weights_and_history(a: Path, b: Path) -> None:
     assert len(x["history"]) == x["epoch"] + 1
 
 
-TASKS = ["classification", "segmentation", pytest.param("ddp", marks=pytest.mark.slow)]
+TASKS = [
+    "classification",
+    "classification-early-stopping",
+    "segmentation",
+    pytest.param("ddp", marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -115,6 +121,8 @@ def test_resume_equals_uninterrupted(task, fold, tmp_path, monkeypatch):
         pd.testing.assert_frame_equal(a, b)
         return
     lf = {"method": "lf", "model.head": "linear", "train.lr": 0.01} if task == "ddp" else {}
+    if task == "classification-early-stopping":  # stops once validation loss rises
+        lf = {"train.epochs": 6, "train.patience": 1, "train.lr": 0.01}
     whole = finetune(classification(fold, tmp_path / "whole", **lf))
     cut = classification(fold, tmp_path / "cut", **lf)
     interrupt_after_first_checkpoint(monkeypatch, finetune, cut)
@@ -125,5 +133,8 @@ def test_resume_equals_uninterrupted(task, fold, tmp_path, monkeypatch):
         return
     finetune(resumed(cut))
     assert_same_weights_and_history(whole, tmp_path / "cut")
+    state = torch.load(whole / "checkpoint.pt", weights_only=True)
+    if task == "classification-early-stopping":  # it did stop, after the interruption
+        assert state["stopped_early"] and 2 < len(state["history"]) < 6
     a, b = (pd.read_csv(d / "predictions.csv") for d in (whole, tmp_path / "cut"))
     pd.testing.assert_frame_equal(a, b)

@@ -46,3 +46,15 @@ def test_probe_keeps_the_C_with_the_lowest_validation_loss_and_absent_classes_ne
     }
     both = fit_probe("multiclass", x[:100], y[:100], x[100:], y[100:], 3, [0.001, 1.0])
     assert min(losses, key=losses.get) == both.C and both.val_loss == min(losses.values())
+
+
+def test_multilabel_probe_is_one_sklearn_model_per_label_on_raw_features():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(120, 5)) * [1, 4, 0.5, 2, 1] + [0, 3, 0, -1, 8]
+    y = np.stack([x[:, 0] > 0, x[:, 1] > 3.5], axis=1).astype(int)
+    probe = fit_probe("multilabel", x[:80], y[:80], x[80:], y[80:], 2, [0.5])
+    mean, std = x[:80].mean(axis=0), x[:80].std(axis=0) + 1e-6
+    for j in range(2):
+        ref = LogisticRegression(C=0.5, max_iter=2000).fit((x[:80] - mean) / std, y[:80, j])
+        expected = ref.predict_proba((x[80:] - mean) / std)[:, 1]
+        assert np.abs(probe.scores(x[80:], "multilabel")[:, j] - expected).max() < 1e-5

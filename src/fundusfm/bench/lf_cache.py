@@ -25,11 +25,11 @@ from fundusfm.data.preprocess import ImageCache, build_cache, preprocess_image
 from fundusfm.data.splits import fold_sets
 from fundusfm.data.transforms import normalise, to_tensor
 from fundusfm.engine.device import Runtime, resolve_device
-from fundusfm.engine.loop import Job, Trainer, training_loader
+from fundusfm.engine.loop import Job, Trainer, batches_per_epoch, training_loader
 from fundusfm.errors import ConfigError
 from fundusfm.models.heads import Classifier, make_head
 from fundusfm.models.inits import create_backbone
-from fundusfm.tasks.classify_job import make_loss, set_trainable
+from fundusfm.tasks.classify_job import classification_loss, make_loss, set_trainable
 from fundusfm.tasks.features import extract
 from fundusfm.tasks.probe import fit_probe
 
@@ -92,23 +92,25 @@ def _time_probes(cfg: FinetuneConfig, data, features, fractions, folds) -> tuple
     return time.perf_counter() - start, train_sizes
 
 
-def _time_frozen_epoch(cfg: FinetuneConfig, data, backbone, device) -> float:
+def _time_frozen_epoch(cfg: FinetuneConfig, data, backbone, device, train_rows) -> float:
     """Seconds per training image of one epoch of head training on the frozen backbone
-    (fold `cfg.data.fold`, the full fraction), through the engine's own `Trainer.epoch`;
-    the loader's start-up (first batch) is not counted."""
+    (on `train_rows`), through the engine's own `Trainer.epoch`; the loader's start-up
+    (first batch) is not counted."""
     kind, n_classes = data.task.kind, len(data.task.class_names)
     model = Classifier(backbone, make_head("linear", backbone.num_features, n_classes))
-    train_rows = data.parts["train"]
-    criterion = make_loss(kind, cfg.train, data.labels[train_rows], n_classes).to(device)
+    criterion = make_loss(kind, cfg.train, data.labels[train_rows], n_classes)
+    t = cfg.train
+    images = CachedImages(
+        data.cache, data.sources(train_rows), data.labels[train_rows], t.augment, t.seed
+    )
     job = Job(
         model=model,
-        train_set=data.dataset("train", cfg.train.augment, cfg.train.seed),
-        loss=lambda logits, t: criterion(logits, t[0].float() if kind == "multilabel" else t[0]),
+        train_set=images,
+        loss=classification_loss(kind, criterion),
         frozen=set_trainable(model, "lf"),
     )
-    rt = Runtime(device, batch_size=cfg.train.batch_size, workers=cfg.train.workers)
-    n = len(job.train_set)
-    trainer = Trainer(job, cfg.train, rt, max(1, n // cfg.train.batch_size))
+    rt = Runtime(device, batch_size=t.batch_size, workers=t.workers)
+    trainer = Trainer(job, t, rt, batches_per_epoch(len(images), t.batch_size)[0])
     loader, _ = training_loader(job, cfg.train, rt, drop_last=False)
     batches = iter(loader)
     first = next(batches)
@@ -154,7 +156,10 @@ def bench_lf(
     features = extract(backbone, dataset, cfg.train.batch_size, device, progress=False)
     t_extract = time.perf_counter() - start
     t_probes, train_sizes = _time_probes(cfg, data, features, fractions, folds)
-    per_image = _time_frozen_epoch(cfg, data, backbone, device)
+    splits = pd.read_csv(cfg.data.splits, dtype={"image_id": str})
+    ids = data.manifest.table["image_id"].to_numpy()
+    train_rows = rows_of_parts(ids, fold_sets(splits, folds[0], 1.0), cfg.data)["train"]
+    per_image = _time_frozen_epoch(cfg, data, backbone, device, train_rows)
     t_baseline = per_image * epochs_baseline * sum(train_sizes)
     lf_total = t_extract + t_probes
     return {

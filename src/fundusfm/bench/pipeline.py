@@ -20,10 +20,10 @@ import torch
 from fundusfm.config.core import AugmentConfig, TrainConfig
 from fundusfm.data.datasets import FoldData
 from fundusfm.engine.device import Runtime
-from fundusfm.engine.loop import Job, Trainer, training_loader
+from fundusfm.engine.loop import Job, Trainer, batches_per_epoch, training_loader
 from fundusfm.models.backbone import Backbone
 from fundusfm.models.heads import Classifier, make_head
-from fundusfm.tasks.classify_job import make_loss
+from fundusfm.tasks.classify_job import classification_loss, make_loss
 
 
 @dataclass
@@ -66,23 +66,17 @@ def _trainer(s: PipelineSetting, data: FoldData, dataset) -> tuple[Trainer, Trai
     backbone = Backbone(s.arch)
     model = Classifier(backbone, make_head("mlp", backbone.num_features, n_classes))
     criterion = make_loss(kind, cfg, data.labels[data.parts["train"]], n_classes)
-    criterion.to(s.device)
-
-    def loss(logits, targets):
-        return criterion(logits, targets[0].float() if kind == "multilabel" else targets[0])
-
-    job = Job(model=model, train_set=dataset, loss=loss)
-    device = torch.device(s.device)
-    rt = Runtime.of(device, cfg.amp, cfg.channels_last, s.batch_size, s.workers)
-    drop_last = len(dataset) > s.batch_size
-    return Trainer(job, cfg, rt, len(dataset) // s.batch_size if drop_last else 1), cfg
+    job = Job(model=model, train_set=dataset, loss=classification_loss(kind, criterion))
+    rt = Runtime.of(torch.device(s.device), cfg.amp, cfg.channels_last, s.batch_size, s.workers)
+    return Trainer(job, cfg, rt, batches_per_epoch(len(dataset), s.batch_size)[0]), cfg
 
 
 def bench_pipeline(data: FoldData, s: PipelineSetting) -> dict:
     """Alternate training epochs through the loader and on in-memory batches; time both."""
     dataset = data.dataset("train", AugmentConfig(), s.seed)
     trainer, cfg = _trainer(s, data, dataset)
-    loader, generator = training_loader(trainer.job, cfg, trainer.rt, len(dataset) > s.batch_size)
+    drop_last = batches_per_epoch(len(dataset), s.batch_size)[1]
+    loader, generator = training_loader(trainer.job, cfg, trainer.rt, drop_last)
 
     # The in-memory side: the epoch's uint8 batches, already on the device.
     generator.manual_seed(s.seed * 100_003)

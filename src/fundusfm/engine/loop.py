@@ -31,7 +31,7 @@ from fundusfm.config.core import LoopConfig
 from fundusfm.engine import distributed as ddp
 from fundusfm.engine.checkpoint import save_atomic, save_weights
 from fundusfm.engine.device import Runtime, resolve_device
-from fundusfm.errors import DataError, TrainingDiverged
+from fundusfm.errors import ConfigError, DataError, TrainingDiverged
 
 
 @dataclass
@@ -188,6 +188,13 @@ class Trainer:
             torch.cuda.synchronize(self.rt.device)
 
 
+def batches_per_epoch(images: int, batch_size: int) -> tuple[int, bool]:
+    """Optimiser micro-batches per epoch and `drop_last`: a last batch is dropped only when
+    there is more than one batch (BatchNorm cannot train on a batch of one)."""
+    drop_last = images > batch_size
+    return (images // batch_size if drop_last else 1), drop_last
+
+
 def runtime(cfg: LoopConfig) -> Runtime:
     """The run's device (joining torchrun's group, if any), precision, format and rank batch."""
     device = ddp.setup(resolve_device(cfg.device))
@@ -216,6 +223,11 @@ def _checkpoint(trainer: Trainer, result: FitResult, epoch: int, bad_epochs: int
 def _restore(trainer: Trainer, checkpoint: Path, best_file: Path) -> tuple[FitResult, int, int]:
     """A checkpoint's state back into `trainer` and the RNGs; (result so far, next epoch, bad)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if "best_epoch" not in state:  # written by a release before the one loop
+        raise ConfigError(
+            f"{checkpoint} was written by an earlier fundusfm and cannot be resumed; "
+            "start the run again in a new run.out (or without --resume after removing it)"
+        )
     trainer.load_state_dict(state)
     ddp.restore_rng(state.get("rank_rng", []), state["torch_rng"])
     if trainer.rt.device.type == "cuda" and len(state["cuda_rng"]) and not ddp.launched():
@@ -230,7 +242,8 @@ def _restore(trainer: Trainer, checkpoint: Path, best_file: Path) -> tuple[FitRe
 
 
 def _improved(job: Job, value: float, result: FitResult) -> bool:
-    if result.best_epoch < 0:
+    """Better than the best so far; an undefined (NaN) score never is, and loses to any."""
+    if result.best_epoch < 0 or (math.isnan(result.best_metric) and not math.isnan(value)):
         return True
     if job.lower_is_better:
         return value < result.best_metric
@@ -265,8 +278,8 @@ def fit(
     n = len(job.train_set)
     if n < ddp.world_size():
         raise DataError(f"{n} training images for {ddp.world_size()} processes")
-    drop_last = n > cfg.batch_size  # BatchNorm cannot train on a batch of one
-    trainer = Trainer(job, cfg, rt, n // cfg.batch_size if drop_last else 1)
+    batches, drop_last = batches_per_epoch(n, cfg.batch_size)
+    trainer = Trainer(job, cfg, rt, batches)
     checkpoint, best_file = run_dir / "checkpoint.pt", run_dir / "best.safetensors"
     trainer.note = f" The last good checkpoint is kept: {checkpoint}"
     result, start, bad_epochs = FitResult(best_epoch=-1, best_metric=float("nan")), 0, 0

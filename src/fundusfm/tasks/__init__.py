@@ -1,6 +1,7 @@
 """Tasks: what a command runs, built from the engine, models and data.
 
-`classify` (pretraining and fine-tuning runs, their folders and metrics), `evaluate`
+`classify` (pretraining and fine-tuning runs, their folders and metrics) with
+`classify_job` (what classification hands the engine loop), `evaluate`
 (external validation of a bundle), `features` and `probe` (frozen features extracted once and
 linear probes fitted on them), `segment` (vessel U-Net training and evaluation). Imports
 `engine`, `models`, `evaluation`, `data`, `bundle`, `config` and `io`.

@@ -87,6 +87,16 @@ def make_sampler(labels: np.ndarray, kind: str, balanced: bool, generator: torch
     return WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
 
 
+def classification_loss(kind: str, criterion: nn.Module):
+    """The loop's loss(logits, targets) for a classification criterion (targets[0]: labels)."""
+
+    def loss(logits: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
+        y = targets[0]
+        return criterion.to(logits.device)(logits, y.float() if kind == "multilabel" else y)
+
+    return loss
+
+
 def classification_job(
     model: Classifier, data: FoldData, cfg: TrainConfig, method: str, partial_stages: int = 1
 ) -> Job:
@@ -97,10 +107,6 @@ def classification_job(
     criterion = make_loss(kind, cfg, train_labels, n_classes)
     val_set = data.dataset("val")
 
-    def loss(logits: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
-        y = targets[0]
-        return criterion.to(logits.device)(logits, y.float() if kind == "multilabel" else y)
-
     def validate(m: nn.Module, rt: Runtime) -> dict[str, float]:
         scores, labels, _ = ddp.gather_predictions(*predict(m, ddp.shard(val_set), rt, kind))
         metrics = classification_metrics(kind, labels, scores)
@@ -110,7 +116,7 @@ def classification_job(
         model=model,
         frozen=set_trainable(model, method, partial_stages),
         train_set=data.dataset("train", cfg.augment, cfg.seed),
-        loss=loss,
+        loss=classification_loss(kind, criterion),
         validate=validate,
         select=cfg.select_metric,
         lower_is_better=cfg.select_metric in LOWER_IS_BETTER,

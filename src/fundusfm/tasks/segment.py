@@ -9,7 +9,6 @@ observer where the dataset has one), `metrics.json` (pooled and mean metrics, hi
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +38,7 @@ from fundusfm.engine import distributed as ddp
 from fundusfm.engine.device import Runtime, resolve_device
 from fundusfm.engine.loop import Job, fit, runtime
 from fundusfm.engine.runs import is_finished, prepare_run
+from fundusfm.errors import ConfigError
 from fundusfm.evaluation.seg_metrics import NAMES, Counts, count, scores, summary
 from fundusfm.io import write_json
 from fundusfm.models.loaded import load_bundle
@@ -97,6 +97,11 @@ def segmentation_job(model, train_images, val_images, cfg: SegmentConfig) -> Job
     validation part, the last epoch). `encoder=frozen` uses smp's own freeze: no gradients,
     and the encoder's BatchNorm statistics stay fixed in train()."""
     t = cfg.train
+    if t.patience and not val_images:
+        raise ConfigError(
+            f"train.patience={t.patience} needs a validation part to stop on; set "
+            "data.val_fraction (official split) or use splits with validation parts"
+        )
     if cfg.model.encoder == "frozen":
         model.freeze_encoder()
 
@@ -105,8 +110,7 @@ def segmentation_job(model, train_images, val_images, cfg: SegmentConfig) -> Job
         return seg_loss(logits, vessel, fov, t.bce_weight, t.dice_weight)
 
     def validate(m, rt: Runtime) -> dict[str, float]:
-        dice = _val_dice(m, val_images, rt, t.threshold)
-        return {"dice": -1.0 if math.isnan(dice) else dice}
+        return {"dice": _val_dice(m, val_images, rt, t.threshold)}
 
     train_set = VesselTrainSet(
         train_images, t.augment, cfg.data.patch, cfg.data.patches_per_image, t.seed
