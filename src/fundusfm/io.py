@@ -48,6 +48,12 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return write_atomic(path, write)
 
 
+def write_csv(path: Path, frame) -> Path:
+    """A table as CSV (no index), atomically; the folder is created when missing."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(path, frame.to_csv(index=False))
+
+
 def write_npy(path: Path, array: np.ndarray) -> Path:
     """Save an array as .npy atomically (no pickled objects)."""
 

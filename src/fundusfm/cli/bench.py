@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +11,7 @@ import typer
 from fundusfm.cli.common import ConfigOpt, SetOpt, group, resolve, user_errors
 from fundusfm.config.core import PreprocessConfig
 from fundusfm.data.manifest import load_manifest
+from fundusfm.io import write_json
 
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write figures here.")]
 
@@ -58,7 +58,7 @@ def bench_run_cmd(
     typer.echo(format_table(report))
     if json_out:
         with user_errors():
-            json_out.write_text(json.dumps(report, indent=2))
+            write_json(json_out, report)
 
 
 @app.command("lf")
@@ -81,7 +81,8 @@ def bench_lf_cmd(
     for key, value in figures.items():
         typer.echo(f"{key:44s} {value:.3f}" if isinstance(value, float) else f"{key:44s} {value}")
     if json_out:
-        json_out.write_text(json.dumps(figures, indent=2))
+        with user_errors():
+            write_json(json_out, figures)
 
 
 @app.command("cache")
@@ -102,4 +103,4 @@ def bench_cache_cmd(
         typer.echo(f"{key:32s} {value:.1f}" if isinstance(value, float) else f"{key:32s} {value}")
     if json_out:
         with user_errors():
-            json_out.write_text(json.dumps(figures, indent=2))
+            write_json(json_out, figures)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -61,10 +60,8 @@ def data_check(
     if not m.spec.tasks:
         typer.echo(f"  no tasks declared ({m.sidecar} absent or empty): labels not checked")
     if report:
-        import pandas as pd
-
         with user_errors():
-            pd.DataFrame([p.__dict__ for p in result.problems]).to_csv(report, index=False)
+            result.write_csv(report)
     if result.ok:
         typer.secho("OK: no problems found", fg=typer.colors.GREEN)
         return
@@ -81,21 +78,16 @@ def data_scan(
     pattern: Annotated[str, typer.Option(help="Glob under ROOT, e.g. '*/images/*'.")] = "**/*",
 ) -> None:
     """Write a label-free manifest of the images in a folder (each image its own patient)."""
-    from fundusfm.data.manifest import DatasetSpec, save_manifest, scan_folder
+    from fundusfm.data.manifest import scan_to_manifest
 
-    skipped: list[str] = []
-    table = scan_folder(root, pattern, skipped)
+    with user_errors():
+        n, skipped = scan_to_manifest(root, out, pattern)
     if skipped:
         typer.echo(
             f"skipped {len(skipped)} files whose names are not valid UTF-8 "
             f"({', '.join(skipped[:3])}); rename them to include them"
         )
-    if table.empty:
-        raise fail(f"no JPEG/PNG/TIFF/BMP/GIF images under {root} match {pattern!r}")
-    spec = DatasetSpec(name=root.name, root=os.path.relpath(root.resolve(), out.parent.resolve()))
-    with user_errors():
-        save_manifest(table, spec, out)
-    typer.echo(f"wrote {out}: {len(table)} images under {root}")
+    typer.echo(f"wrote {out}: {n} images under {root}")
 
 
 def preprocess(
@@ -110,14 +102,11 @@ def preprocess(
     quiet: QuietOpt = False,
 ) -> None:
     """Crop to the field of view, pad square, resize; cache the result for training."""
-    from fundusfm.data.preprocess import build_cache
+    from fundusfm.data.preprocess import preprocess_manifest
 
     cfg = resolve(PreprocessConfig, config, set_, resolution=resolution, workers=workers)
-    root = cache or manifest.parent / "cache"
     with user_errors():
-        m = load_manifest(manifest)
-        result = build_cache(m, cfg, root, progress=not quiet)
-        dump_config(cfg, result.directory / "config.yaml")
+        result = preprocess_manifest(manifest, cfg, cache, progress=not quiet)
     rate = result.built / result.seconds if result.built else 0.0
     typer.echo(
         f"cache {result.directory}: {result.built} built ({rate:.1f} img/s), "
@@ -149,7 +138,7 @@ def split(
     set_: SetOpt = None,
 ) -> None:
     """Patient-grouped stratified k-fold with validation parts and nested fractions."""
-    from fundusfm.data.splits import make_splits, summarise
+    from fundusfm.data.splits import write_splits
 
     try:
         fracs = [float(x) for x in fractions.split(",")] if fractions else None
@@ -168,13 +157,7 @@ def split(
         test_fraction=test_fraction,
     )
     with user_errors():
-        m = load_manifest(manifest)
-        table = make_splits(m, cfg)
-        summary = summarise(table, m, cfg.task)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out, index=False)
-        summary.to_csv(out.with_suffix(".summary.csv"), index=False)
-        dump_config(cfg, out.with_suffix(".config.yaml"))
+        table, summary = write_splits(manifest, cfg, out)
     typer.echo(f"wrote {out} ({len(table)} images, {table.patient_id.nunique()} patients)")
     shown = ["fold", "fraction", "share", "train_images", "val_images", "test_images"]
     classes = [c for c in summary.columns if c.startswith("train_") and c not in shown]

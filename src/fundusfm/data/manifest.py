@@ -19,6 +19,7 @@ per class. The task type is therefore always explicit, never guessed from the va
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -313,3 +314,15 @@ def _bad_label(manifest: Manifest, i: int, col: str, allowed) -> None:
             f"remove the row (run `fundusfm data check {manifest.path}` to list all problems)"
         )
     raise DataError(f"{where}: {col}={t[col].iat[i]!r} is not one of {allowed}")
+
+
+def scan_to_manifest(root: Path, out: Path, pattern: str = "**/*") -> tuple[int, list[str]]:
+    """`fundusfm data scan`: write the label-free manifest of `root` to `out`; returns the
+    number of images and the names skipped (not valid UTF-8)."""
+    skipped: list[str] = []
+    table = scan_folder(root, pattern, skipped)
+    if table.empty:
+        raise DataError(f"no JPEG/PNG/TIFF/BMP/GIF images under {root} match {pattern!r}")
+    rel_root = os.path.relpath(Path(root).resolve(), Path(out).parent.resolve())
+    save_manifest(table, DatasetSpec(name=Path(root).name, root=rel_root), out)
+    return len(table), skipped

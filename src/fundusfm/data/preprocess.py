@@ -33,9 +33,9 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from fundusfm.config.core import PreprocessConfig
+from fundusfm.config.core import PreprocessConfig, dump_config
 from fundusfm.data.decode import open_image, to_rgb_array
-from fundusfm.data.manifest import Manifest
+from fundusfm.data.manifest import Manifest, load_manifest
 from fundusfm.errors import ImageDecodeError, NoFieldOfView
 from fundusfm.io import read_json, value_sha256, write_npy, write_text_atomic
 
@@ -361,3 +361,15 @@ def open_cache(manifest: Manifest, cfg: PreprocessConfig, cache_root: Path) -> I
             f"run `fundusfm preprocess {manifest.path} --resolution {cfg.resolution}`"
         )
     return cache
+
+
+def preprocess_manifest(
+    manifest: Path, cfg: PreprocessConfig, root: Path | None = None, progress: bool = True
+) -> BuildReport:
+    """`fundusfm preprocess`: the cache of a manifest's images (default root: cache/ beside
+    the manifest), with the settings it was built with saved in it as config.yaml."""
+    result = build_cache(
+        load_manifest(manifest), cfg, root or Path(manifest).parent / "cache", progress
+    )
+    dump_config(cfg, result.directory / "config.yaml")
+    return result

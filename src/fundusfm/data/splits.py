@@ -40,12 +40,15 @@ How it is made (all assignments are of whole patients, so no patient is ever on 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
-from fundusfm.config.core import SplitConfig
-from fundusfm.data.manifest import Manifest, TaskSpec, encode_labels
+from fundusfm.config.core import SplitConfig, dump_config
+from fundusfm.data.manifest import Manifest, TaskSpec, encode_labels, load_manifest
 from fundusfm.errors import ConfigError, DataError
+from fundusfm.io import write_csv
 
 
 def label_matrix(manifest: Manifest, task: TaskSpec) -> np.ndarray:
@@ -381,3 +384,14 @@ def summarise(splits: pd.DataFrame, manifest: Manifest, task_name: str | None) -
             )
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def write_splits(manifest: Path, cfg: SplitConfig, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`fundusfm split`: splits.csv, its per-fold summary and the settings beside it."""
+    m = load_manifest(manifest)
+    table = make_splits(m, cfg)
+    summary = summarise(table, m, cfg.task)
+    write_csv(out, table)
+    write_csv(Path(out).with_suffix(".summary.csv"), summary)
+    dump_config(cfg, Path(out).with_suffix(".config.yaml"))
+    return table, summary

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from tqdm import tqdm
 
 from fundusfm.data.decode import read_rgb
 from fundusfm.data.manifest import EYES, REQUIRED_COLUMNS, Manifest
 from fundusfm.data.preprocess import check_min_side
 from fundusfm.errors import ImageDecodeError
+from fundusfm.io import write_csv
 
 
 @dataclass
@@ -51,6 +53,11 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def write_csv(self, path: Path) -> None:
+        """The problems as a table (line, image_id, column, message)."""
+        rows = [p.__dict__ for p in self.problems]
+        write_csv(path, pd.DataFrame(rows, columns=["line", "image_id", "column", "message"]))
 
 
 def _decode_and_hash(path: Path) -> tuple[str | None, str | None]:
