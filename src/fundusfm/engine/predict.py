@@ -1,4 +1,5 @@
-"""Classification scores of every image of a dataset, in eval mode (validation, test, evaluate)."""
+"""Predictions in eval mode: classification scores of every image of a dataset (validation,
+test, evaluate) and vessel probabilities of a list of vessel images (segmentation)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fundusfm.data.vessel_images import VesselImage, batch_of
+from fundusfm.engine import distributed as ddp
 from fundusfm.engine.device import Runtime
 from fundusfm.models.heads import scores_from_logits
 
@@ -38,3 +41,28 @@ def predict(
     if not index:  # an empty share (more ranks than images)
         return np.zeros((0,)), np.zeros((0,)), np.zeros((0,), dtype=np.int64)
     return torch.cat(scores).numpy(), torch.cat(labels).numpy(), torch.cat(index).numpy()
+
+
+@torch.no_grad()
+def predict_vessels(
+    model,
+    images: list[VesselImage],
+    rt: Runtime,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> np.ndarray:
+    """Vessel probabilities (N x R x R) at the training size; `mean`/`std`: a bundle's own."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), rt.batch_size):
+        x, _, _ = batch_of(images[i : i + rt.batch_size])
+        with rt.autocast():
+            out.append(torch.sigmoid(model(rt.inputs(x, mean, std))[:, 0].float()).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1, 1), np.float32)
+
+
+def predict_vessels_sharded(model, images: list[VesselImage], rt: Runtime) -> np.ndarray:
+    """`predict_vessels` of every image; under torchrun each rank predicts a share."""
+    rows = np.arange(ddp.rank(), len(images), ddp.world_size())
+    probs = predict_vessels(model, [images[i] for i in rows], rt)
+    return ddp.gather_predictions(probs, rows, rows)[0]

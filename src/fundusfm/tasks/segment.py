@@ -27,7 +27,6 @@ from fundusfm.data.vessel_images import (
     TEST_NAMES,
     VesselImage,
     VesselTrainSet,
-    batch_of,
     load_images,
     native_masks,
     rows_without_fov,
@@ -37,6 +36,7 @@ from fundusfm.data.vessel_images import (
 from fundusfm.engine import distributed as ddp
 from fundusfm.engine.device import Runtime, resolve_device
 from fundusfm.engine.loop import Job, fit, runtime
+from fundusfm.engine.predict import predict_vessels, predict_vessels_sharded
 from fundusfm.engine.runs import is_finished, prepare_run
 from fundusfm.errors import ConfigError
 from fundusfm.evaluation.seg_metrics import NAMES, Counts, count, scores, summary
@@ -55,41 +55,16 @@ def seg_loss(logits, vessel, fov, bce_weight: float, dice_weight: float) -> torc
     return bce_weight * bce / inside + dice_weight * dice
 
 
-@torch.no_grad()
-def predict_probs(
-    model,
-    images: list[VesselImage],
-    rt: Runtime,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
-) -> np.ndarray:
-    """Vessel probabilities (N x R x R) at the training size; `mean`/`std`: a bundle's own."""
-    model.eval()
-    out = []
-    for i in range(0, len(images), rt.batch_size):
-        x, _, _ = batch_of(images[i : i + rt.batch_size])
-        with rt.autocast():
-            out.append(torch.sigmoid(model(rt.inputs(x, mean, std))[:, 0].float()).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 1, 1), np.float32)
-
-
 def _val_dice(model, images: list[VesselImage], rt: Runtime, threshold: float) -> float:
     """Pooled validation Dice; under torchrun each rank counts its share and all are summed."""
     mine = images[ddp.rank() :: ddp.world_size()]
-    probs = predict_probs(model, mine, rt)
+    probs = predict_vessels(model, mine, rt)
     total = Counts()
     for c in ddp.gather_list(
         [count(p, s.vessel, s.fov, threshold) for s, p in zip(mine, probs, strict=True)]
     ):
         total = total + c
     return scores(total)["dice"]
-
-
-def predict_all(model, images: list[VesselImage], rt: Runtime) -> np.ndarray:
-    """`predict_probs` of every image; under torchrun each rank predicts a share."""
-    rows = np.arange(ddp.rank(), len(images), ddp.world_size())
-    probs = predict_probs(model, [images[i] for i in rows], rt)
-    return ddp.gather_predictions(probs, rows, rows)[0]
 
 
 def segmentation_job(model, train_images, val_images, cfg: SegmentConfig) -> Job:
@@ -217,7 +192,7 @@ def train_segmentation(cfg: SegmentConfig) -> Path:
     job = segmentation_job(model, images["train"], images["val"], cfg)
     result = fit(job, cfg.train, out, cfg.run.resume, progress)
     fitted = {"best_epoch": result.best_epoch, "history": result.history}
-    probs = predict_all(model, images["test"], rt)
+    probs = predict_vessels_sharded(model, images["test"], rt)
     if not ddp.is_main():
         ddp.barrier()  # rank 0 scores and writes the run folder
         return out
@@ -263,7 +238,7 @@ def evaluate_segmentation(
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
     pre = bundle.preprocessing
-    probs = predict_probs(model, images, rt, pre.mean, pre.std)
+    probs = predict_vessels(model, images, rt, pre.mean, pre.std)
     table, metrics = score_images(
         manifest, rows, probs, bundle.thresholds[0], Path(out), "external"
     )
