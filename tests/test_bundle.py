@@ -34,6 +34,7 @@ from fundusfm.models.loaded import load_bundle
 from fundusfm.models.unet import build_unet
 from fundusfm.tasks.classify import finetune, pretrain, probe_finetune
 from fundusfm.tasks.segment import _bundle_meta as segmentation_meta
+from tests.conftest import TINY_ARCH
 
 runner = CliRunner()
 RES = 32
@@ -52,7 +53,7 @@ def _train_sets(root: Path, manifest: Path, splits: Path, name: str) -> list[str
         "data.task": "abnormal",
         "data.cache": root / "cache",
         "data.resolution": RES,
-        "model.arch": "resnet18",
+        "model.arch": TINY_ARCH,
         "model.hidden": 16,
         "train.epochs": 1,
         "train.batch_size": 8,
@@ -97,10 +98,10 @@ def kinds(synth_set: Path, tmp_path_factory) -> dict:
     )
     made["lf_probe"] = probe_finetune(lf, ProbeConfig(), root / "features") / "bundle"
     seg = SegmentConfig.model_validate(
-        {"data": {"manifest": str(synth_set), "resolution": 64}, "model": {"arch": "resnet18"}}
+        {"data": {"manifest": str(synth_set), "resolution": 64}, "model": {"arch": TINY_ARCH}}
     )
     torch.manual_seed(0)
-    unet = build_unet("resnet18", seg.model.decoder_channels)
+    unet = build_unet(TINY_ARCH, seg.model.decoder_channels)
     made["segmentation"] = save_bundle(unet, root / "seg_bundle", segmentation_meta(seg, 0.5))
     state = {k: v for k, v in _authors_model().state_dict().items()}
     torch.save(state, root / "authors_state.pth")

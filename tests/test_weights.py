@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from fundusfm.cli import app
 from fundusfm.errors import PickleRefused
+from fundusfm.models.backbone import resnet10
 from fundusfm.models.loaded import load_bundle
 from fundusfm.weights import import_legacy, torchvision_state
 
@@ -113,7 +114,7 @@ def test_malicious_pickle_never_runs_without_trust(tmp_path: Path):
 
 
 def test_info_and_exports_match(tmp_path: Path):
-    legacy = authors_model()
+    legacy = authors_model(resnet10)  # the export formats, on the tiny arch
     torch.save(legacy.module.state_dict(), tmp_path / "sd.pth")
     path = import_legacy(tmp_path / "sd.pth", tmp_path / "b", resolution=64)
     info = runner.invoke(app, ["weights", "info", str(path)])
@@ -133,7 +134,7 @@ def test_info_and_exports_match(tmp_path: Path):
     )
     assert result.exit_code == 0, result.output
     state = torch.load(tmp_path / "tv.pth", weights_only=True)
-    net = torchvision.models.resnet18()  # the authors' layout loads strictly
+    net = resnet10()  # the authors' layout loads strictly
     net.fc = nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, 2))
     net.load_state_dict(state)
 
