@@ -25,6 +25,7 @@ def test_resnet10_encodes_a_unet_with_the_backbones_weights(tiny_arch):
     backbone = create_backbone(tiny_arch, "scratch")
     cfg = SegModelConfig(arch=tiny_arch, init="scratch", decoder_channels=[64, 32, 16, 16, 8])
     unet = create_unet(cfg)
-    unet.encoder.load_state_dict(backbone.net.state_dict())
-    assert encoder_state_equal(unet, backbone.net.state_dict())
+    assert [len(unet.encoder.layer1), len(unet.encoder.layer4)] == [1, 1]
+    assert not encoder_state_equal(unet, backbone.net.state_dict())  # scratch: its own draw
+    unet.encoder.load_state_dict(backbone.net.state_dict())  # strict: the layouts agree
     assert unet(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)

@@ -322,7 +322,8 @@ def scan_to_manifest(root: Path, out: Path, pattern: str = "**/*") -> tuple[int,
     skipped: list[str] = []
     table = scan_folder(root, pattern, skipped)
     if table.empty:
-        raise DataError(f"no JPEG/PNG/TIFF/BMP/GIF images under {root} match {pattern!r}")
+        names = f" ({len(skipped)} skipped: names not valid UTF-8)" if skipped else ""
+        raise DataError(f"no JPEG/PNG/TIFF/BMP/GIF images under {root} match {pattern!r}{names}")
     rel_root = os.path.relpath(Path(root).resolve(), Path(out).parent.resolve())
     save_manifest(table, DatasetSpec(name=Path(root).name, root=rel_root), out)
     return len(table), skipped

@@ -58,7 +58,7 @@ class Job:
     loss: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
     validate: Callable[[nn.Module, Runtime], dict[str, float]] | None = None
     select: str = "loss"
-    lower_is_better: bool = False
+    lower_is_better: bool = True  # as for the default, a loss; say False for Dice, AUROC...
     sampler: Callable[[torch.Generator], Sampler[int]] | None = None
     frozen: list[nn.Module] = field(default_factory=list)
 

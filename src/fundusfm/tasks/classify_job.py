@@ -90,9 +90,14 @@ def make_sampler(labels: np.ndarray, kind: str, balanced: bool, generator: torch
 def classification_loss(kind: str, criterion: nn.Module):
     """The loop's loss(logits, targets) for a classification criterion (targets[0]: labels)."""
 
+    placed: list[torch.device] = []  # the criterion (its class weights) moves once
+
     def loss(logits: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
+        if placed != [logits.device]:
+            criterion.to(logits.device)
+            placed[:] = [logits.device]
         y = targets[0]
-        return criterion.to(logits.device)(logits, y.float() if kind == "multilabel" else y)
+        return criterion(logits, y.float() if kind == "multilabel" else y)
 
     return loss
 

@@ -96,6 +96,7 @@ def segmentation_job(model, train_images, val_images, cfg: SegmentConfig) -> Job
         loss=loss,
         validate=validate if val_images else None,
         select="dice",
+        lower_is_better=False,
     )
 
 
