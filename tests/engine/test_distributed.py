@@ -3,7 +3,9 @@
 The same global batch gives the same steps over the same images (distributed.shard_order),
 so a run whose BatchNorm statistics are frozen (LF) ends with the same scores to float
 rounding. Fully fine-tuned runs differ by BatchNorm statistics per process (SyncBatchNorm
-needs GPUs), which is why the exact comparison uses LF.
+needs GPUs), which is why the exact comparison uses LF. That comparison, a 2-process job
+killed -9 and resumed under torchrun against the uninterrupted 1-process run, is the `ddp`
+case of tests/engine/test_resume.py; the helpers it uses live here.
 """
 
 from __future__ import annotations
@@ -21,12 +23,11 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler, RandomSampler
 
-from fundusfm.config.core import FinetuneConfig, SplitConfig, load_config
+from fundusfm.config.core import SplitConfig, load_config
 from fundusfm.data.manifest import load_manifest
 from fundusfm.data.splits import make_splits
 from fundusfm.engine.distributed import local_batch, shard_order, wrap
 from fundusfm.errors import ConfigError
-from fundusfm.tasks.classify import finetune
 from tests.conftest import TINY_ARCH
 
 TOLERANCE = 1e-5  # scores of LF runs, 1 vs 2 processes (float summation order only)
@@ -42,29 +43,6 @@ def setup(synth_set: Path, tmp_path_factory) -> dict:
     return {"manifest": synth_set, "splits": out / "splits.csv", "cache": out / "cache"}
 
 
-def sets(setup: dict, out: Path, **extra) -> list[str]:
-    values = {
-        "data.manifest": setup["manifest"],
-        "data.splits": setup["splits"],
-        "data.cache": setup["cache"],
-        "data.resolution": 64,
-        "data.task": "abnormal",
-        "model.arch": TINY_ARCH,
-        "model.init": "scratch",
-        "model.head": "linear",
-        "method": "lf",
-        "train.epochs": 2,
-        "train.batch_size": 8,
-        "train.grad_accum": 2,  # DDP syncs gradients on the last micro-batch only (no_sync)
-        "train.lr": 0.01,
-        "train.select_metric": "loss",
-        "train.device": "cpu",
-        "run.out": out,
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in values.items()]
-
-
 def torchrun(args: list[str], **popen) -> subprocess.Popen:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc_per_node", "2", "-m", "fundusfm", *args]
@@ -78,10 +56,6 @@ def finished(proc: subprocess.Popen) -> str:
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
     return output
-
-
-def finetune_args(setup: dict, out: Path, *flags: str, **extra) -> list[str]:
-    return ["finetune", "-q", *flags, *[a for s in sets(setup, out, **extra) for a in ("--set", s)]]
 
 
 def workers_of(pid: int) -> list[int]:
@@ -135,34 +109,21 @@ def test_single_process_needs_no_torchrun():
     assert wrap(model, torch.device("cpu"), sync_batchnorm=True) is model
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds workers through /proc")
-def test_two_processes_match_one_and_resume_after_kill(setup, tmp_path):
-    one = finetune(load_config(FinetuneConfig, None, sets(setup, tmp_path / "one", **{
-        "train.epochs": 6})))  # fmt: skip
-    two = tmp_path / "two"
-    finished(torchrun(finetune_args(setup, two, **{"train.epochs": 6})))
-    assert_same_run(one, two)
-    assert not (two / "checkpoint.pt").exists()  # rank 0 cleaned up; nothing left behind
-    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
-
-    # kill -9 the whole job after its first checkpoint, then resume under torchrun
-    cut = tmp_path / "cut"
-    args = finetune_args(setup, cut, **{"train.epochs": 6})
+def kill_after_first_checkpoint(args: list[str], out: Path) -> None:
+    """Start `fundusfm ARGS` under torchrun and kill -9 the whole job (torchrun and both
+    workers) once its first checkpoint is in `out`; skip if the run finished first."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("finds torchrun's workers through /proc")
     proc = torchrun(args)
     deadline = time.monotonic() + 240
-    while not (cut / "checkpoint.pt").exists() and proc.poll() is None:
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint was written"
         time.sleep(0.05)
     for pid in [*workers_of(proc.pid), proc.pid]:  # torchrun starts each worker in its own session
         os.kill(pid, signal.SIGKILL)
     proc.communicate()
-    if (cut / "metrics.json").exists():
+    if (out / "metrics.json").exists():
         pytest.skip("the run finished before it could be killed")
-    epoch = torch.load(cut / "checkpoint.pt", weights_only=True)["epoch"]
-    assert epoch < 5
-    finished(torchrun([*args, "--resume"]))
-    assert_same_run(one, cut)
 
 
 def test_global_batch_must_divide_and_sync_batchnorm_needs_gpus(monkeypatch):

@@ -96,6 +96,7 @@ def run_sets(synth_set: Path, splits: Path, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # a fault test that trains twice, as kill -9 does
 def test_disk_full_mid_run_then_resume_matches_an_uninterrupted_run(
     synth_set, splits, tmp_path, monkeypatch
 ):

@@ -2,8 +2,10 @@
 
 Each case trains once without interruption and once interrupted right after its first
 checkpoint (the loop's own `save_atomic` raises), refuses to reuse the folder without
---resume, then resumes; weights, history and outputs must be equal. The `ddp` case resumes a
-one-process checkpoint under torchrun with two processes (equal up to float summation order).
+--resume, then resumes; weights, history and outputs must be equal. The `ddp` case runs under
+torchrun with two processes, kill -9s the whole job after its first checkpoint and resumes it
+under torchrun; it must equal the uninterrupted one-process run (up to float summation order),
+leave no checkpoint behind and write the same files.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 import fundusfm.engine.loop as loop
-from fundusfm.config.core import FinetuneConfig, SplitConfig, load_config
+from fundusfm.config.core import FinetuneConfig, SplitConfig, dump_config, load_config
 from fundusfm.config.segment import SegmentConfig
 from fundusfm.data.manifest import load_manifest
 from fundusfm.data.splits import make_splits
@@ -23,7 +25,12 @@ from fundusfm.errors import ConfigError
 from fundusfm.tasks.classify import finetune
 from fundusfm.tasks.segment import train_segmentation
 from tests.conftest import TINY_ARCH
-from tests.engine.test_distributed import assert_same_run, finished, torchrun
+from tests.engine.test_distributed import (
+    assert_same_run,
+    finished,
+    kill_after_first_checkpoint,
+    torchrun,
+)
 
 
 @pytest.fixture(scope="module")
@@ -122,19 +129,25 @@ def test_resume_equals_uninterrupted(task, fold, tmp_path, monkeypatch):
         a, b = (pd.read_csv(d / "per_image.csv") for d in (whole, tmp_path / "cut"))
         pd.testing.assert_frame_equal(a, b)
         return
-    lf = {"method": "lf", "model.head": "linear", "train.lr": 0.01} if task == "ddp" else {}
+    lf = {"method": "lf", "model.head": "linear", "train.lr": 0.01, "train.epochs": 6}
+    lf = lf | {"run.keep_checkpoint": False} if task == "ddp" else {}
     later = lambda state: True  # noqa: E731
     if task == "classification-early-stopping":  # killed after an epoch that did not improve
         lf = {"train.epochs": 8, "train.patience": 2, "train.lr": 0.01}
         later = lambda state: state["bad_epochs"] > 0  # noqa: E731
     whole = finetune(classification(fold, tmp_path / "whole", **lf))
     cut = classification(fold, tmp_path / "cut", **lf)
-    interrupt_after_first_checkpoint(monkeypatch, finetune, cut, later)
-    if task == "ddp":  # the folder's own config.yaml, resumed by two processes
-        config = str(tmp_path / "cut" / "config.yaml")
-        finished(torchrun(["finetune", "-q", "--config", config, "--resume"]))
-        assert_same_run(whole, tmp_path / "cut")
+    if task == "ddp":  # two processes, killed -9 mid-run, resumed by two processes
+        args = ["finetune", "-q", "--config", str(dump_config(cut, tmp_path / "cut.yaml"))]
+        kill_after_first_checkpoint(args, tmp_path / "cut")
+        assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch"] < 5
+        finished(torchrun([*args, "--resume"]))
+        assert_same_run(whole, tmp_path / "cut")  # LF: BatchNorm frozen, equal to rounding
+        assert not (tmp_path / "cut" / "checkpoint.pt").exists()  # rank 0 cleaned up
+        files = [sorted(p.name for p in d.iterdir()) for d in (whole, tmp_path / "cut")]
+        assert files[0] == files[1]
         return
+    interrupt_after_first_checkpoint(monkeypatch, finetune, cut, later)
     finetune(resumed(cut))
     assert_same_weights_and_history(whole, tmp_path / "cut")
     state = torch.load(whole / "checkpoint.pt", weights_only=True)

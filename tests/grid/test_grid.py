@@ -266,6 +266,7 @@ def test_feature_key_follows_weights_resolution_crop_and_images(setup):
     assert feature_key(net, replace(base, manifest=fewer)) != key
 
 
+@pytest.mark.slow  # a fault test that trains twice, as kill -9 does
 def test_killed_training_cell_resumes_to_the_same_result(setup, tmp_path, monkeypatch):
     sets = {
         "axes.method": "[ff]",

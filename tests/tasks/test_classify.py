@@ -392,6 +392,7 @@ def test_wrong_inputs_give_clear_errors(tiny, tmp_path):
     assert metrics["images"] == 40
 
 
+@pytest.mark.slow  # starts loader worker processes
 def test_loader_workers_kept_across_epochs_change_nothing(tiny, tmp_path):
     # workers live across epochs (persistent): they must see each epoch's augmentation
     sets = {"train.epochs": 2, "method": "ff"}
