@@ -139,6 +139,8 @@ def _evaluate_args(kinds: dict, kind: str, out: Path) -> list:
         out,
         "--cache",
         kinds["root"] / "c",
+        "--engine",  # the engines' equality is tests/screen/test_engine.py's; here the kinds
+        "torch",
     ]
     if kind.startswith(("legacy", "reimported")):
         return [*args, "--label-map", kinds["root"] / "label_map.yaml"]
@@ -152,14 +154,18 @@ def test_evaluate_predict_gradcam_export_for_every_classifier(kinds, kind, tmp_p
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["images"] == 40
     images = Path(kinds["manifest"]).parent / "images"
-    result = cli("predict", kinds[kind], images, "--out", tmp_path / "screen", "--workers", 0, "-q")
+    result = cli(
+        "predict", kinds[kind], images, "--out", tmp_path / "screen", "--workers", 0,
+        "--engine", "torch", "-q",
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "screen" / "predictions.csv")
     assert (table.status == "scored").sum() + (table.status == "ungradable").sum() == 40
     two = sorted(images.glob("*.jpg"))[:2]
     result = cli(
-        "explain", "gradcam", kinds[kind], *two, "--out", tmp_path / "cam", "--no-road", "-q"
-    )
+        "explain", "gradcam", kinds[kind], *two, "--out", tmp_path / "cam", "--no-road",
+        "--engine", "torch", "-q",
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "cam" / "overlays").glob("*.png"))) == 2
     out = tmp_path / "model.pth"
@@ -225,7 +231,7 @@ def test_evaluate_uses_the_bundles_crop_and_normalisation(kinds, tmp_path):
         [preprocess_image(m.image_path(p), b.preprocessing.config())[0] for p in rows.path]
     )
     args = ["evaluate", bundle, kinds["manifest"], "--out", tmp_path / "e", "--task", "abnormal"]
-    assert cli(*args, "--cache", tmp_path / "c", "-q").exit_code == 0
+    assert cli(*args, "--cache", tmp_path / "c", "--engine", "torch", "-q").exit_code == 0
     scores = pd.read_csv(tmp_path / "e" / "predictions.csv", dtype={"image_id": str})
     scores = scores.set_index("image_id").loc[rows.image_id, ["score_0", "score_1"]].to_numpy()
     assert np.allclose(scores, expected, atol=1e-5)
@@ -273,7 +279,7 @@ def test_evaluate_intervals_shrink_with_the_set_and_equal_the_grids(kinds, tmp_p
     for name, manifest in (("half", half), ("all", kinds["manifest"])):
         out = tmp_path / name
         args = ["evaluate", kinds["ff"], manifest, "--out", out, "--task", "abnormal"]
-        result = cli(*args, "--cache", tmp_path / "c", "-q", "--n-boot", 300)
+        result = cli(*args, "--cache", tmp_path / "c", "-q", "--n-boot", 300, "--engine", "torch")
         assert result.exit_code == 0 and "95% CI" in result.output, result.output
         ci = json.loads((out / "metrics.json").read_text())["external_ci"]
         widths[name] = ci["auroc"]["ci_high"] - ci["auroc"]["ci_low"]

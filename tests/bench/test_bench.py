@@ -27,6 +27,7 @@ QUICK_ROWS = {
     "c.64.eager",
     "c.64.onnxruntime",
     "c.64.torch.compile",
+    "c.predict.64",
     "d",
 }
 
@@ -53,6 +54,8 @@ def test_quick_run_prints_table_and_writes_every_row(tmp_path: Path):
     memory = rows["d"]["values"]
     assert memory["peak_mb_small"] > 0 and memory["peak_mb_large"] > 0
     assert rows["b"]["values"]["cells"] == 4  # 2 folds x 2 fractions
+    predict = rows["c.predict.64"]["values"]
+    assert predict["same_decisions"] and predict["max_abs_diff_vs_eager"] <= 1e-4
     assert report["command"].startswith("fundusfm bench run --quick")
     table = result.stdout
     assert table.splitlines()[0].split() == ["row", "setting", "figure", "ratio", "goal"]

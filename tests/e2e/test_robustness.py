@@ -133,7 +133,8 @@ def test_predict_gives_every_file_one_row_and_writes_utf8(setup, tmp_path: Path)
     make_corpus(folder, setup["rgb"])
     out = tmp_path / "out"
     bundle = setup["whole"] / "bundle"
-    result = cli("predict", bundle, folder, "--out", out, "--workers", 0, "--gradcam", "-q")
+    args = ["--workers", 0, "--gradcam", "--engine", "torch", "-q"]  # engines: test_engine.py
+    result = cli("predict", bundle, folder, "--out", out, *args)
     assert result.exit_code == 0, result.output
     raw = (out / "predictions.csv").read_bytes().decode("utf-8")  # valid UTF-8 throughout
     table = pd.read_csv(out / "predictions.csv", keep_default_na=False).set_index("file")

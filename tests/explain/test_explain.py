@@ -127,6 +127,8 @@ def test_gradcam_cli_per_label_and_chosen_class(bundles: dict, tmp_path: Path):
             "--out",
             str(tmp_path / "ml"),
             "--no-road",
+            "--engine",
+            "torch",  # ONNX Runtime's probabilities: tests/screen/test_engine.py
             "-q",
         ],
     )
@@ -145,6 +147,8 @@ def test_gradcam_cli_per_label_and_chosen_class(bundles: dict, tmp_path: Path):
             "1",
             "--out",
             str(tmp_path / "one"),
+            "--engine",
+            "torch",
             "-q",
         ],
     )

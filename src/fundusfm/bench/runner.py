@@ -5,10 +5,11 @@ Rows (each figure a ratio of two things measured in the same run):
        same steps on batches already in memory (goal <= 1.10 at 128 and 224 px on CPU);
        with CUDA also 512 px with AMP + channels_last (`pipeline.py`)
     b  LF through the feature cache vs training heads on the frozen backbone (`lf_cache.py`)
-    c  screening: PyTorch eager vs ONNX Runtime vs torch.compile on CPU (`screening.py`)
+    c  screening: PyTorch eager vs ONNX Runtime vs torch.compile on CPU, and `predict` end
+       to end, today's defaults vs the eager path (goal >= 1.5 at 512 px; `screening.py`)
     d  peak memory streaming N and 10 x N cached 512 px images (goal < 2 GB; `memory.py`)
 Data is generated into a temporary folder and removed afterwards. `quick` is a smoke-test
-preset (ResNet-18, a handful of images, small memory row); `default` uses the paper's model
+preset (ResNet-10, a handful of images, small memory row); `default` uses the paper's model
 and the sizes the issue names.
 """
 
@@ -29,14 +30,19 @@ import torch
 from fundusfm.bench.lf_cache import bench_lf
 from fundusfm.bench.memory import bench_memory
 from fundusfm.bench.pipeline import PipelineSetting, bench_pipeline
-from fundusfm.bench.screening import ScreenSetting, bench_screening
+from fundusfm.bench.screening import (
+    PredictSetting,
+    ScreenSetting,
+    bench_predict,
+    bench_screening,
+)
 from fundusfm.bench.workspace import Workspace
 from fundusfm.config.core import FinetuneConfig, SynthConfig
 from fundusfm.errors import ConfigError
 from fundusfm.synthetic.generate import generate
 
 GROUPS = {"a": "pipeline", "b": "lf", "c": "screen", "d": "memory"}
-PIPELINE_GOAL, MEMORY_GOAL_MB = 1.10, 2048
+PIPELINE_GOAL, MEMORY_GOAL_MB, PREDICT_GOAL = 1.10, 2048, 1.5
 GOAL_RESOLUTIONS = (128, 224)
 
 
@@ -57,6 +63,10 @@ class Preset:
     screen_resolutions: tuple[int, ...] = (224, 512)
     screen_batch: int = 8
     screen_rounds: int = 3
+    predict_resolution: int = 512  # row c.predict: `fundusfm predict` end to end
+    predict_images: int = 48
+    predict_synth_size: int = 512
+    predict_batch: int = 32  # the command's default
     memory_resolution: int = 512
     memory_sizes: tuple[int, int] = (1_000, 10_000)
     memory_batch: int = 32
@@ -71,7 +81,7 @@ PRESETS = {
     "default": Preset("default"),
     "quick": Preset(
         "quick",
-        arch="resnet18",
+        arch="resnet10",
         images=24,
         synth_size=128,
         batch_size=4,
@@ -84,6 +94,10 @@ PRESETS = {
         screen_resolutions=(64,),
         screen_batch=2,
         screen_rounds=2,
+        predict_resolution=64,
+        predict_images=8,
+        predict_synth_size=96,
+        predict_batch=4,
         memory_resolution=128,
         memory_sizes=(32, 320),
         memory_batch=8,
@@ -203,7 +217,35 @@ def _screen_rows(p: Preset, say) -> list[dict]:
                 figure += f" (set-up {r['setup_s']:.0f} s; max |p - eager| {diff})"
             goal = "reference" if name == "eager" else "vs eager"
             rows.append(base | {"figure": figure, "ratio": r["ratio"], "goal": goal})
-    return rows
+    s = PredictSetting(
+        p.arch, p.predict_resolution, p.predict_images, p.predict_synth_size, p.predict_batch
+    )
+    return [*rows, _predict_row(s, say)]
+
+
+def _predict_row(s: PredictSetting, say) -> dict:
+    say(f"c: fundusfm predict end to end, {s.describe()}")
+    r = bench_predict(s)
+    built, workers = r["graph_build_s"], r["default_workers"]
+    figure = (
+        f"{r['default_images_per_s']:.2f} img/s (engine {r['default_engine']}, {workers} "
+        f"decoding worker{'' if workers == 1 else 's'}) vs {r['eager_images_per_s']:.2f} img/s "
+        "eager (engine torch, no workers)"
+        + ("" if built is None else f"; graph built once in {built:.0f} s")
+        + f"; max |p - eager| {r['max_abs_diff_vs_eager']:.0e}, decisions "
+        + ("equal" if r["same_decisions"] else "DIFFER")
+    )
+    goal = s.resolution == 512  # the issue's setting
+    return row(
+        f"c.predict.{s.resolution}",
+        "predict: defaults vs eager",
+        s.describe(),
+        figure=figure,
+        ratio=r["ratio"],
+        goal=f">= {PREDICT_GOAL:.1f}" if goal else "(goal at 512 px)",
+        met=r["ratio"] >= PREDICT_GOAL if goal else None,
+        values=r,
+    )
 
 
 def _memory_rows(p: Preset, tmp: Path, say) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Row (c): screening throughput on the CPU - PyTorch eager vs ONNX Runtime vs torch.compile.
+"""Row (c): screening throughput on the CPU - PyTorch eager vs ONNX Runtime vs torch.compile,
+then `fundusfm predict` end to end (`bench_predict`, described there).
 
 All three run the same computation: the model `fundusfm export --format onnx` writes (float
 images in [0, 1], normalised inside, class probabilities out), built from a bundle with
@@ -13,7 +14,6 @@ no C++ compiler for Inductor) gets a row that says why instead of a figure.
 
 from __future__ import annotations
 
-import importlib.util
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,11 +24,14 @@ import numpy as np
 import torch
 
 from fundusfm.bundle import BundleMeta, save_bundle
+from fundusfm.config.core import SynthConfig
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fundusfm.inference import missing_onnx_packages, onnx_graph
 from fundusfm.models.loaded import build_model, load_bundle
+from fundusfm.screen.predict import default_workers, screen
+from fundusfm.synthetic.generate import generate
 from fundusfm.weights import export, exported_module
 
-ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 BACKENDS = ("eager", "onnxruntime", "torch.compile")
 
 
@@ -64,10 +67,6 @@ def random_bundle(arch: str, resolution: int, folder: Path) -> Path:
     )
     torch.manual_seed(0)
     return save_bundle(build_model(meta), folder, meta)
-
-
-def missing_onnx_packages() -> list[str]:
-    return [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
 
 
 def _exported_module(bundle_path: Path) -> torch.nn.Module:
@@ -161,3 +160,79 @@ def bench_screening(s: ScreenSetting) -> dict[str, dict]:
         rate = images / spent
         results[name].update(images_per_s=rate, ratio=rate / eager if eager else None)
     return results
+
+
+@dataclass
+class PredictSetting:
+    arch: str = "resnet50"
+    resolution: int = 512
+    images: int = 48
+    synth_size: int = 512  # side of the generated photographs
+    batch_size: int = 32  # `fundusfm predict`'s default
+    rounds: int = 1
+
+    def describe(self) -> str:
+        return (
+            f"{self.arch}, {self.resolution} px, {self.images} generated {self.synth_size} px "
+            f"images, batch {self.batch_size}, cpu"
+        )
+
+
+PREDICT_RUNS = {  # name -> engine and workers of `screen`
+    "eager": ("torch", 0),  # `fundusfm predict` before engines and overlapped decoding
+    "default": ("auto", None),  # today's defaults: ONNX Runtime when installed, workers
+}
+
+
+def _screen_timed(bundle_path: Path, folder: Path, out: Path, s: PredictSetting, name: str):
+    engine, workers = PREDICT_RUNS[name]
+    start = time.perf_counter()
+    done = screen(
+        bundle_path, folder, out, None, True, False, s.batch_size, workers, "cpu", False, engine
+    )
+    return done, time.perf_counter() - start
+
+
+def bench_predict(s: PredictSetting) -> dict:
+    """`fundusfm predict` over a folder, whole calls timed (bundle load, decoding, quality
+    gate, cropping, scoring, CSV and report): the eager path (engine torch, no decoding
+    workers) vs the defaults (engine auto, `default_workers()`). The ONNX graph is built
+    before the timing (reported as `graph_build_s`: once per bundle, then cached), and each
+    run is warmed up untimed on two of the images; then the two take turns for `rounds`
+    rounds. Also compares their probabilities and decisions."""
+    with tempfile.TemporaryDirectory(prefix="fundusfm-bench-predict-") as tmp:
+        root = Path(tmp)
+        cfg = SynthConfig(n=s.images, size=s.synth_size, workers=1)
+        folder = generate(cfg, root / "synth", progress=False).parent / "images"
+        (root / "warm").mkdir()
+        for image in sorted(folder.iterdir())[:2]:
+            (root / "warm" / image.name).hardlink_to(image)
+        bundle_path = random_bundle(s.arch, s.resolution, root / "bundle")
+        build = None
+        if not missing_onnx_packages():  # what `auto` runs; else it runs torch
+            start = time.perf_counter()
+            onnx_graph(load_bundle(bundle_path))
+            build = time.perf_counter() - start
+        seconds, tables, engines = dict.fromkeys(PREDICT_RUNS, 0.0), {}, {}
+        for name in PREDICT_RUNS:  # imports, first calls, worker start-up paths
+            _screen_timed(bundle_path, root / "warm", root / name, s, name)
+        for r in range(s.rounds):
+            for name in list(PREDICT_RUNS)[:: 1 if r % 2 == 0 else -1]:
+                done, spent = _screen_timed(bundle_path, folder, root / name, s, name)
+                seconds[name] += spent
+                tables[name], engines[name] = done.table, done.engine
+    eager, default = tables["eager"], tables["default"]
+    probs = [c for c in eager.columns if c.startswith("p_")]
+    rate = {name: s.images * s.rounds / spent for name, spent in seconds.items()}
+    return {
+        "setting": s.describe(),
+        "eager_images_per_s": rate["eager"],
+        "default_images_per_s": rate["default"],
+        "ratio": rate["default"] / rate["eager"],
+        "default_engine": engines["default"],
+        "default_workers": default_workers(),
+        "graph_build_s": build,
+        "scored": int((default["status"] == "scored").sum()),
+        "max_abs_diff_vs_eager": float((eager[probs] - default[probs]).abs().max().max()),
+        "same_decisions": bool(eager["decision"].equals(default["decision"])),
+    }

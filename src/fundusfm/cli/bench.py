@@ -21,7 +21,7 @@ app = group("Benchmarks that print measured figures.")
 @app.command("run")
 def bench_run_cmd(
     quick: Annotated[
-        bool, typer.Option("--quick", help="Smoke-test preset: ResNet-18, tiny sizes.")
+        bool, typer.Option("--quick", help="Smoke-test preset: ResNet-10, tiny sizes.")
     ] = False,
     only: Annotated[
         str | None,

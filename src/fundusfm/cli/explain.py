@@ -30,6 +30,14 @@ def gradcam(
         str | None, typer.Option("--class", help="Explain this class (default: predicted).")
     ] = None,
     road: Annotated[bool, typer.Option(help="Score faithfulness with ROAD.")] = True,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="What computes the reported probabilities (and so the predicted class "
+            "explained): auto (ONNX Runtime on the CPU when installed, else PyTorch), torch "
+            "or onnxruntime. The maps and ROAD always run in PyTorch: they need gradients."
+        ),
+    ] = "auto",
     quiet: QuietOpt = False,
 ) -> None:
     """Grad-CAM overlays, raw maps, ROAD faithfulness and lesion overlap (with masks)."""
@@ -38,8 +46,11 @@ def gradcam(
     if not images and manifest is None:
         raise fail("give image files or --manifest")
     with user_errors():
-        table = explain_gradcam(bundle, out, images, manifest, class_name, road, progress=not quiet)
+        table = explain_gradcam(
+            bundle, out, images, manifest, class_name, road, progress=not quiet, engine=engine
+        )
     summary = gradcam_summary(out)
+    engine_notes = summary.pop("engine_notes", [])
     typer.echo(
         ", ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
@@ -48,7 +59,7 @@ def gradcam(
     typer.echo(f"wrote {len(table)} maps to {out}/overlays, {out}/maps and {out / 'gradcam.csv'}")
     from fundusfm.bundle import bundle_notes, read_meta
 
-    say_notes(bundle_notes(read_meta(bundle)))
+    say_notes([*bundle_notes(read_meta(bundle)), *engine_notes])
 
 
 @app.command("tsne")
@@ -70,6 +81,13 @@ def tsne(
         bool, typer.Option("--umap", help="UMAP instead of t-SNE (umap-learn).")
     ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="auto or torch, both PyTorch: t-SNE embeds backbone features, which the "
+            "ONNX graph (probabilities only) does not give; onnxruntime is refused."
+        ),
+    ] = "auto",
     quiet: QuietOpt = False,
 ) -> None:
     """Pooled features per model embedded in 2-D, one panel each, with separation figures."""
@@ -90,6 +108,7 @@ def tsne(
                 "umap" if umap else "tsne",
                 device=device,
                 progress=not quiet,
+                engine=engine,
             )
         except RuntimeError as exc:
             raise fail(str(exc)) from exc

@@ -29,8 +29,22 @@ def predict(
         bool, typer.Option("--gradcam", help="Grad-CAM thumbnails in the report.")
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
-    workers: Annotated[int, typer.Option(help="Decoding processes.")] = 2,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Processes that decode and check the next images while a batch is scored "
+            "(default: one per CPU core but one, 1 to 4; 0: none)."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or mps.")] = "cpu",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="What computes the probabilities: auto (ONNX Runtime on the CPU when "
+            "installed, else PyTorch), torch or onnxruntime (the onnx extra); "
+            "--gradcam maps always come from PyTorch."
+        ),
+    ] = "auto",
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -42,7 +56,7 @@ def predict(
     quality = resolve(QualityConfig, config, set_)
     with user_errors():
         try:
-            table = screen(
+            done = screen(
                 bundle,
                 folder,
                 out,
@@ -53,12 +67,13 @@ def predict(
                 workers,
                 device,
                 not quiet,
+                engine,
             )
         except FileExistsError as exc:
             raise fail(str(exc)) from exc
-    counts = table["status"].value_counts().to_dict()
-    typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
+    counts = done.table["status"].value_counts().to_dict()
+    typer.echo(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" (engine {done.engine})")
     from fundusfm.bundle import bundle_notes, read_meta
 
-    say_notes(bundle_notes(read_meta(bundle)))
+    say_notes([*bundle_notes(read_meta(bundle)), *done.notes])
     typer.echo(f"wrote {out / 'predictions.csv'} and {out / 'report.html'}")

@@ -109,13 +109,22 @@ def evaluate(
     cache: Annotated[Path | None, typer.Option(help="Cache root.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples (patients) for CIs.")] = 1000,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="What scores the images: auto (ONNX Runtime on the CPU when installed, "
+            "else PyTorch), torch or onnxruntime (the onnx extra)."
+        ),
+    ] = "auto",
     quiet: QuietOpt = False,
 ) -> None:
     """External validation of a bundle on another dataset: predictions.csv and metrics.json."""
     from fundusfm.tasks.evaluate import evaluate as run
 
     with user_errors():
-        metrics = run(bundle, manifest, out, label_map, task, cache, device, not quiet, n_boot)
+        metrics = run(
+            bundle, manifest, out, label_map, task, cache, device, not quiet, n_boot, engine
+        )
     ci = metrics["external_ci"]
     typer.echo(f"{metrics['images']} images of {ci['patients']} patients (95% CI, patients):")
     for name in ("auroc", "auprc", "sensitivity", "specificity"):
@@ -124,8 +133,8 @@ def evaluate(
             typer.echo(
                 f"  {name:<12} {c['value']:.3f} ({_fmt(c['ci_low'])} to {_fmt(c['ci_high'])})"
             )
-    typer.echo("  (per class in metrics.json: external_ci.per_class)")
-    say_notes(metrics["notes"])
+    typer.echo(f"  (per class in metrics.json: external_ci.per_class; engine {metrics['engine']})")
+    say_notes([*metrics["notes"], *metrics["engine_notes"]])
     typer.echo(f"wrote {out / 'predictions.csv'} and {out / 'metrics.json'}")
 
 

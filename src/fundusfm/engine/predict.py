@@ -1,7 +1,10 @@
 """Predictions in eval mode: classification scores of every image of a dataset (validation,
-test, evaluate) and vessel probabilities of a list of vessel images (segmentation)."""
+test, evaluate; `score_dataset` takes any scorer, `predict` a model) and vessel
+probabilities of a list of vessel images (segmentation)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -13,6 +16,24 @@ from fundusfm.data.vessel_images import VesselImage, batch_of
 from fundusfm.engine import distributed as ddp
 from fundusfm.engine.device import Runtime
 from fundusfm.models.heads import scores_from_logits
+
+
+@torch.no_grad()
+def score_dataset(
+    score: Callable[[torch.Tensor], np.ndarray], dataset, batch_size: int, workers: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores, labels and dataset indices of every image of `dataset` (items: uint8 image,
+    y, index); `score` turns a uint8 batch into probabilities (a model on a device here, or
+    any engine's scorer, `fundusfm.inference.scorer`)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    scores, labels, index = [], [], []
+    for images, y, i in loader:
+        scores.append(np.asarray(score(images), dtype=np.float32))
+        labels.append(y)
+        index.append(i)
+    if not index:  # an empty share (more ranks than images)
+        return np.zeros((0,)), np.zeros((0,)), np.zeros((0,), dtype=np.int64)
+    return np.concatenate(scores), torch.cat(labels).numpy(), torch.cat(index).numpy()
 
 
 @torch.no_grad()
@@ -30,17 +51,13 @@ def predict(
     scoring a bundle; models trained here use ImageNet's.
     """
     model.eval()
-    loader = DataLoader(dataset, batch_size=rt.batch_size, shuffle=False, num_workers=rt.workers)
-    scores, labels, index = [], [], []
-    for images, y, i in loader:
+
+    def score(images: torch.Tensor) -> np.ndarray:
         with rt.autocast():
             logits = model(rt.inputs(images, mean, std))
-        scores.append(scores_from_logits(logits.float(), kind).cpu())
-        labels.append(y)
-        index.append(i)
-    if not index:  # an empty share (more ranks than images)
-        return np.zeros((0,)), np.zeros((0,)), np.zeros((0,), dtype=np.int64)
-    return torch.cat(scores).numpy(), torch.cat(labels).numpy(), torch.cat(index).numpy()
+        return scores_from_logits(logits.float(), kind).cpu().numpy()
+
+    return score_dataset(score, dataset, rt.batch_size, rt.workers)
 
 
 @torch.no_grad()

@@ -31,7 +31,8 @@ from tqdm import tqdm
 from fundusfm.data.decode import read_mask
 from fundusfm.data.manifest import load_manifest
 from fundusfm.data.preprocess import crop_resize, decode_for
-from fundusfm.data.transforms import normalise
+from fundusfm.data.transforms import normalise, to_tensor
+from fundusfm.inference import scorer
 from fundusfm.io import read_json, write_json
 from fundusfm.models.loaded import Bundle, load_bundle
 
@@ -178,10 +179,10 @@ def _targets(probs, kind: str, classes: list[str], class_name: str | None) -> li
     return jobs
 
 
-def _explain_chunk(bundle, chunk, arrays, boxes, class_name, road: bool, pre, out) -> list:
-    """Maps, overlays and rows of one decoded chunk."""
+def _explain_chunk(bundle, score, chunk, arrays, boxes, class_name, road: bool, pre, out) -> list:
+    """Maps, overlays and rows of one decoded chunk (probabilities from `score`)."""
     classes = bundle.classes
-    probs = bundle.predict(np.stack(arrays))
+    probs = score(torch.stack([to_tensor(a) for a in arrays]))
     jobs = _targets(probs, bundle.kind, classes, class_name)
     imgs, targets = [arrays[k] for k, _ in jobs], [j for _, j in jobs]
     maps = gradcam_maps(bundle, imgs, targets)
@@ -228,8 +229,13 @@ def explain_gradcam(
     road: bool = True,
     batch_size: int = 8,
     progress: bool = True,
+    engine: str = "torch",
 ) -> pd.DataFrame:
-    """Overlays, raw maps, ROAD and (with lesion masks) lesion overlap; returns the table."""
+    """Overlays, raw maps, ROAD and (with lesion masks) lesion overlap; returns the table.
+
+    `engine` (`fundusfm.inference`) computes the reported probabilities and so the class
+    explained by default; the maps and ROAD always run in PyTorch (gradients, logits).
+    """
     bundle = load_bundle(bundle_path)
     if bundle.kind == "segmentation":
         raise ValueError("Grad-CAM explains classifiers; this bundle segments vessels")
@@ -238,6 +244,7 @@ def explain_gradcam(
     sources = _sources(images, manifest)
     if not sources:
         raise ValueError("no images: give image files or --manifest")
+    score = scorer(bundle, engine, progress)
     pre = bundle.preprocessing.config()
     out = Path(out)
     for sub in ("overlays", "maps"):
@@ -246,7 +253,7 @@ def explain_gradcam(
     for i in tqdm(range(0, len(sources), batch_size), disable=not progress, desc="grad-cam"):
         chunk, arrays, boxes = _decode_chunk(sources[i : i + batch_size], pre, errors)
         if chunk:
-            rows += _explain_chunk(bundle, chunk, arrays, boxes, class_name, road, pre, out)
+            rows += _explain_chunk(bundle, score, chunk, arrays, boxes, class_name, road, pre, out)
     table = pd.DataFrame(rows)
     table.to_csv(out / "gradcam.csv", index=False)
     pd.DataFrame(errors, columns=["image", "file", "reason"]).to_csv(
@@ -254,7 +261,9 @@ def explain_gradcam(
     )
     if table.empty:
         raise ValueError(f"no image could be read; see {out / 'errors.csv'}")
-    write_json(out / "summary.json", _summary(table, len(errors)))
+    summary = _summary(table, len(errors))
+    summary.update(engine=score.engine, engine_notes=list(score.notes))
+    write_json(out / "summary.json", summary)
     return table
 
 

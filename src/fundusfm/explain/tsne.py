@@ -34,6 +34,7 @@ from fundusfm.data.manifest import encode_labels, load_manifest, patient_of
 from fundusfm.data.preprocess import build_cache, open_cache
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fundusfm.engine.device import resolve_device
+from fundusfm.inference import torch_only
 from fundusfm.models.inits import create_backbone
 from fundusfm.tasks.features import extract
 
@@ -164,8 +165,14 @@ def explain_tsne(
     batch_size: int = 32,
     device: str = "auto",
     progress: bool = True,
+    engine: str = "torch",
 ) -> pd.DataFrame:
-    """One panel and one row of separation figures per model; returns the figures."""
+    """One panel and one row of separation figures per model; returns the figures.
+
+    Features come from PyTorch whatever `engine` says (auto or torch; onnxruntime is
+    refused): the ONNX graph of a bundle outputs probabilities, not backbone features.
+    """
+    torch_only(engine, "t-SNE embeds backbone features")
     if not models:
         raise ValueError("give at least one bundle or --init name")
     inputs = model_inputs(models, arch, resolution)

@@ -10,16 +10,20 @@ Every file under the folder (recursively) gets one row of `predictions.csv`:
     p_<class>   probabilities (scored images only)
     decision    the predicted class at the bundle's validated threshold(s)
     fov_fraction, brightness, saturated, focus   the quality measures
-Images are decoded, quality-checked and preprocessed in DataLoader workers (one bad file
-never stops the batch) and scored in batches. `report.html` summarises the run, with
-Grad-CAM thumbnails when asked for. An existing output folder is refused without overwrite.
+Images are decoded, quality-checked and preprocessed in DataLoader workers while the
+previous batch is scored (one bad file never stops the batch); `engine` chooses what scores
+(`fundusfm.inference`: ONNX Runtime on the CPU when installed, else PyTorch). `report.html`
+summarises the run (engine included), with Grad-CAM thumbnails when asked for; the maps
+always come from PyTorch. An existing output folder is refused without overwrite.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +38,9 @@ from fundusfm.config.screen import QualityConfig
 from fundusfm.data.decode import SUPPORTED_SUFFIXES
 from fundusfm.data.manifest import printable
 from fundusfm.data.preprocess import crop_resize, decode_for
+from fundusfm.data.transforms import to_tensor
 from fundusfm.explain.gradcam import gradcam_maps, overlay
+from fundusfm.inference import Scorer, scorer
 from fundusfm.models.loaded import Bundle, load_bundle
 from fundusfm.screen.quality import assess
 
@@ -82,11 +88,14 @@ def _thumbnail(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-def write_report(table: pd.DataFrame, out: Path, bundle_path: Path, notes: list[str]) -> Path:
+def write_report(
+    table: pd.DataFrame, out: Path, bundle_path: Path, notes: list[str], engine: str = ""
+) -> Path:
     counts = table["status"].value_counts().to_dict()
     parts = [
         "<h1>fundusfm screening report</h1>",
         f"<p>bundle: {html.escape(str(bundle_path))}<br>"
+        + (f"engine: {html.escape(engine)}<br>" if engine else "")
         + ", ".join(f"{k}: {v}" for k, v in counts.items())
         + "</p>",
         *(f"<p><strong>note:</strong> {html.escape(n)}</p>" for n in notes),
@@ -105,34 +114,31 @@ def write_report(table: pd.DataFrame, out: Path, bundle_path: Path, notes: list[
     return out / "report.html"
 
 
-def screen(
-    bundle_path: Path,
-    folder: Path,
-    out: Path,
-    quality: QualityConfig | None = None,
-    overwrite: bool = False,
-    gradcam: bool = False,
-    batch_size: int = 32,
-    workers: int = 0,
-    device: str = "cpu",
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Score every image under `folder`; returns the predictions table (also written)."""
-    folder, out = Path(folder), Path(out)
+def default_workers() -> int:
+    """Decoding processes beside inference: one per core but one (at least 1, at most 4)."""
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
+@dataclass
+class Screening:
+    """What `screen` did: the predictions table, the engine that scored, its notes."""
+
+    table: pd.DataFrame
+    engine: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_folders(folder: Path, out: Path, overwrite: bool) -> None:
     if not folder.is_dir():
         raise FileNotFoundError(f"not a folder: {folder}")
     if out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents:
         raise ValueError(f"--out {out} would hold the input folder {folder}; choose another")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; use --overwrite or another --out")
-    bundle = load_bundle(bundle_path, device)  # before --overwrite removes anything
-    if bundle.kind == "segmentation":
-        raise ValueError("predict screens with classifiers; use `fundusfm segment eval`")
-    if out.exists() and any(out.iterdir()):
-        shutil.rmtree(out)
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    images = [p for p in files if p.suffix.lower() in SUPPORTED_SUFFIXES]
-    rows = [
+
+
+def _unsupported_rows(files: list[Path], folder: Path) -> list[dict]:
+    return [
         {
             "file": printable(p.relative_to(folder).as_posix()),
             "status": "unsupported",
@@ -142,41 +148,87 @@ def screen(
         for p in files
         if p.suffix.lower() not in SUPPORTED_SUFFIXES
     ]
+
+
+def _save_gradcam(bundle: Bundle, ok: list[dict], probs, images: list[Path], out: Path) -> None:
+    """Thumbnails of the predicted class's map (Grad-CAM runs in PyTorch: it needs gradients)."""
+    targets = [int(np.argmax(p)) for p in probs]
+    with torch.enable_grad():
+        maps = gradcam_maps(bundle, [b["image"] for b in ok], targets)
+    for b, cam in zip(ok, maps, strict=True):
+        thumb = Image.fromarray(overlay(b["image"], cam)).resize((160, 160))
+        thumb.save(out / "gradcam" / f"{printable(images[b['index']].stem)}_{b['index']}.png")
+
+
+def _batch_rows(bundle, score: Scorer, batch, images, folder, out, gradcam) -> list[dict]:
+    """Score the gradable images of one loader batch; one row per item."""
+    ok = [b for b in batch if b["image"] is not None]
+    scored = {}
+    if ok:
+        probs = score(torch.stack([to_tensor(b["image"]) for b in ok]))
+        chosen = decisions(bundle, probs)
+        scored = {b["index"]: (p, d) for b, p, d in zip(ok, probs, chosen, strict=True)}
+        if gradcam:
+            _save_gradcam(bundle, ok, probs, images, out)
+    rows = []
+    for b in batch:
+        row = {
+            "file": printable(images[b["index"]].relative_to(folder).as_posix()),
+            "status": b["status"],
+            "reason": printable(b["reason"]),
+        }
+        if b["index"] in scored:
+            p, d = scored[b["index"]]
+            row.update({f"p_{c}": float(v) for c, v in zip(bundle.classes, p, strict=True)})
+            row["decision"] = d
+        row.update({k: b["measures"].get(k) for k in MEASURES})
+        rows.append(row)
+    return rows
+
+
+def screen(
+    bundle_path: Path,
+    folder: Path,
+    out: Path,
+    quality: QualityConfig | None = None,
+    overwrite: bool = False,
+    gradcam: bool = False,
+    batch_size: int = 32,
+    workers: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    engine: str = "torch",
+) -> Screening:
+    """Score every image under `folder` (table also written to `out`).
+
+    `engine` (auto, torch, onnxruntime; `fundusfm.inference`) computes the probabilities;
+    `workers` processes (default `default_workers()`; 0: none) decode, assess and crop the
+    next batches while one is scored.
+    """
+    folder, out = Path(folder), Path(out)
+    _check_folders(folder, out, overwrite)
+    bundle = load_bundle(bundle_path, device)  # before --overwrite removes anything
+    if bundle.kind == "segmentation":
+        raise ValueError("predict screens with classifiers; use `fundusfm segment eval`")
+    score = scorer(bundle, engine, progress)  # a graph that cannot be built: nothing removed
+    if out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    images = [p for p in files if p.suffix.lower() in SUPPORTED_SUFFIXES]
+    rows = _unsupported_rows(files, folder)
     out.mkdir(parents=True, exist_ok=True)
     if gradcam:
         (out / "gradcam").mkdir()
     loader = DataLoader(
         ScreenImages(images, bundle, quality or QualityConfig()),
         batch_size=batch_size,
-        num_workers=workers,
+        num_workers=default_workers() if workers is None else workers,
         collate_fn=list,
     )
     for batch in tqdm(loader, disable=not progress, desc="screening", unit="batch"):
-        ok = [b for b in batch if b["image"] is not None]
-        probs = bundle.predict(np.stack([b["image"] for b in ok])) if ok else np.zeros((0, 0))
-        chosen = decisions(bundle, probs) if ok else []
-        scored = {b["index"]: (p, d) for b, p, d in zip(ok, probs, chosen, strict=True)}
-        if gradcam and ok:
-            targets = [int(np.argmax(p)) for p in probs]
-            with torch.enable_grad():
-                maps = gradcam_maps(bundle, [b["image"] for b in ok], targets)
-            for b, cam in zip(ok, maps, strict=True):
-                thumb = Image.fromarray(overlay(b["image"], cam)).resize((160, 160))
-                name = printable(images[b["index"]].stem)
-                thumb.save(out / "gradcam" / f"{name}_{b['index']}.png")
-        for b in batch:
-            row = {
-                "file": printable(images[b["index"]].relative_to(folder).as_posix()),
-                "status": b["status"],
-                "reason": printable(b["reason"]),
-            }
-            if b["index"] in scored:
-                p, d = scored[b["index"]]
-                row.update({f"p_{c}": float(v) for c, v in zip(bundle.classes, p, strict=True)})
-                row["decision"] = d
-            row.update({k: b["measures"].get(k) for k in MEASURES})
-            rows.append(row)
+        rows += _batch_rows(bundle, score, batch, images, folder, out, gradcam)
     table = pd.DataFrame(rows).sort_values("file", kind="stable").reset_index(drop=True)
     table.to_csv(out / "predictions.csv", index=False)
-    write_report(table, out, bundle_path, bundle_notes(bundle.meta))
-    return table
+    notes = [*bundle_notes(bundle.meta), *score.notes]
+    write_report(table, out, bundle_path, notes, score.engine)
+    return Screening(table, score.engine, list(score.notes))

@@ -18,8 +18,8 @@ from fundusfm.data.datasets import CachedImages
 from fundusfm.data.labels import mapping_file
 from fundusfm.data.manifest import encode_labels, load_manifest, patient_of
 from fundusfm.data.preprocess import build_cache, open_cache
-from fundusfm.engine.device import Runtime, resolve_device
-from fundusfm.engine.predict import predict
+from fundusfm.engine.device import resolve_device
+from fundusfm.engine.predict import score_dataset
 from fundusfm.engine.runs import prediction_frame
 from fundusfm.errors import ConfigError, DataError
 from fundusfm.evaluation.metrics import (
@@ -27,6 +27,7 @@ from fundusfm.evaluation.metrics import (
     per_class_table,
 )
 from fundusfm.evaluation.stats import metric_intervals
+from fundusfm.inference import scorer
 from fundusfm.io import write_json
 from fundusfm.models.loaded import load_bundle
 
@@ -70,6 +71,19 @@ def _external_labels(manifest, bundle, task_name: str | None, label_map: Path | 
     return target.map(lambda v: lookup.get(v, -1)).to_numpy(), keep
 
 
+def _cached_images(manifest, bundle, labels, keep, cache_root: Path, progress: bool):
+    """The kept rows' images, cached with the bundle's preprocessing; rows that cannot be
+    read are dropped (and counted as unreadable)."""
+    pre = bundle.preprocessing.config()
+    report = build_cache(manifest, pre, cache_root, progress=progress)
+    failed = {e[0] for e in report.errors}
+    keep = np.array([i for i in keep if manifest.table["image_id"].iat[i] not in failed], int)
+    kept = type(manifest)(manifest.path, manifest.table.iloc[keep], manifest.spec, manifest.root)
+    image_cache = open_cache(kept, pre, cache_root)
+    sources = [manifest.image_path(p).resolve() for p in manifest.table["path"].iloc[keep]]
+    return CachedImages(image_cache, sources, labels[keep]), keep
+
+
 def evaluate(
     bundle_path: Path,
     manifest_path: Path,
@@ -80,11 +94,14 @@ def evaluate(
     device: str = "auto",
     progress: bool = True,
     n_boot: int = 1000,
+    engine: str = "torch",
 ) -> dict:
     """External validation: score a bundle on another manifest with its own thresholds.
 
     Every figure comes with a 95% bootstrap interval that resamples patients (`external_ci`,
     `stats.metric_intervals`): an AUROC on fifty external images says little without one.
+    `engine` (auto, torch, onnxruntime) runs the scoring (`fundusfm.inference`); metrics.json
+    records which one ran.
     """
     dev = resolve_device(device)
     bundle = load_bundle(bundle_path, device=str(dev))
@@ -94,18 +111,10 @@ def evaluate(
     manifest.require("image_id", "path")
     manifest.require_unique_ids()  # predictions are keyed on image_id
     labels, keep = _external_labels(manifest, bundle, task, label_map)
-    norm = bundle.preprocessing
-    pre = norm.config()
+    score = scorer(bundle, engine, progress)
     cache_root = cache or Path(manifest_path).parent / "cache"
-    report = build_cache(manifest, pre, cache_root, progress=progress)
-    failed = {e[0] for e in report.errors}
-    keep = np.array([i for i in keep if manifest.table["image_id"].iat[i] not in failed], int)
-    kept = type(manifest)(manifest.path, manifest.table.iloc[keep], manifest.spec, manifest.root)
-    image_cache = open_cache(kept, pre, cache_root)
-    sources = [manifest.image_path(p).resolve() for p in manifest.table["path"].iloc[keep]]
-    dataset = CachedImages(image_cache, sources, labels[keep])
-    rt = Runtime(dev, batch_size=32)  # full precision, as before
-    scores, y, index = predict(bundle.model, dataset, rt, bundle.kind, norm.mean, norm.std)
+    dataset, keep = _cached_images(manifest, bundle, labels, keep, cache_root, progress)
+    scores, y, index = score_dataset(score, dataset, batch_size=32)  # full precision
     thresholds = bundle.thresholds or None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +134,8 @@ def evaluate(
         ),
         "thresholds_validated": bundle.thresholds_validated,
         "notes": bundle_notes(bundle.meta),
+        "engine": score.engine,
+        "engine_notes": list(score.notes),
         "images": len(y),
         "unmapped_or_unreadable": int(len(manifest.table) - len(y)),
         "bundle": str(bundle_path),
