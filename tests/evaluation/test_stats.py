@@ -17,6 +17,7 @@ from fundusfm.evaluation.stats import (
     compare_aurocs,
     delong_components,
     delong_test,
+    holm,
     metric_intervals,
     obuchowski_components,
     paired_bootstrap,
@@ -304,3 +305,16 @@ def test_resample_figures_are_scikit_learns_on_the_drawn_rows():
             average_precision_score(y[:, 0], s[:, 0]), abs=1e-12
         )
     assert np.isnan(average_precision(np.ones(5), np.arange(5.0)))
+
+
+def test_holm_step_down_matches_a_hand_computation():
+    # sorted 0.01, 0.02, 0.03, 0.04 (m = 4): 4*0.01 = 0.04; 3*0.02 = 0.06; 2*0.03 = 0.06
+    # (max with 0.06); 1*0.04 = 0.04 -> 0.06 (monotone); returned in the input's order
+    got = holm([0.04, 0.01, 0.03, 0.02])
+    np.testing.assert_allclose(got, [0.06, 0.04, 0.06, 0.06])
+    # capped at 1; a NaN (no test) stays NaN and is not one of the m = 2 tests
+    got = holm([0.3, np.nan, 0.8])
+    np.testing.assert_allclose(got, [0.6, np.nan, 0.8])
+    assert holm([]).shape == (0,) and holm([0.7, 0.9]).tolist() == [1.0, 1.0]
+    p = np.random.default_rng(0).uniform(0, 0.2, 12)
+    assert (holm(p) >= p).all() and (holm(p) <= np.minimum(1, 12 * p) + 1e-15).all()

@@ -1,4 +1,5 @@
-"""The segmentation report's tables: per-setting summaries and paired init comparisons."""
+"""The segmentation report's tables: per-setting summaries, paired init comparisons with
+Holm-adjusted p, the headline and the methods paragraph."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fundusfm.config.core import load_config
+from fundusfm.config.grid import GridConfig
+from fundusfm.grid.findings import DICE, headline
+from fundusfm.grid.methods import segmentation_methods
 from fundusfm.grid.seg_report import compare, summarise
+from fundusfm.grid.tables import WILCOXON, add_holm
 
 BASE = {"task": "vessels", "method": "full", "resolution": 64, "fraction": 1.0}
 
@@ -38,3 +44,33 @@ def test_summary_has_the_mean_image_dice_of_each_setting():
     assert row["image_dice"] == pytest.approx(0.7) and row["images"] == 3
     assert row["image_dice_ci_low"] <= 0.7 <= row["image_dice_ci_high"]
     assert row["test_dice_mean"] == pytest.approx(0.71)
+
+
+def test_headline_and_methods_of_a_segmentation_grid():
+    rng = np.random.default_rng(1)
+    scratch = rng.uniform(0.6, 0.7, 20)
+    images = pd.concat(
+        [per_image("scratch", scratch), per_image("fundus", scratch + 0.03),
+         per_image("imagenet", scratch + rng.normal(0, 0.01, 20))]
+    )  # fmt: skip
+    patients = {f"img{i}": f"p{i // 2}" for i in range(20)}
+    results = pd.DataFrame(
+        [
+            {**BASE, "init": i, "fold": 0, "test_dice": 0.7}
+            for i in ("scratch", "fundus", "imagenet")
+        ]
+    )
+    summary = summarise(results, images, patients, n_boot=50).assign(
+        folds=1, folds_expected=1, complete=True
+    )
+    comparisons = add_holm(compare(images, patients, n_boot=50), "wilcoxon_p")
+    assert (comparisons.p_holm >= comparisons.wilcoxon_p).all() and len(comparisons) == 3
+    text = headline(summary, comparisons, DICE)
+    best = summary.set_index("init").loc["fundus"]
+    shown = f"{best.image_dice:.3f} [{best.image_dice_ci_low:.3f}, {best.image_dice_ci_high:.3f}]"
+    assert f"Best initialisation by mean per-image test Dice: fundus, {shown}" in text
+    assert "3 pairwise comparisons" in text and WILCOXON in text
+    cfg = load_config(GridConfig, None, ["kind=segmentation", "axes.fold=[0]"])
+    methods = segmentation_methods(cfg, {}, 50)
+    assert "official training images" in methods and "Holm's step-down" in methods
+    assert "frozen encoder" in methods and "50 resamples" in methods

@@ -11,6 +11,7 @@
   patients with several images (two eyes); `compare_aurocs` picks the one that fits.
 - `paired_bootstrap`: the difference of any metric between two models on the same images,
   with a two-sided bootstrap p-value, for everything that is not a binary AUROC.
+- `holm`: Holm's step-down adjusted p-values (family-wise error; NaN stays NaN, outside m).
 """
 
 from __future__ import annotations
@@ -387,3 +388,13 @@ def paired_bootstrap(
         "ci_low": float(np.percentile(diffs, 2.5)),
         "ci_high": float(np.percentile(diffs, 97.5)),
     }
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm: the k-th smallest of m p-values -> max over j <= k of (m-j+1) p_(j), at most 1."""
+    p = np.asarray(p_values, dtype=float)
+    out, order = np.full(p.shape, np.nan), np.flatnonzero(np.isfinite(p))
+    order = order[np.argsort(p[order], kind="stable")]
+    steps = (len(order) - np.arange(len(order))) * p[order]
+    out[order] = np.minimum(np.maximum.accumulate(steps), 1.0)
+    return out

@@ -13,12 +13,19 @@ Writes into `<grid out>/report/`:
     comparisons.csv  every pair of inits on the same pooled images: for binary AUROC,
                      Obuchowski's clustered DeLong test when a patient has several images
                      (plain DeLong when none has); a paired patient-level bootstrap for macro
-                     AUROC otherwise. `test` names the test, `patients` counts the clusters.
+                     AUROC otherwise. `test` names the test, `patients` counts the clusters,
+                     `p_holm` is `p_value` adjusted by Holm's method within its family (the
+                     pairs of inits at one task, method, resolution and fraction).
                      Incomplete groups are left out unless `allow_incomplete`.
     external.csv     per group and external set: AUROC mean and sd over the folds' models,
                      and the AUROC of their ensemble (mean score per image) with a 95%
                      patient-level bootstrap interval
-    *.png, report.html
+    *.png            AUROC against fraction and resolution with CI bands, ROC curves or
+                     per-class AUROC (`figures`)
+    report.html      one offline page (`html`): headline, figures with captions, tables,
+                     external validation, Grad-CAM gallery and t-SNE panels when
+                     `fundusfm explain` wrote them under <grid out>/explain (`gallery`), the
+                     methods paragraph (`methods`), incomplete groups
 Everything is recomputed from the cells' `metrics.json` and `predictions.csv`.
 """
 
@@ -35,16 +42,27 @@ from fundusfm.data.manifest import load_manifest, patient_of
 from fundusfm.evaluation.metrics import auroc
 from fundusfm.evaluation.stats import auroc_interval, compare_aurocs, paired_bootstrap
 from fundusfm.grid.cells import cell_dir, expand, state
-from fundusfm.grid.figures import arrays, html_page, report_figures
+from fundusfm.grid.figures import arrays, report_figures
+from fundusfm.grid.findings import (
+    AUROC,
+    comparison_view,
+    external_view,
+    headline,
+    sections,
+    summary_view,
+)
+from fundusfm.grid.html import PROTOCOL, page
+from fundusfm.grid.methods import classification_methods, split_facts
 from fundusfm.grid.seg_report import build_seg_report
 from fundusfm.grid.tables import (
     KEYS,
-    NOT_DONE,
+    add_holm,
     completeness,
     external_metrics,
     in_groups,
+    incomplete_lines,
 )
-from fundusfm.io import read_json
+from fundusfm.io import read_json, write_csv, write_text_atomic
 
 # the header of a comparisons.csv without rows (every group incomplete, or one init)
 COMPARISON_COLUMNS = [
@@ -242,22 +260,39 @@ def _tasks(cfg: GridConfig, results: pd.DataFrame) -> tuple[dict, dict]:
     return tasks, patients
 
 
-BRIEF = (
-    "labelled_share",
-    "labelled_images_mean",
-    "folds",
-    "folds_expected",
-    "complete",
-    *(f"{s}_folds" for s in NOT_DONE),
-    "test_auroc_mean",
-    "test_auroc_sd",
-    "pooled_auroc",
-    "pooled_auroc_ci_low",
-    "pooled_auroc_ci_high",
-    "pooled_images",
-    "holdout_auroc_mean",
-    "holdout_auroc_sd",
-)
+SHOWN = {"test_auroc": "test AUROC", "holdout_auroc": "held-out AUROC"}
+
+
+def _page(cfg: GridConfig, tables: dict, figures, tasks: dict, n_boot: int, allow: bool) -> str:
+    """The HTML report of a classification grid from its tables (`build_report`'s; the
+    summary says which groups are incomplete)."""
+    summary, comparisons, external = tables["summary"], tables["comparisons"], tables["external"]
+    tests = sorted(comparisons["test"].dropna().unique()) if len(comparisons) else []
+    task_names = [f"{t} ({k}; classes {', '.join(map(str, c))})" for t, (k, c) in tasks.items()]
+
+    def methods(extra: list[str]) -> str:
+        facts = split_facts(cfg.base.data.splits)
+        return classification_methods(cfg, facts, n_boot, task_names, tests, extra)
+
+    left_out = "" if allow else "; groups with missing folds are left out"
+    shown = {
+        "Summary (test part of every fold; pooled: all folds' test images together)": (
+            summary_view(summary, AUROC, SHOWN)
+        ),
+        f"Paired comparisons of initialisations{left_out}": comparison_view(comparisons, AUROC),
+    }
+    names = [e.name for e in cfg.external]
+    parts = sections(
+        Path(cfg.out),
+        headline(summary, comparisons, AUROC),
+        figures,
+        shown,
+        external_view(external, names) if cfg.external else None,
+        methods,
+        incomplete_lines(summary),
+        allow,
+    )
+    return page(f"fundusfm grid report: {cfg.name}", PROTOCOL, parts)
 
 
 def build_report(cfg: GridConfig, n_boot: int = 1000, allow_incomplete: bool = False) -> Path:
@@ -278,30 +313,18 @@ def build_report(cfg: GridConfig, n_boot: int = 1000, allow_incomplete: bool = F
     incomplete = groups[~groups["complete"]]
     summary = groups.merge(summarise(results, preds, tasks, patients, n_boot), how="left")
     compared = preds if allow_incomplete else preds[~in_groups(preds, incomplete)]
-    comparisons = compare(compared, tasks, patients, n_boot, incomplete)
+    comparisons = add_holm(compare(compared, tasks, patients, n_boot, incomplete), "p_value")
     external = external_table(cfg, results, tasks, n_boot)
     if not external.empty:
         external = groups[[*KEYS, "complete"]].merge(external, how="inner")
-    for name, table in [
-        ("results", results),
-        ("summary", summary),
-        ("comparisons", comparisons),
-        ("external", external),
-    ]:
-        table.to_csv(out / f"{name}.csv", index=False)
-    images = report_figures(summary[summary["folds"] > 0], preds, tasks, out)
-    left_out = "" if allow_incomplete else "; groups with missing folds are left out"
-    page = html_page(
-        f"fundusfm grid report: {cfg.name}",
-        {
-            "Summary (test part of every fold; complete = every fold done)": summary[
-                [c for c in summary.columns if c in KEYS or c in BRIEF]
-            ],
-            f"Paired comparisons of initialisations{left_out}": comparisons,
-            "External validation (AUROC: mean and sd over the folds' models; their ensemble, "
-            "the mean score per image, with a 95% patient-bootstrap CI)": external,
-        },
-        images,
-    )
-    (out / "report.html").write_text(page, encoding="utf-8")
-    return out / "report.html"
+    tables = {
+        "results": results,
+        "summary": summary,
+        "comparisons": comparisons,
+        "external": external,
+    }
+    for name, table in tables.items():
+        write_csv(out / f"{name}.csv", table)
+    figures = report_figures(summary[summary["folds"] > 0], preds, tasks, out, n_boot)
+    html = _page(cfg, tables, figures, tasks, n_boot, allow_incomplete)
+    return write_text_atomic(out / "report.html", html)

@@ -9,10 +9,14 @@ Writes into `<grid out>/report/`:
                      sd over folds, and the mean per-image Dice over all folds' test images
                      with a 95% patient-level bootstrap interval
     comparisons.csv  every pair of inits on the same test images: mean per-image Dice
-                     difference, its patient-level bootstrap interval, Wilcoxon's p;
-                     incomplete groups are left out unless `allow_incomplete`
+                     difference, its patient-level bootstrap interval, Wilcoxon's p and
+                     `p_holm`, Wilcoxon's p adjusted by Holm's method within its family (the
+                     pairs of inits at one method, resolution and fraction); incomplete
+                     groups are left out unless `allow_incomplete`
     observer.csv     the second observer scored like a model (the human reference line)
-    dice_vs_fraction.png (the paper's Fig. 4), dice_vs_resolution.png, report.html
+    dice_vs_fraction.png (the paper's Fig. 4), dice_vs_resolution.png (mean per-image Dice
+                     with its 95% interval band), report.html (headline, figures, tables,
+                     methods paragraph: as the classification report's)
 """
 
 from __future__ import annotations
@@ -28,13 +32,24 @@ from fundusfm.config.grid import GridConfig
 from fundusfm.data.manifest import load_manifest, patient_of
 from fundusfm.evaluation.stats import bootstrap_ci
 from fundusfm.grid.cells import cell_dir, expand, state
-from fundusfm.grid.figures import html_page, line_figure
-from fundusfm.grid.tables import KEYS, completeness, external_metrics, in_groups
-from fundusfm.io import read_json
+from fundusfm.grid.figures import curve_figures
+from fundusfm.grid.findings import DICE, comparison_view, headline, sections, summary_view
+from fundusfm.grid.html import PROTOCOL, page
+from fundusfm.grid.methods import segmentation_methods, split_facts
+from fundusfm.grid.tables import (
+    KEYS,
+    add_holm,
+    completeness,
+    external_metrics,
+    in_groups,
+    incomplete_lines,
+)
+from fundusfm.io import read_json, write_csv, write_text_atomic
 
 COLUMNS = ["task", "method", "resolution", "fraction", "init_a", "init_b", "images", "complete"]
 COLUMNS += ["dice_a", "dice_b", "difference", "ci_low", "ci_high", "wilcoxon_p"]
 SHOWN = ("dice", "dice_mean", "auroc", "auprc", "cldice", "sensitivity", "specificity")
+SHOWN_MEANS = {"test_dice": "pooled Dice per fold", "test_cldice": "clDice", "test_auroc": "AUROC"}
 
 
 def collect(cfg: GridConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -142,7 +157,7 @@ def build_seg_report(cfg: GridConfig, n_boot: int = 1000, allow_incomplete: bool
     incomplete = groups[~groups["complete"]]
     compared = images if allow_incomplete else images[~in_groups(images, incomplete)]
     lacking = set(incomplete[KEYS].itertuples(index=False, name=None))
-    comparisons = compare(compared, patients, n_boot, lacking)
+    comparisons = add_holm(compare(compared, patients, n_boot, lacking), "wilcoxon_p")
     human = observer_table(observer)
     tables = {
         "results": results,
@@ -152,35 +167,27 @@ def build_seg_report(cfg: GridConfig, n_boot: int = 1000, allow_incomplete: bool
         "observer": human,
     }
     for name, table in tables.items():
-        table.to_csv(out / f"{name}.csv", index=False)
-    figures = []
+        write_csv(out / f"{name}.csv", table)
     shown = summary[summary["folds"] > 0]
-    top_res, top_frac = shown["resolution"].max(), shown["fraction"].max()
-    for x, fixed, log in (
-        ("fraction", {"resolution": top_res}, True),
-        ("resolution", {"fraction": top_frac}, False),
-    ):
-        path = out / f"dice_vs_{x}.png"
-        if line_figure(shown, x, fixed, path, log, metric="dice"):
-            figures.append(path)
-    brief = [
-        c
-        for c in summary.columns
-        if c in KEYS
-        or c in ("folds", "folds_expected", "complete", "failed_folds", "stale_folds")
-        or c in ("pending_folds", "images", "image_dice", "image_dice_ci_low", "image_dice_ci_high")
-        or c in ("test_dice_mean", "test_dice_sd", "test_auroc_mean", "test_cldice_mean")
-    ]
-    page = html_page(
-        f"fundusfm segmentation grid report: {cfg.name}",
+    figures = curve_figures(shown, out, "image_dice", "mean per-image test Dice", "dice", n_boot)
+    facts = split_facts(cfg.segment.data.splits)
+    parts = sections(
+        Path(cfg.out),
+        headline(summary, comparisons, DICE),
+        figures,
         {
             "Summary (inside the FOV; pooled Dice per fold, mean per-image Dice with 95% CI)": (
-                summary[brief]
+                summary_view(summary, DICE, SHOWN_MEANS)
             ),
-            "Paired comparisons of initialisations (per-image Dice)": comparisons,
+            "Paired comparisons of initialisations (per-image Dice)": comparison_view(
+                comparisons, DICE
+            ),
             "Second observer (the human reference)": human,
         },
-        figures,
+        None,
+        lambda extra: segmentation_methods(cfg, facts, n_boot),
+        incomplete_lines(groups),
+        allow_incomplete,
     )
-    (out / "report.html").write_text(page, encoding="utf-8")
-    return out / "report.html"
+    html = page(f"fundusfm segmentation grid report: {cfg.name}", PROTOCOL, parts)
+    return write_text_atomic(out / "report.html", html)

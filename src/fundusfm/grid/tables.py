@@ -1,5 +1,6 @@
 """What the grid's reports share: the group keys, which groups are complete, a cell's
-external metrics. Used by `report` (classification) and `seg_report` (segmentation)."""
+external metrics, the methods in words and the Holm family of a comparison. Used by
+`report` (classification) and `seg_report` (segmentation)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,38 @@ import numpy as np
 import pandas as pd
 
 from fundusfm.config.grid import GridConfig
+from fundusfm.evaluation.stats import holm
 from fundusfm.grid.cells import expand, state
 from fundusfm.io import read_json
 
 KEYS = ["task", "init", "method", "resolution", "fraction"]
 NOT_DONE = ("failed", "stale", "pending")
+ALPHA = 0.05  # significance level of the Holm-adjusted p-values
+WILCOXON = "Wilcoxon signed-rank (paired per-image Dice)"  # the segmentation report's test
+# one Holm family: the pairwise comparisons of inits at one task, method, resolution, fraction
+FAMILY = ["task", "method", "resolution", "fraction"]
+METHOD_WORDS = {
+    "lf": "LF (linear fine-tuning of a frozen backbone)",
+    "ff": "FF (full fine-tuning)",
+    "partial": "partial fine-tuning (last stages)",
+    "frozen": "frozen encoder (decoder trained)",
+    "full": "full fine-tuning of encoder and decoder",
+}
+
+
+def method_words(method: str) -> str:
+    return METHOD_WORDS.get(method, method)
+
+
+def add_holm(comparisons: pd.DataFrame, p: str) -> pd.DataFrame:
+    """`p_holm`: the `p` column adjusted by Holm's method within each FAMILY (the pairwise
+    comparisons of every init at one task, method, resolution and fraction)."""
+    out = comparisons.copy()
+    if out.empty:
+        out["p_holm"] = pd.Series(dtype=float)
+        return out
+    out["p_holm"] = out.groupby(FAMILY, sort=False)[p].transform(lambda v: holm(v.to_numpy()))
+    return out
 
 
 def external_metrics(cfg: GridConfig, d: Path) -> dict:
