@@ -10,6 +10,7 @@ case of tests/engine/test_resume.py; the helpers it uses live here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -120,10 +121,12 @@ def kill_after_first_checkpoint(args: list[str], out: Path) -> None:
         assert time.monotonic() < deadline, "no checkpoint was written"
         time.sleep(0.05)
     for pid in [*workers_of(proc.pid), proc.pid]:  # torchrun starts each worker in its own session
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # gone: the run ended before the kill
+            os.kill(pid, signal.SIGKILL)
     proc.communicate()
     if (out / "metrics.json").exists():
         pytest.skip("the run finished before it could be killed")
+    assert proc.returncode == -signal.SIGKILL, proc.returncode
 
 
 def test_global_batch_must_divide_and_sync_batchnorm_needs_gpus(monkeypatch):

@@ -1,8 +1,9 @@
 """Resume equals an uninterrupted run, for every task the one loop trains.
 
-Each case trains once without interruption and once interrupted right after its first
-checkpoint (the loop's own `save_atomic` raises), refuses to reuse the folder without
---resume, then resumes; weights, history and outputs must be equal. The `ddp` case runs under
+Each in-process case trains once without interruption and once interrupted right after its
+first checkpoint (the loop's own `save_atomic` raises), refuses to reuse the folder without
+--resume, then resumes, training only the epochs left; weights, history and outputs must be
+equal. The `ddp` case runs under
 torchrun with two processes, kill -9s the whole job after its first checkpoint and resumes it
 under torchrun; it must equal the uninterrupted one-process run (up to float summation order),
 leave no checkpoint behind and write the same files.
@@ -101,6 +102,27 @@ def interrupt_after_first_checkpoint(monkeypatch, train, cfg, when=lambda state:
         train(cfg)
 
 
+def resume_counting_epochs(monkeypatch, train, cfg) -> int:
+    """Resume `cfg` and return how many epochs the resumed run trained (a resume that
+    silently started over would train them all and still end equal: CPU runs are exact)."""
+    real, trained = loop.Trainer.epoch, []
+
+    def counted(self, *args, **kwargs):
+        trained.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop.Trainer, "epoch", counted)
+    train(resumed(cfg))
+    monkeypatch.setattr(loop.Trainer, "epoch", real)
+    return len(trained)
+
+
+def epochs_left(whole: Path, cut: Path) -> int:
+    """Epochs the uninterrupted run trained after the cut run's checkpoint."""
+    done = torch.load(cut / "checkpoint.pt", weights_only=True)["epoch"] + 1
+    return len(torch.load(whole / "checkpoint.pt", weights_only=True)["history"]) - done
+
+
 def assert_same_weights_and_history(a: Path, b: Path) -> None:
     x = torch.load(a / "checkpoint.pt", weights_only=True)
     y = torch.load(b / "checkpoint.pt", weights_only=True)
@@ -124,13 +146,16 @@ def test_resume_equals_uninterrupted(task, fold, tmp_path, monkeypatch):
         whole = train_segmentation(segmentation(fold, tmp_path / "whole"))
         cut = segmentation(fold, tmp_path / "cut")
         interrupt_after_first_checkpoint(monkeypatch, train_segmentation, cut)
-        train_segmentation(resumed(cut))
+        left = epochs_left(whole, tmp_path / "cut")
+        assert resume_counting_epochs(monkeypatch, train_segmentation, cut) == left
         assert_same_weights_and_history(whole, tmp_path / "cut")
         a, b = (pd.read_csv(d / "per_image.csv") for d in (whole, tmp_path / "cut"))
         pd.testing.assert_frame_equal(a, b)
         return
-    lf = {"method": "lf", "model.head": "linear", "train.lr": 0.01, "train.epochs": 6}
-    lf = lf | {"run.keep_checkpoint": False} if task == "ddp" else {}
+    lf = {}  # classification: full fine-tuning
+    if task == "ddp":  # LF: frozen BatchNorm, so 1 and 2 processes agree to rounding
+        lf = {"method": "lf", "model.head": "linear", "train.lr": 0.01, "train.epochs": 6}
+        lf["run.keep_checkpoint"] = False
     later = lambda state: True  # noqa: E731
     if task == "classification-early-stopping":  # killed after an epoch that did not improve
         lf = {"train.epochs": 8, "train.patience": 2, "train.lr": 0.01}
@@ -148,7 +173,8 @@ def test_resume_equals_uninterrupted(task, fold, tmp_path, monkeypatch):
         assert files[0] == files[1]
         return
     interrupt_after_first_checkpoint(monkeypatch, finetune, cut, later)
-    finetune(resumed(cut))
+    left = epochs_left(whole, tmp_path / "cut")
+    assert left > 0 and resume_counting_epochs(monkeypatch, finetune, cut) == left
     assert_same_weights_and_history(whole, tmp_path / "cut")
     state = torch.load(whole / "checkpoint.pt", weights_only=True)
     if task == "classification-early-stopping":  # it did stop, after the interruption

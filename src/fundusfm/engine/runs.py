@@ -50,6 +50,11 @@ def _check_and_create(cfg, out: Path) -> None:
             "resume with the same settings, or start a new run.out"
         )
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.run.resume:  # a process killed mid-write (kill -9) leaves its temporary files:
+        # io.write_atomic's .NAME.XXXX.tmp, and safetensors' own .tmpXXXXXX inside it
+        for tmp in {*out.glob(".*.tmp"), *out.glob(".tmp*")}:
+            if tmp.is_file():
+                tmp.unlink()
     dump_config(cfg, previous)
 
 
