@@ -9,6 +9,8 @@ unchanged) recording what inference needs and where the model came from:
     provenance     resolved config, git commit, manifest sha256, package versions, created;
                    for imported checkpoints the source file and its sha256
     weights_sha256 of model.safetensors, verified on every load
+    shift          (optional) the reference of what the validation images looked like,
+                   `shift.safetensors` with its sha256 (`tasks.shift`)
 `save_bundle` is the one writer and `read_meta` the one reader; a bundle.json with an unknown
 field or a value of the wrong type is refused, naming the field.
 
@@ -105,6 +107,21 @@ class Pretraining(Strict):
     strategy: str
 
 
+class ShiftReference(Strict):
+    """What the validation images looked like (`tasks.shift`): the reference file beside the
+    weights, its sha256 (checked on load), and how it was fitted. Absent in bundles made
+    before it existed and in imported weights: their shift is `unavailable`."""
+
+    file: str = "shift.safetensors"
+    sha256: str
+    method: Literal["mahalanobis-pca-ledoitwolf"] = "mahalanobis-pca-ledoitwolf"
+    n_validation: int = Field(ge=1)
+    features: int = Field(ge=1)  # width of the pooled backbone features
+    dims: int = Field(ge=1)  # PCA dimensions the distance is measured in
+    cutoff_percentile: float = Field(95.0, gt=0, lt=100)
+    image_stats: bool = True  # per-channel mean/std ranges stored too
+
+
 class BundleMeta(Strict):
     """`bundle.json`: every field typed; an unknown field or a wrong type is refused by name."""
 
@@ -119,6 +136,7 @@ class BundleMeta(Strict):
     pretraining: Pretraining | None = None
     encoder: Literal["frozen", "full"] | None = None  # segmentation: how the encoder trained
     init: str | None = None  # segmentation: the encoder's initialisation
+    shift: ShiftReference | None = None  # classifiers trained here: see ShiftReference
 
     @property
     def segmentation(self) -> bool:

@@ -134,7 +134,7 @@ def evaluate(
                 f"  {name:<12} {c['value']:.3f} ({_fmt(c['ci_low'])} to {_fmt(c['ci_high'])})"
             )
     typer.echo(f"  (per class in metrics.json: external_ci.per_class; engine {metrics['engine']})")
-    say_notes([*metrics["notes"], *metrics["engine_notes"]])
+    say_notes([*metrics["notes"], *metrics["engine_notes"], *metrics["shift"]["notes"]])
     typer.echo(f"wrote {out / 'predictions.csv'} and {out / 'metrics.json'}")
 
 

@@ -9,6 +9,10 @@ Every file under the folder (recursively) gets one row of `predictions.csv`:
     reason      why an image was not scored
     p_<class>   probabilities (scored images only)
     decision    the predicted class at the bundle's validated threshold(s)
+    shift_distance, shift_percentile, shift, shift_image_stats
+                how unlike the bundle's validation images a scored image is
+                (`fundusfm.tasks.shift`): `shift` is in-distribution, shifted (distance above
+                the 95th percentile of validation) or unavailable (no reference stored)
     fov_fraction, brightness, saturated, focus   the quality measures
 Images are decoded, quality-checked and preprocessed in DataLoader workers while the
 previous batch is scored (one bad file never stops the batch); `engine` chooses what scores
@@ -43,6 +47,7 @@ from fundusfm.explain.gradcam import gradcam_maps, overlay
 from fundusfm.inference import Scorer, scorer
 from fundusfm.models.loaded import Bundle, load_bundle
 from fundusfm.screen.quality import assess
+from fundusfm.tasks.shift import ShiftScorer, flag_summary, shift_line, shift_scorer
 
 MEASURES = ("fov_fraction", "brightness", "saturated", "focus")
 
@@ -160,14 +165,20 @@ def _save_gradcam(bundle: Bundle, ok: list[dict], probs, images: list[Path], out
         thumb.save(out / "gradcam" / f"{printable(images[b['index']].stem)}_{b['index']}.png")
 
 
-def _batch_rows(bundle, score: Scorer, batch, images, folder, out, gradcam) -> list[dict]:
+def _batch_rows(
+    bundle, score: Scorer, shift: ShiftScorer, batch, images, folder, out, gradcam
+) -> list[dict]:
     """Score the gradable images of one loader batch; one row per item."""
     ok = [b for b in batch if b["image"] is not None]
     scored = {}
     if ok:
-        probs = score(torch.stack([to_tensor(b["image"]) for b in ok]))
+        tensors = torch.stack([to_tensor(b["image"]) for b in ok])
+        probs = score(tensors)
         chosen = decisions(bundle, probs)
-        scored = {b["index"]: (p, d) for b, p, d in zip(ok, probs, chosen, strict=True)}
+        scored = {
+            b["index"]: (p, d, s)
+            for b, p, d, s in zip(ok, probs, chosen, shift(tensors), strict=True)
+        }
         if gradcam:
             _save_gradcam(bundle, ok, probs, images, out)
     rows = []
@@ -178,9 +189,10 @@ def _batch_rows(bundle, score: Scorer, batch, images, folder, out, gradcam) -> l
             "reason": printable(b["reason"]),
         }
         if b["index"] in scored:
-            p, d = scored[b["index"]]
+            p, d, s = scored[b["index"]]
             row.update({f"p_{c}": float(v) for c, v in zip(bundle.classes, p, strict=True)})
             row["decision"] = d
+            row.update(s)
         row.update({k: b["measures"].get(k) for k in MEASURES})
         rows.append(row)
     return rows
@@ -211,6 +223,7 @@ def screen(
     if bundle.kind == "segmentation":
         raise ValueError("predict screens with classifiers; use `fundusfm segment eval`")
     score = scorer(bundle, engine, progress)  # a graph that cannot be built: nothing removed
+    shift = shift_scorer(bundle, score.engine)
     if out.exists() and any(out.iterdir()):
         shutil.rmtree(out)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
@@ -226,9 +239,12 @@ def screen(
         collate_fn=list,
     )
     for batch in tqdm(loader, disable=not progress, desc="screening", unit="batch"):
-        rows += _batch_rows(bundle, score, batch, images, folder, out, gradcam)
+        rows += _batch_rows(bundle, score, shift, batch, images, folder, out, gradcam)
     table = pd.DataFrame(rows).sort_values("file", kind="stable").reset_index(drop=True)
     table.to_csv(out / "predictions.csv", index=False)
-    notes = [*bundle_notes(bundle.meta), *score.notes]
-    write_report(table, out, bundle_path, notes, score.engine)
-    return Screening(table, score.engine, list(score.notes))
+    scored = table["shift"].dropna().tolist() if "shift" in table else []
+    said = [*score.notes, *shift.notes]
+    if shift.available and scored:
+        said.append(shift_line(flag_summary(scored), "scored images"))
+    write_report(table, out, bundle_path, [*bundle_notes(bundle.meta), *said], score.engine)
+    return Screening(table, score.engine, said)

@@ -41,6 +41,7 @@ from fundusfm.models.inits import create_backbone
 from fundusfm.tasks.classify_job import classification_job
 from fundusfm.tasks.features import cached_features
 from fundusfm.tasks.probe import fit_probe
+from fundusfm.tasks.shift import reference_of, save_reference
 
 STRATEGY_INIT = {"fundus": "scratch", "imagenet+fundus": "imagenet"}
 
@@ -116,15 +117,39 @@ def train_and_report(
     return out
 
 
+def _shift_entry(cfg, data: FoldData, out: Path, model: Classifier, val_features) -> dict:
+    """The bundle's shift reference (`tasks.shift`): the validation images' pooled features
+    with the best weights (`val_features` when already extracted) and image stats."""
+    reference = reference_of(
+        model.backbone,
+        data.dataset("val"),
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        cfg.train.batch_size,
+        val_features,
+    )
+    if reference is None:  # too few validation images: the bundle's shift is unavailable
+        return {}
+    return {"shift": save_reference(reference, out / "bundle").model_dump()}
+
+
 def write_run(
-    cfg, data: FoldData, out: Path, model: Classifier, parts: dict, extra: dict, summary: dict
+    cfg,
+    data: FoldData,
+    out: Path,
+    model: Classifier,
+    parts: dict,
+    extra: dict,
+    summary: dict,
+    val_features=None,
 ) -> Path:
     """predictions.csv, metrics.json and the bundle of a finished cell.
 
     `parts` maps "val"/"test"/"holdout" to (scores, labels, manifest rows); thresholds are
     chosen on the validation scores and applied unchanged to the other parts. metrics.json
     also states the labelled images the cell used (`labelled`: training and validation, and
-    their share of the fold's pools) and whether its thresholds were chosen on data.
+    their share of the fold's pools) and whether its thresholds were chosen on data. The
+    bundle also stores what the validation images looked like (`tasks.shift`).
     """
     kind, classes = data.task.kind, data.task.class_names
     ids = data.manifest.table["image_id"].to_numpy()
@@ -140,6 +165,7 @@ def write_run(
             kind, labels, scores, classes, chosen.values
         ).to_dict("records")
     pd.concat(frames).to_csv(out / "predictions.csv", index=False)
+    extra = {**extra, **_shift_entry(cfg, data, out, model, val_features)}
     save_bundle(model, out / "bundle", _bundle_meta(cfg, data, chosen, extra))
     write_json(out / "metrics.json", metrics)
     return out
@@ -207,7 +233,8 @@ def probe_finetune(cfg: FinetuneConfig, probe: ProbeConfig, features_root: Path)
             "fits": fitted.fits,
         }
     }
-    return write_run(cfg, data, out, model, parts, {"method": "lf", "probe": "logreg"}, summary)
+    extra = {"method": "lf", "probe": "logreg"}
+    return write_run(cfg, data, out, model, parts, extra, summary, features[va])
 
 
 def finetune(cfg: FinetuneConfig, on_epoch_end=None) -> Path:

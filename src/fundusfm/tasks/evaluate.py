@@ -3,7 +3,9 @@
 The bundle is scored with its own preprocessing and thresholds; labels come from the
 manifest's task (or through a label map onto the bundle's classes). Writes
 `predictions.csv`, then `metrics.json` with a 95% patient-level bootstrap interval for every
-metric (`external_ci`).
+metric (`external_ci`). Each image also gets its shift (`tasks.shift`: how unlike the
+bundle's validation images it is); metrics.json's `shift` holds the share flagged and the
+metrics with and without the flagged images.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import yaml
 
 from fundusfm.bundle import bundle_notes
@@ -30,6 +33,7 @@ from fundusfm.evaluation.stats import metric_intervals
 from fundusfm.inference import scorer
 from fundusfm.io import write_json
 from fundusfm.models.loaded import load_bundle
+from fundusfm.tasks.shift import shift_line, shift_scorer, shift_summary
 
 
 def _external_labels(manifest, bundle, task_name: str | None, label_map: Path | None):
@@ -112,16 +116,26 @@ def evaluate(
     manifest.require_unique_ids()  # predictions are keyed on image_id
     labels, keep = _external_labels(manifest, bundle, task, label_map)
     score = scorer(bundle, engine, progress)
+    shifter = shift_scorer(bundle, score.engine)
     cache_root = cache or Path(manifest_path).parent / "cache"
     dataset, keep = _cached_images(manifest, bundle, labels, keep, cache_root, progress)
-    scores, y, index = score_dataset(score, dataset, batch_size=32)  # full precision
+    shifts: list[dict] = []
+
+    def score_and_shift(images):  # one pass over the images: probabilities, then shift
+        shifts.extend(shifter(images))
+        return score(images)
+
+    scores, y, index = score_dataset(score_and_shift, dataset, batch_size=32)
     thresholds = bundle.thresholds or None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ids = manifest.table["image_id"].to_numpy()[keep][index]
-    prediction_frame(ids, -1, "external", bundle.kind, bundle.classes, y, scores).to_csv(
-        out / "predictions.csv", index=False
-    )
+    frame = prediction_frame(ids, -1, "external", bundle.kind, bundle.classes, y, scores)
+    shift_frame = pd.DataFrame(shifts, index=frame.index)
+    pd.concat([frame, shift_frame], axis=1).to_csv(out / "predictions.csv", index=False)
+    labels = shift_frame["shift"].tolist() if "shift" in shift_frame else []
+    shift = shift_summary(bundle.kind, y, scores, thresholds, labels)
+    shift["notes"] = list(dict.fromkeys([*shifter.notes, shift_line(shift)]))  # the line to print
     rows = manifest.table.iloc[keep].iloc[index]
     patients = patient_of(rows)
     metrics = {
@@ -140,6 +154,7 @@ def evaluate(
         "unmapped_or_unreadable": int(len(manifest.table) - len(y)),
         "bundle": str(bundle_path),
         "manifest": str(manifest_path),
+        "shift": shift,
     }
     write_json(out / "metrics.json", metrics)
     return metrics
