@@ -135,7 +135,8 @@ def test_demo_runs_end_to_end(tmp_path: Path):
         "split.fractions=[0.5, 1.0]",
         "n_boot=20",
     ]
-    args = [a for s in sets for a in ("--set", s)]
+    demo_yaml = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"  # the defaults
+    args = ["--config", demo_yaml, *[a for s in sets for a in ("--set", s)]]
     result = invoke("demo", "--out", out, "--offline", "-q", *args)
     assert result.exit_code == 0, result.output
     assert "ImageNet arms skipped: offline" in result.output

@@ -35,11 +35,8 @@ ELSEWHERE = {
     "pretrain_cpu": "tests/e2e/test_cli.py::test_cpu_presets_run_end_to_end",
     "finetune_cpu_lf": "tests/e2e/test_cli.py::test_cpu_presets_run_end_to_end",
     "finetune_cpu_ff": "tests/e2e/test_cli.py::test_cpu_presets_run_end_to_end",
-    # `fundusfm demo --config configs/demo.yaml` is run nowhere: demo.yaml is exactly the
-    # defaults of `fundusfm demo` (tests/config/test_config.py::test_every_shipped_config_loads
-    # checks that it loads and equals DemoConfig()), and those defaults, shrunk, are what
-    # tests/e2e/test_cli.py::test_demo_runs_end_to_end (slow) runs. Loading it is enough.
-    "demo": "tests/config/test_config.py::test_every_shipped_config_loads",
+    # `fundusfm demo --config configs/demo.yaml` (the demo's defaults), shrunk with --set
+    "demo": "tests/e2e/test_cli.py::test_demo_runs_end_to_end",
 }
 
 runner = CliRunner()
