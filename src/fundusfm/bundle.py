@@ -7,7 +7,8 @@ unchanged) recording what inference needs and where the model came from:
                    thresholds and whether they were chosen on validation data
     preprocessing  resolution, FOV crop (with its resampling), FOV rule, normalisation mean/std
     provenance     resolved config, git commit, manifest sha256, package versions, created;
-                   for imported checkpoints the source file and its sha256
+                   for imported checkpoints the source file and its sha256; the
+                   weights' licence when known (`card.py` writes it on the model card)
     weights_sha256 of model.safetensors, verified on every load
     shift          (optional) the reference of what the validation images looked like,
                    `shift.safetensors` with its sha256 (`tasks.shift`)
@@ -101,6 +102,7 @@ class Provenance(Strict):
     source_sha256: str | None = None
     loaded_by: str | None = None
     made_by: str | None = None
+    license: str | None = None  # the weights' licence (a hub id, e.g. cc-by-nc-4.0), if known
 
 
 class Pretraining(Strict):

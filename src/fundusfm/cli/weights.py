@@ -12,6 +12,23 @@ from fundusfm.cli.common import fail, group, user_errors
 app = group("Import, inspect and export model weights.")
 
 
+LicenseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--license",
+        help="The weights' licence, a model-hub id (e.g. cc-by-nc-4.0); default: the bundle's.",
+    ),
+]
+MetricsOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--metrics",
+        help="metrics.json of this model for the card (from `fundusfm evaluate`: with CIs); "
+        "repeatable. A run's own metrics.json beside its bundle/ is read anyway.",
+    ),
+]
+
+
 @app.command("import-legacy")
 def import_legacy(
     checkpoint: Annotated[Path, typer.Argument(help="Released .pth checkpoint.")],
@@ -24,6 +41,10 @@ def import_legacy(
         str | None, typer.Option(help="Comma-separated class names (2 outputs: normal,abnormal).")
     ] = None,
     resolution: Annotated[int, typer.Option(help="Input size the weights were trained at.")] = 512,
+    license_: Annotated[
+        str | None,
+        typer.Option("--license", help="The weights' licence as their publisher states it."),
+    ] = None,
 ) -> None:
     """Convert the authors' checkpoint (pickled DataParallel ResNet or state dict) to a bundle."""
     from fundusfm.errors import PickleRefused
@@ -33,34 +54,52 @@ def import_legacy(
     names = [c.strip() for c in classes.split(",")] if classes else None
     with user_errors():
         try:
-            bundle = run(checkpoint, out, trust_pickle, names, resolution)
+            bundle = run(checkpoint, out, trust_pickle, names, resolution, license_)
         except PickleRefused as exc:
             raise fail(str(exc)) from exc
     typer.echo(card(bundle))
 
 
 @app.command("info")
-def info(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None:
-    """Print a bundle's card: task, classes, thresholds, input, provenance, hashes."""
+def info(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    metrics: MetricsOpt = None,
+    license_: LicenseOpt = None,
+) -> None:
+    """Print a bundle's model card (the README.md of `export --format timm`)."""
     from fundusfm.weights import card
 
     with user_errors():
-        typer.echo(card(bundle))
+        typer.echo(card(bundle, metrics or [], license_))
 
 
 @app.command("export")
 def export(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    format_: Annotated[str, typer.Option("--format", help="torchvision or onnx.")] = "torchvision",
-    out: Annotated[Path | None, typer.Option(help="Output file (.pth or .onnx).")] = None,
+    format_: Annotated[
+        str, typer.Option("--format", help="torchvision, onnx or timm (a model-hub folder).")
+    ] = "torchvision",
+    out: Annotated[
+        Path | None, typer.Option(help="Output file (.pth, .onnx) or folder (timm).")
+    ] = None,
+    backbone_only: Annotated[
+        bool,
+        typer.Option(
+            "--backbone-only", help="timm, MLP heads: export the backbone alone (features)."
+        ),
+    ] = False,
+    metrics: MetricsOpt = None,
+    license_: LicenseOpt = None,
 ) -> None:
-    """Export a classifier as a torchvision state dict or an ONNX model."""
+    """Export a classifier: a torchvision state dict, an ONNX model, or a timm model-hub
+    folder (config.json, model.safetensors, README.md model card) to push as it is."""
     from fundusfm.weights import export as run
 
-    target = out or Path(bundle) / ("model.onnx" if format_ == "onnx" else "torchvision.pth")
+    names = {"onnx": "model.onnx", "timm": "timm"}
+    target = out or Path(bundle) / names.get(format_, "torchvision.pth")
     with user_errors():
         try:
-            path = run(bundle, format_, target)
+            path = run(bundle, format_, target, backbone_only, metrics or [], license_)
         except RuntimeError as exc:
             raise fail(str(exc)) from exc
     typer.echo(f"wrote {path}")
