@@ -18,10 +18,11 @@ from fundusfm.card import TIMM_ARCHS
 from fundusfm.cli import app
 from fundusfm.data.transforms import normalise
 from fundusfm.errors import PickleRefused
+from fundusfm.legacy import import_legacy
 from fundusfm.models.backbone import Backbone, resnet10
 from fundusfm.models.heads import Classifier, make_head
 from fundusfm.models.loaded import load_bundle
-from fundusfm.weights import import_legacy, torchvision_state
+from fundusfm.weights import torchvision_state
 
 runner = CliRunner()
 

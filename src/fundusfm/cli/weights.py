@@ -48,8 +48,8 @@ def import_legacy(
 ) -> None:
     """Convert the authors' checkpoint (pickled DataParallel ResNet or state dict) to a bundle."""
     from fundusfm.errors import PickleRefused
+    from fundusfm.legacy import import_legacy as run
     from fundusfm.weights import card
-    from fundusfm.weights import import_legacy as run
 
     names = [c.strip() for c in classes.split(",")] if classes else None
     with user_errors():

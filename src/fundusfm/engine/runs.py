@@ -51,7 +51,7 @@ def _check_and_create(cfg, out: Path) -> None:
         )
     out.mkdir(parents=True, exist_ok=True)
     if cfg.run.resume:  # a process killed mid-write (kill -9) leaves its temporary files:
-        # io.write_atomic's .NAME.XXXX.tmp, and safetensors' own .tmpXXXXXX inside it
+        # io.write_atomic's .NAME.<random>.tmp, and safetensors' own .tmp<random> inside it
         for tmp in {*out.glob(".*.tmp"), *out.glob(".tmp*")}:
             if tmp.is_file():
                 tmp.unlink()
