@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from fundusfm.config.core import SynthConfig
 from fundusfm.synthetic.generate import generate
@@ -15,6 +17,21 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # registered arch, so unit tests that train do not train ResNet-18s. Tests of a named
 # architecture's layout (legacy import, ImageNet files) keep their own.
 TINY_ARCH = "resnet10"
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (the default, pyproject's addopts) each worker computes on one
+    thread, so that two workers share two cores instead of fighting over them; subprocesses
+    the tests start (torchrun, the CLI) inherit OMP_NUM_THREADS."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The slow tests first (stable order otherwise): a long test begun last would keep one
+    worker busy while the others wait."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
