@@ -86,6 +86,17 @@ def model_card(
     return "\n\n".join(sections) + "\n"
 
 
+def card_overview(meta: BundleMeta, parameters: int, metrics: Sequence[dict] = ()) -> str:
+    """The card's model description, training data and evaluation sections (Markdown), in
+    the words `weights info` prints: what the screening report shows at its top."""
+    sections = [
+        _description(meta, parameters),
+        _training_data(meta),
+        evaluation_section(meta, metrics),
+    ]
+    return "\n\n".join(sections)
+
+
 def _front_matter(meta: BundleMeta, licence: str | None) -> str:
     head = {}
     if timm_exportable(meta):

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from fundusfm import __version__
-from fundusfm.cli import bench, data, explain, grid, screen, segment, train, weights
+from fundusfm.cli import bench, data, explain, grid, screen, segment, serve, train, weights
 from fundusfm.cli.common import DEBUG, group
 
 app = group(
@@ -24,7 +24,7 @@ app = group(
     add_completion=False,
 )
 for command in (
-    data.synth, data.preprocess, data.split, screen.predict,
+    data.synth, data.preprocess, data.split, screen.predict, serve.serve,
     train.demo, train.pretrain, train.finetune, train.evaluate,
 ):  # fmt: skip
     app.command()(command)

@@ -1,4 +1,7 @@
-"""Screening: `fundusfm predict` over a folder of photographs (`predict`) with its image
-quality gate (`quality`) and the shift flag (`tasks.shift`). Imports `inference`, `models`,
-`bundle`, `tasks`, `explain`, `engine`, `data`, `config` and `io`.
+"""Screening: `fundusfm predict` over a folder of photographs (`predict`, its per-file
+functions that `serve` reuses) with its image quality gate (`quality`), the shift flag
+(`tasks.shift`) and the HTML report a person reads (`report`, `report_page`,
+`report_tables`: the bundle's card, counts, histogram, sortable table, ungradable groups).
+Imports `inference`, `models`, `bundle`, `card`, `weights` (the card's metrics), `tasks`,
+`explain`, `engine`, `data`, `config` and `io`.
 """

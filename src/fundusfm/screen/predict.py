@@ -17,14 +17,15 @@ Every file under the folder (recursively) gets one row of `predictions.csv`:
 Images are decoded, quality-checked and preprocessed in DataLoader workers while the
 previous batch is scored (one bad file never stops the batch); `engine` chooses what scores
 (`fundusfm.inference`: ONNX Runtime on the CPU when installed, else PyTorch). `report.html`
-summarises the run (engine included), with Grad-CAM thumbnails when asked for; the maps
-always come from PyTorch. An existing output folder is refused without overwrite.
+(`screen.report`) is one offline page for a person: the bundle's card and threshold, counts
+per status, a histogram of the abnormal probability, the scored images with thumbnails (and
+Grad-CAM overlays under `gradcam`, whose maps always come from PyTorch) in a sortable,
+filterable table, and the images not scored grouped by reason. An existing output folder
+is refused without overwrite.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from fundusfm.bundle import bundle_notes
+from fundusfm.config.core import PreprocessConfig
 from fundusfm.config.screen import QualityConfig
 from fundusfm.data.decode import SUPPORTED_SUFFIXES
 from fundusfm.data.manifest import printable
@@ -47,6 +49,7 @@ from fundusfm.explain.gradcam import gradcam_maps, overlay
 from fundusfm.inference import Scorer, scorer
 from fundusfm.models.loaded import Bundle, load_bundle
 from fundusfm.screen.quality import assess
+from fundusfm.screen.report import write_report
 from fundusfm.tasks.shift import ShiftScorer, flag_summary, shift_line, shift_scorer
 
 MEASURES = ("fov_fraction", "brightness", "saturated", "focus")
@@ -62,18 +65,28 @@ class ScreenImages(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict:
-        item = {"index": i, "image": None, "status": "scored", "reason": "", "measures": {}}
-        try:
-            rgb, _ = decode_for(self.files[i], self.pre)
-            q = assess(rgb, self.quality)
-            item["measures"] = q.measures
-            if not q.gradable:
-                item.update(status="ungradable", reason="; ".join(q.reasons))
-                return item
-            item["image"], _ = crop_resize(rgb, self.pre)
-        except Exception as exc:
-            item.update(status="unreadable", reason=f"{type(exc).__name__}: {exc}")
-        return item
+        return prepare_item(self.files[i], self.pre, self.quality, i)
+
+
+def prepare_item(path: Path, pre: PreprocessConfig, quality: QualityConfig, index: int = 0) -> dict:
+    """One file as `predict` sees it before scoring: decoded, quality-checked, cropped.
+
+    `image` is the preprocessed RxRx3 array, or None when the file is `ungradable` or
+    `unreadable` (`reason` says why); errors become the item's status, never an exception.
+    `fundusfm serve` prepares each upload with it too, so both give one file the same row.
+    """
+    item = {"index": index, "image": None, "status": "scored", "reason": "", "measures": {}}
+    try:
+        rgb, _ = decode_for(path, pre)
+        q = assess(rgb, quality)
+        item["measures"] = q.measures
+        if not q.gradable:
+            item.update(status="ungradable", reason="; ".join(q.reasons))
+            return item
+        item["image"], _ = crop_resize(rgb, pre)
+    except Exception as exc:
+        item.update(status="unreadable", reason=f"{type(exc).__name__}: {exc}")
+    return item
 
 
 def decisions(bundle: Bundle, probs: np.ndarray) -> list[str]:
@@ -89,34 +102,18 @@ def decisions(bundle: Bundle, probs: np.ndarray) -> list[str]:
     return [classes[int(np.argmax(p))] for p in probs]
 
 
-def _thumbnail(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode()
+def gradcam_file(out: Path, image: Path, index: int) -> Path:
+    """Where `gradcam` writes the overlay of `image`, `index` its place among the images;
+    the stem is cut to 100 bytes so that the name stays under the file system's limit."""
+    stem = printable(image.stem).encode()[:100].decode("utf-8", "ignore")
+    return out / "gradcam" / f"{stem}_{index}.png"
 
 
-def write_report(
-    table: pd.DataFrame, out: Path, bundle_path: Path, notes: list[str], engine: str = ""
-) -> Path:
-    counts = table["status"].value_counts().to_dict()
-    parts = [
-        "<h1>fundusfm screening report</h1>",
-        f"<p>bundle: {html.escape(str(bundle_path))}<br>"
-        + (f"engine: {html.escape(engine)}<br>" if engine else "")
-        + ", ".join(f"{k}: {v}" for k, v in counts.items())
-        + "</p>",
-        *(f"<p><strong>note:</strong> {html.escape(n)}</p>" for n in notes),
-    ]
-    cams = sorted((out / "gradcam").glob("*.png")) if (out / "gradcam").is_dir() else []
-    for cam in cams[:200]:
-        parts.append(
-            f'<figure style="display:inline-block;margin:4px"><img width="160" '
-            f'src="data:image/png;base64,{_thumbnail(cam)}"/>'
-            f"<figcaption>{html.escape(cam.stem)}</figcaption></figure>"
-        )
-    parts.append(table.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="", border=0))
-    style = "body{font-family:sans-serif;margin:2em}table{font-size:12px;border-collapse:collapse}"
-    page = f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head>"
-    (out / "report.html").write_text(page + f"<body>{''.join(parts)}</body></html>", "utf-8")
-    return out / "report.html"
+def _report_files(files, images, folder: Path, out: Path, gradcam: bool) -> tuple:
+    """The report's links from a row's `file` to the file it read and its Grad-CAM overlay."""
+    names = {p: printable(p.relative_to(folder).as_posix()) for p in files}
+    cams = {names[p]: gradcam_file(out, p, i) for i, p in enumerate(images)} if gradcam else None
+    return {n: p for p, n in names.items()}, cams
 
 
 def default_workers() -> int:
@@ -142,16 +139,22 @@ def _check_folders(folder: Path, out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out} exists and is not empty; use --overwrite or another --out")
 
 
+def unsupported_reason(name: Path) -> str | None:
+    """Why a file of this name is `unsupported` (its suffix), or None for an image suffix."""
+    if name.suffix.lower() in SUPPORTED_SUFFIXES:
+        return None
+    return "not an image format fundusfm reads " + printable(f"({name.suffix or 'no extension'})")
+
+
 def _unsupported_rows(files: list[Path], folder: Path) -> list[dict]:
     return [
         {
             "file": printable(p.relative_to(folder).as_posix()),
             "status": "unsupported",
-            "reason": "not an image format fundusfm reads "
-            + printable(f"({p.suffix or 'no extension'})"),
+            "reason": unsupported_reason(p),
         }
         for p in files
-        if p.suffix.lower() not in SUPPORTED_SUFFIXES
+        if unsupported_reason(p) is not None
     ]
 
 
@@ -162,40 +165,51 @@ def _save_gradcam(bundle: Bundle, ok: list[dict], probs, images: list[Path], out
         maps = gradcam_maps(bundle, [b["image"] for b in ok], targets)
     for b, cam in zip(ok, maps, strict=True):
         thumb = Image.fromarray(overlay(b["image"], cam)).resize((160, 160))
-        thumb.save(out / "gradcam" / f"{printable(images[b['index']].stem)}_{b['index']}.png")
+        thumb.save(gradcam_file(out, images[b["index"]], b["index"]))
+
+
+def score_items(bundle: Bundle, score: Scorer, shift: ShiftScorer, items: list[dict]) -> dict:
+    """Probabilities, decision and shift columns of the gradable items, by item index."""
+    ok = [b for b in items if b["image"] is not None]
+    if not ok:
+        return {}
+    tensors = torch.stack([to_tensor(b["image"]) for b in ok])
+    probs = score(tensors)
+    chosen = decisions(bundle, probs)
+    return {
+        b["index"]: (p, d, s) for b, p, d, s in zip(ok, probs, chosen, shift(tensors), strict=True)
+    }
+
+
+def item_row(bundle: Bundle, item: dict, file: str, scored: tuple | None) -> dict:
+    """The predictions.csv row of one item (`scored`: its entry of `score_items`, if any)."""
+    row = {"file": file, "status": item["status"], "reason": printable(item["reason"])}
+    if scored is not None:
+        p, d, s = scored
+        row.update({f"p_{c}": float(v) for c, v in zip(bundle.classes, p, strict=True)})
+        row["decision"] = d
+        row.update(s)
+    row.update({k: item["measures"].get(k) for k in MEASURES})
+    return row
 
 
 def _batch_rows(
     bundle, score: Scorer, shift: ShiftScorer, batch, images, folder, out, gradcam
 ) -> list[dict]:
     """Score the gradable images of one loader batch; one row per item."""
-    ok = [b for b in batch if b["image"] is not None]
-    scored = {}
-    if ok:
-        tensors = torch.stack([to_tensor(b["image"]) for b in ok])
-        probs = score(tensors)
-        chosen = decisions(bundle, probs)
-        scored = {
-            b["index"]: (p, d, s)
-            for b, p, d, s in zip(ok, probs, chosen, shift(tensors), strict=True)
-        }
-        if gradcam:
-            _save_gradcam(bundle, ok, probs, images, out)
-    rows = []
-    for b in batch:
-        row = {
-            "file": printable(images[b["index"]].relative_to(folder).as_posix()),
-            "status": b["status"],
-            "reason": printable(b["reason"]),
-        }
-        if b["index"] in scored:
-            p, d, s = scored[b["index"]]
-            row.update({f"p_{c}": float(v) for c, v in zip(bundle.classes, p, strict=True)})
-            row["decision"] = d
-            row.update(s)
-        row.update({k: b["measures"].get(k) for k in MEASURES})
-        rows.append(row)
-    return rows
+    scored = score_items(bundle, score, shift, batch)
+    ok = [b for b in batch if b["index"] in scored]
+    if gradcam and ok:
+        _save_gradcam(bundle, ok, [scored[b["index"]][0] for b in ok], images, out)
+    return [
+        item_row(
+            bundle,
+            b,
+            printable(images[b["index"]].relative_to(folder).as_posix()),
+            scored.get(b["index"]),
+        )
+        for b in batch
+    ]
 
 
 def screen(
@@ -246,5 +260,7 @@ def screen(
     said = [*score.notes, *shift.notes]
     if shift.available and scored:
         said.append(shift_line(flag_summary(scored), "scored images"))
-    write_report(table, out, bundle_path, [*bundle_notes(bundle.meta), *said], score.engine)
+    sources, cams = _report_files(files, images, folder, out, gradcam)
+    notes = [*bundle_notes(bundle.meta), *said]
+    write_report(table, out, bundle, notes, score.engine, sources, cams)
     return Screening(table, score.engine, said)

@@ -1,0 +1,164 @@
+// fundusfm serve: drop photographs, see each one's row, download them as CSV.
+// Plain JavaScript, no build step and nothing loaded from elsewhere. Each file is sent to
+// POST /v1/predict (as many at a time as the server scores at once: max_concurrent); a
+// refused file gets a row with the error the API names.
+"use strict";
+
+const state = { model: null, rows: [], queue: [], running: 0 };
+const ready = fetch("/v1/model").then((r) => r.json()).then(showModel).catch((err) => {
+  document.getElementById("model-summary").textContent = `cannot read /v1/model: ${err}`;
+  throw err;
+});
+
+function el(tag, attrs = {}, text = "") {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  if (text !== "") node.textContent = text;
+  return node;
+}
+
+function showModel(info) {
+  state.model = info;
+  const t = info.threshold;
+  const cut = t.values.length ? `threshold ${t.values.join(", ")} ` +
+    (t.validated ? "(validated)" : "(NOT validated on data)") : "argmax decision";
+  document.getElementById("model-summary").textContent =
+    `${info.name}: ${info.task.kind}, classes ${info.classes.join(", ")}; ${cut}; ` +
+    `${info.preprocessing.resolution} px; engine ${info.server.engine}`;
+  const notes = document.getElementById("model-notes");
+  for (const note of info.notes) notes.appendChild(el("li", {}, note));
+  document.getElementById("model-card").textContent = info.card;
+  const head = document.getElementById("results-head");
+  for (const col of columns()) head.appendChild(el("th", {}, col.label));
+  return info;
+}
+
+function columns() {
+  const probs = state.model.classes.map((c) => ({ key: `p_${c}`, label: `p(${c})`, num: true }));
+  return [
+    { key: "file", label: "file" }, { key: "status", label: "status" },
+    { key: "reason", label: "reason" }, ...probs, { key: "decision", label: "decision" },
+    { key: "shift", label: "shift" }, { key: "gradcam_png", label: "Grad-CAM" },
+  ];
+}
+
+function cell(col, row) {
+  const td = el("td", { "data-col": col.key });
+  const value = row[col.key];
+  if (col.key === "gradcam_png") {
+    if (value) td.appendChild(el("img", { src: `data:image/png;base64,${value}`, alt: "Grad-CAM" }));
+  } else if (col.num && typeof value === "number") {
+    td.className = "num";
+    td.setAttribute("data-value", String(value));
+    td.textContent = value.toFixed(3);
+  } else {
+    td.textContent = value == null ? "" : String(value);
+  }
+  return td;
+}
+
+function draw(entry) {
+  const tr = entry.tr;
+  tr.replaceChildren(...columns().map((col) => cell(col, entry.row)));
+  tr.className = entry.done ? (entry.ok ? entry.row.status : "error") : "pending";
+  if (entry.done) tr.setAttribute("data-done", "1");
+}
+
+async function score(entry) {
+  const form = new FormData();
+  form.append("file", entry.file, entry.file.name);
+  const gradcam = state.model.server.gradcam ? "?gradcam=true" : "";
+  try {
+    const response = await fetch(`/v1/predict${gradcam}`, { method: "POST", body: form });
+    const body = await response.json();
+    entry.ok = response.ok;
+    entry.row = response.ok ? body : {
+      file: body.file || entry.file.name, status: body.error || `HTTP ${response.status}`,
+      reason: body.detail || "",
+    };
+  } catch (err) {
+    entry.ok = false;
+    entry.row = { file: entry.file.name, status: "error", reason: String(err) };
+  }
+  entry.done = true;
+  draw(entry);
+}
+
+function pump() {
+  while (state.running < state.model.server.max_concurrent && state.queue.length) {
+    const entry = state.queue.shift();
+    state.running += 1;
+    score(entry).finally(() => { state.running -= 1; progress(); pump(); });
+  }
+}
+
+function progress() {
+  const done = state.rows.filter((e) => e.done).length;
+  document.getElementById("progress").textContent =
+    state.rows.length ? `${done} of ${state.rows.length} screened` : "";
+  document.getElementById("download").disabled = done === 0;
+  document.getElementById("clear").disabled = state.rows.length === 0 || done < state.rows.length;
+}
+
+async function add(files) {
+  await ready;
+  const body = document.querySelector("#results tbody");
+  for (const file of files) {
+    const entry = { file, row: { file: file.name, status: "pending" }, done: false, ok: false };
+    entry.tr = el("tr", { "data-file": file.name });
+    body.appendChild(entry.tr);
+    draw(entry);
+    state.rows.push(entry);
+    state.queue.push(entry);
+  }
+  progress();
+  pump();
+}
+
+function csvField(value) {
+  const text = value == null ? "" : String(value);
+  return /[",\r\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
+}
+
+function csv() {
+  const rows = state.rows.filter((e) => e.done).map((e) => e.row);
+  const keys = [];
+  for (const row of rows) {
+    for (const k of Object.keys(row)) if (k !== "gradcam_png" && !keys.includes(k)) keys.push(k);
+  }
+  const lines = [keys.map(csvField).join(",")];
+  for (const row of rows) lines.push(keys.map((k) => csvField(row[k])).join(","));
+  return lines.join("\r\n") + "\r\n";
+}
+
+function download() {
+  const url = URL.createObjectURL(new Blob([csv()], { type: "text/csv" }));
+  const link = el("a", { href: url, download: "predictions.csv" });
+  document.body.appendChild(link);
+  link.click();
+  link.remove();
+  URL.revokeObjectURL(url);
+}
+
+function clear() {
+  state.rows = [];
+  document.querySelector("#results tbody").replaceChildren();
+  progress();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const drop = document.getElementById("drop");
+  const input = document.getElementById("files");
+  input.addEventListener("change", () => { add([...input.files]); input.value = ""; });
+  for (const kind of ["dragenter", "dragover"]) {
+    drop.addEventListener(kind, (e) => { e.preventDefault(); drop.classList.add("over"); });
+  }
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    add([...e.dataTransfer.files]);
+  });
+  document.getElementById("download").addEventListener("click", download);
+  document.getElementById("clear").addEventListener("click", clear);
+});
