@@ -143,7 +143,11 @@ def test_page_docs_and_openapi_answer(served):
     assert "default-src 'self'" in page.headers["content-security-policy"]
     assert "Download CSV" in served.client.get("/").text
     assert "text/javascript" in served.client.get("/static/page.js").headers["content-type"]
-    assert served.client.get("/docs").status_code == 200
+    docs = served.client.get("/docs")
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
+    assert "http" not in docs.text.replace("http-equiv", "")  # nothing from a CDN: offline
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert served.client.get(f"/static-offline-docs/{asset}").status_code == 200
     spec = served.client.get("/openapi.json").json()
     body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
     assert body["multipart/form-data"]["schema"]["required"] == ["file"]

@@ -103,3 +103,19 @@ def test_dropped_photos_show_the_apis_rows_and_download_as_csv(served, tmp_path)
     assert list(table) == [*PHOTOS, "truncated.jpg"]
     assert [table[n]["decision"] for n in PHOTOS] == [expected[n]["decision"] for n in PHOTOS]
     assert "gradcam_png" not in next(iter(table.values()))
+
+
+def test_api_docs_render_in_the_browser_without_a_network(served):
+    """/docs is Swagger UI from the installed package: the operations appear offline."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with background(served.app) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/docs")
+            expect(page.locator(".opblock-summary-path").first).to_be_visible(timeout=30_000)
+            paths = page.locator(".opblock-summary-path").all_text_contents()
+        finally:
+            browser.close()
+    assert {"/v1/predict", "/v1/model"} <= {t.strip().replace("\u200b", "") for t in paths}

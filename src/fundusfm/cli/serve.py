@@ -14,6 +14,7 @@ SERVE_PACKAGES = {
     "fastapi": "fastapi",
     "uvicorn": "uvicorn",
     "python_multipart": "python-multipart",
+    "fastapi_offline": "fastapi-offline",
 }
 
 

@@ -4,7 +4,9 @@
     GET  /v1/model     the bundle's model card as JSON (`model_info`)
     POST /v1/predict   one image (multipart field `file`) -> its predictions.csv row as JSON;
                        `?gradcam=true` adds `gradcam_png`, a base64 PNG overlay
-    GET  /docs         FastAPI's OpenAPI page (/openapi.json)
+    GET  /docs         the OpenAPI page (/openapi.json) in Swagger UI, its files served
+                       from the fastapi-offline package (FastAPI's default loads them from
+                       a CDN: a blank page on a machine without internet); /redoc likewise
 Every refusal is a JSON `{"error": NAME, "detail": WHAT TO DO, "file": ...}` with a 4xx
 status (503 when too many uploads wait), and the server keeps serving. The bundle, its
 scorer and its shift scorer are loaded once, in `create_app`; each upload is scored in a
@@ -23,6 +25,7 @@ from pathlib import Path
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 
 from fundusfm import __version__
 from fundusfm.config.serve import ServeConfig
@@ -168,7 +171,7 @@ def create_app(bundle_path: Path, settings: ServeConfig | None = None) -> FastAP
         yield
         app.state.gate.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # FastAPI, with /docs and /redoc from local files
         title="fundusfm serve",
         version=__version__,
         description=f"Screening with {info['name']}: one photograph per request.",
