@@ -45,6 +45,7 @@ from fundusfm.data.decode import SUPPORTED_SUFFIXES
 from fundusfm.data.manifest import printable
 from fundusfm.data.preprocess import crop_resize, decode_for
 from fundusfm.data.transforms import to_tensor
+from fundusfm.errors import ConfigError, WeightsError
 from fundusfm.explain.gradcam import gradcam_maps, overlay
 from fundusfm.inference import Scorer, scorer
 from fundusfm.models.loaded import Bundle, load_bundle
@@ -134,7 +135,7 @@ def _check_folders(folder: Path, out: Path, overwrite: bool) -> None:
     if not folder.is_dir():
         raise FileNotFoundError(f"not a folder: {folder}")
     if out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents:
-        raise ValueError(f"--out {out} would hold the input folder {folder}; choose another")
+        raise ConfigError(f"--out {out} would hold the input folder {folder}; choose another")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; use --overwrite or another --out")
 
@@ -235,7 +236,7 @@ def screen(
     _check_folders(folder, out, overwrite)
     bundle = load_bundle(bundle_path, device)  # before --overwrite removes anything
     if bundle.kind == "segmentation":
-        raise ValueError("predict screens with classifiers; use `fundusfm segment eval`")
+        raise WeightsError("predict screens with classifiers; use `fundusfm segment eval`")
     score = scorer(bundle, engine, progress)  # a graph that cannot be built: nothing removed
     shift = shift_scorer(bundle, score.engine)
     if out.exists() and any(out.iterdir()):
