@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from fundusfm.card import TIMM_ARCHS
 from fundusfm.cli import app
 from fundusfm.data.transforms import normalise
-from fundusfm.errors import PickleRefused
+from fundusfm.errors import ConfigError, PickleRefused, WeightsError
 from fundusfm.legacy import import_legacy
 from fundusfm.models.backbone import Backbone, resnet10
 from fundusfm.models.heads import Classifier, make_head
@@ -162,8 +162,12 @@ def test_single_output_head_is_refused_and_dropout_mlp_exports_in_the_authors_la
     net = torchvision.models.resnet18()
     net.fc = nn.Linear(512, 1)
     torch.save(net.state_dict(), tmp_path / "one.pth")
-    with pytest.raises(ValueError, match="1 output"):
+    with pytest.raises(WeightsError, match="1 output"):
         import_legacy(tmp_path / "one.pth", tmp_path / "b1")
+    net.fc = nn.Linear(512, 3)
+    torch.save(net.state_dict(), tmp_path / "three.pth")
+    with pytest.raises(ConfigError, match=r"--classes gives 2 class names .* give 3 names"):
+        import_legacy(tmp_path / "three.pth", tmp_path / "b3", classes=["a", "b"])
     model = Classifier(Backbone("resnet18"), make_head("mlp", 512, 2, 512, dropout=0.2))
     state = torchvision_state(model, "mlp")
     assert {k for k in state if k.startswith("fc.")} >= {

@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 
 from fundusfm.config.core import changed_settings, dump_config
-from fundusfm.config.grid import DemoConfig, ExternalSet
+from fundusfm.config.grid import ClassificationExternal, ClassificationGrid, DemoConfig
 from fundusfm.data.manifest import load_manifest
 from fundusfm.data.splits import make_splits
 from fundusfm.data.validate import check_manifest
-from fundusfm.errors import ConfigError, WeightsNotFound
+from fundusfm.errors import ConfigError, DataError, WeightsNotFound
 from fundusfm.grid.report import build_report
 from fundusfm.grid.runner import run_grid
+from fundusfm.io import write_csv
 from fundusfm.models.inits import imagenet_state
 from fundusfm.synthetic.generate import generate
 from fundusfm.tasks.classify import pretrain
@@ -82,7 +83,10 @@ def _generate_sets(cfg: DemoConfig, data: Path, progress: bool, step) -> dict[st
         report = check_manifest(load_manifest(path), progress=False)
         real = [p for p in report.problems if "has no images" not in p.message]
         if real:
-            raise ValueError(f"{path}: {len(real)} problems, first: {real[0]}")
+            raise DataError(
+                f"{path}: {len(real)} problems, first: {real[0]}; remove {path.parent} to "
+                "generate it again (`fundusfm data check` lists every problem)"
+            )
         manifests[name] = path
     return manifests
 
@@ -109,11 +113,13 @@ def _pretrain_inits(cfg: DemoConfig, out: Path, upstream: Path, progress: bool, 
     return inits
 
 
-def _grid_config(cfg: DemoConfig, out: Path, manifests: dict, splits: Path, inits: dict):
+def _grid_config(
+    cfg: DemoConfig, out: Path, manifests: dict, splits: Path, inits: dict
+) -> ClassificationGrid:
     """The demo's grid: the downstream set and its splits, the inits, the external set."""
     g = cfg.grid
     data = g.base.data.model_copy(update={"manifest": manifests["downstream"], "splits": splits})
-    external = ExternalSet(
+    external = ClassificationExternal(
         name="shifted_camera", manifest=manifests["external"], task=g.base.data.task
     )
     return g.model_copy(
@@ -154,7 +160,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True, say=print) -> Pa
     if not splits.is_file():
         s = cfg.split
         step(f"splitting the downstream set: {s.folds} folds, fractions {s.fractions}")
-        make_splits(load_manifest(manifests["downstream"]), s).to_csv(splits, index=False)
+        write_csv(splits, make_splits(load_manifest(manifests["downstream"]), s))
     grid = _grid_config(cfg, out, manifests, splits, inits)
     dump_config(grid, out / "grid.yaml")
     a = grid.axes

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from fundusfm.bundle import BundleMeta, read_preprocessing
-from fundusfm.errors import ConfigError, FundusError, WeightsError
+from fundusfm.errors import ConfigError, DataError, FundusError, WeightsError
 from fundusfm.io import value_sha256, write_atomic
 from fundusfm.models.inits import weights_home
 from fundusfm.models.loaded import Bundle
@@ -96,7 +96,7 @@ class Scorer:
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         if images.dtype != torch.uint8:  # a float batch would be scaled twice
-            raise ValueError(f"expected uint8 images (the bundle normalises), got {images.dtype}")
+            raise DataError(f"expected uint8 images (the bundle normalises), got {images.dtype}")
         return self.run(images)
 
 

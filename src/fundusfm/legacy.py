@@ -23,7 +23,7 @@ from fundusfm.bundle import (
     save_bundle,
 )
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from fundusfm.errors import PickleRefused
+from fundusfm.errors import ConfigError, PickleRefused, WeightsError, WeightsNotFound
 from fundusfm.models.loaded import build_model
 
 ARCH_BLOCKS = {(1, 1, 1, 1): "resnet10", (2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34"}
@@ -56,7 +56,10 @@ def _state_of(obj) -> dict[str, torch.Tensor]:
         state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if state:
             return {k.removeprefix("module."): v for k, v in state.items()}
-    raise ValueError("the checkpoint holds no state dict (expected a model or tensors by name)")
+    raise WeightsError(
+        "the checkpoint holds no state dict (expected a model or tensors by name); give a "
+        "file written with torch.save(model) or torch.save(model.state_dict())"
+    )
 
 
 def _arch_of(state: dict[str, torch.Tensor]) -> str:
@@ -65,7 +68,10 @@ def _arch_of(state: dict[str, torch.Tensor]) -> str:
     )
     table = BOTTLENECK_BLOCKS if "layer1.0.conv3.weight" in state else ARCH_BLOCKS
     if blocks not in table:
-        raise ValueError(f"not a torchvision ResNet: residual blocks per stage {blocks}")
+        raise WeightsError(
+            f"not a torchvision ResNet: residual blocks per stage {blocks}; import-legacy "
+            f"reads {', '.join(sorted({*ARCH_BLOCKS.values(), *BOTTLENECK_BLOCKS.values()}))}"
+        )
     return table[blocks]
 
 
@@ -76,7 +82,40 @@ def _head_of(state: dict[str, torch.Tensor]) -> tuple[str, int, int]:
     if {"fc.0.weight", "fc.1.running_mean", "fc.3.weight"} <= state.keys():
         return "mlp", state["fc.0.weight"].shape[0], state["fc.3.weight"].shape[0]
     fc = sorted(k for k in state if k.startswith("fc."))
-    raise ValueError(f"unrecognised classifier head (keys {fc[:6]}); expected fc.* or fc.0/1/3")
+    raise WeightsError(
+        f"unrecognised classifier head (keys {fc[:6]}); expected a Linear fc.* or the "
+        "paper's MLP fc.0/1/3 (Linear-BatchNorm1d-ReLU-Linear)"
+    )
+
+
+def _our_keys(state: dict[str, torch.Tensor], head: str) -> dict[str, torch.Tensor]:
+    """The torchvision keys renamed to a fundusfm classifier's (`backbone.net.*`, `head.*`)."""
+    ours = {}
+    for key, value in state.items():
+        if key.startswith("fc."):
+            rest = key[3:]
+            ours["head." + ("0." + rest if head == "linear" else rest)] = value
+        else:
+            ours["backbone.net." + key] = value
+    return ours
+
+
+def _class_names(outputs: int, classes: list[str] | None) -> list[str]:
+    """One name per output: those given, else normal/abnormal (2 outputs) or 0..C-1."""
+    if outputs < 2:
+        raise WeightsError(
+            f"the head has {outputs} output; fundusfm bundles need one output per class "
+            "(a single-logit binary head would need a sigmoid, which is not supported here)"
+        )
+    classes = classes or (
+        ["normal", "abnormal"] if outputs == 2 else [str(i) for i in range(outputs)]
+    )
+    if len(classes) != outputs:
+        raise ConfigError(
+            f"--classes gives {len(classes)} class names for a head with {outputs} outputs; "
+            f"give {outputs} names, comma-separated"
+        )
+    return classes
 
 
 def import_legacy(
@@ -91,27 +130,11 @@ def import_legacy(
     records the weights' licence (a hub id) when their publisher states one."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise WeightsNotFound(f"checkpoint not found: {path}")
     state = _state_of(_load_checkpoint(path, trust_pickle))
     arch = _arch_of(state)
     head, hidden, outputs = _head_of(state)
-    if outputs < 2:
-        raise ValueError(
-            f"the head has {outputs} output; fundusfm bundles need one output per class "
-            "(a single-logit binary head would need a sigmoid, which is not supported here)"
-        )
-    classes = classes or (
-        ["normal", "abnormal"] if outputs == 2 else [str(i) for i in range(outputs)]
-    )
-    if len(classes) != outputs:
-        raise ValueError(f"{len(classes)} class names for a head with {outputs} outputs")
-    ours = {}
-    for key, value in state.items():
-        if key.startswith("fc."):
-            rest = key[3:]
-            ours["head." + ("0." + rest if head == "linear" else rest)] = value
-        else:
-            ours["backbone.net." + key] = value
+    classes = _class_names(outputs, classes)
     raw = {
         "architecture": {"arch": arch, "head": head, "hidden": hidden, "outputs": outputs},
         "task": {
@@ -137,7 +160,10 @@ def import_legacy(
     meta = BundleMeta.model_validate(raw)
 
     model = build_model(meta)
-    missing, unexpected = model.load_state_dict(ours, strict=False)
+    missing, unexpected = model.load_state_dict(_our_keys(state, head), strict=False)
     if missing or unexpected:
-        raise ValueError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise WeightsError(
+            f"weights do not fit a {arch} with a {head} head: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
     return save_bundle(model, out, meta)

@@ -120,3 +120,82 @@ def test_demo_cpu_grid_config_matches_what_the_demo_runs():
     assert shipped.base.train == demo.base.train
     assert shipped.base.model.arch == demo.base.model.arch
     assert shipped.base.data.resolution == demo.base.data.resolution
+
+
+@pytest.mark.parametrize(
+    ("stem", "kind"),
+    [
+        ("grid_cpu", "ClassificationGrid"),
+        ("grid_paper", "ClassificationGrid"),
+        ("grid_segment", "SegmentationGrid"),
+    ],
+)
+def test_each_shipped_grid_loads_as_its_kind(stem: str, kind: str):
+    """grid_cpu and grid_paper have no `kind:` and load as classification grids, as before."""
+    from fundusfm.config import grid as g
+
+    cfg = load_config(g.GridConfig, CONFIGS / f"{stem}.yaml")
+    assert type(cfg) is getattr(g, kind)
+    assert cfg.kind == {"ClassificationGrid": "classification"}.get(kind, "segmentation")
+
+
+def test_grid_kind_without_kind_follows_the_section_given():
+    from fundusfm.config.grid import ClassificationGrid, GridConfig, SegmentationGrid
+
+    assert type(load_config(GridConfig, None, [])) is ClassificationGrid
+    segment = ["segment.data.patch=64", "axes.fold=[0]"]
+    assert type(load_config(GridConfig, None, segment)) is SegmentationGrid
+
+
+@pytest.mark.parametrize(
+    ("sets", "named"),
+    [
+        (["kind=classification", "segment.train.epochs=2"], "segment"),
+        (["kind=segmentation", "axes.fold=[0]", "base.train.epochs=2"], "base"),
+        (["kind=segmentation", "axes.fold=[0]", "probe.mode=train"], "probe"),
+        (["kind=segmentation", "axes.fold=[0]", "axes.task=[abnormal]"], "axes.task"),
+        (["external=[{name: e, manifest: m.csv, split: test}]"], "external.0.split"),
+        (
+            [
+                "kind=segmentation",
+                "axes.fold=[0]",
+                "external=[{name: e, manifest: m.csv, task: t}]",
+            ],
+            "external.0.task",
+        ),
+    ],
+)
+def test_a_setting_of_the_other_grid_kind_is_refused_by_name(sets: list[str], named: str):
+    with pytest.raises(ConfigError) as err:
+        from fundusfm.config.grid import GridConfig
+
+        load_config(GridConfig, None, sets)
+    other = "classification" if "kind=segmentation" in sets else "segmentation"
+    assert f"{named}: read by a {other} grid" in str(err.value)
+    assert f"set kind: {other}" in str(err.value)
+
+
+def test_grid_methods_of_the_other_kind_are_refused():
+    from fundusfm.config.grid import GridConfig
+
+    with pytest.raises(ConfigError, match=r"\['frozen'\] do not fit a classification grid"):
+        load_config(GridConfig, None, ["axes.method=[frozen]"])
+
+
+def test_an_unknown_grid_kind_is_refused_listing_the_kinds(tmp_path: Path):
+    from fundusfm.config.grid import GridConfig
+
+    path = tmp_path / "grid.yaml"
+    path.write_text("kind: detection\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(GridConfig, path)
+    assert str(path) in str(err.value)
+    assert "kind: 'detection' is not one of: classification, segmentation" in str(err.value)
+
+
+def test_a_grid_config_round_trips_as_its_kind(tmp_path: Path):
+    from fundusfm.config.grid import GridConfig, SegmentationGrid
+
+    cfg = load_config(GridConfig, CONFIGS / "grid_segment.yaml")
+    again = load_config(GridConfig, dump_config(cfg, tmp_path / "grid.yaml"))
+    assert isinstance(again, SegmentationGrid) and again == cfg

@@ -141,12 +141,12 @@ def test_global_batch_must_divide_and_sync_batchnorm_needs_gpus(monkeypatch):
 
 
 def test_grid_refuses_torchrun_and_points_to_shards(monkeypatch, tmp_path):
-    from fundusfm.config.grid import GridConfig
+    from fundusfm.config.grid import ClassificationGrid
     from fundusfm.grid.runner import run_grid
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="--shard"):
-        run_grid(GridConfig(out=tmp_path / "grid"))
+        run_grid(ClassificationGrid(out=tmp_path / "grid"))
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ def test_expansion_and_shards(setup, tmp_path):
     ids = [c.id for p in parts for c in p]
     assert sorted(ids) == sorted(c.id for c in cells) and len(ids) == len(set(ids))
     assert parse_shard("3/4") == (3, 4)
-    with pytest.raises(ValueError, match=r"0\.\.N-1"):
+    with pytest.raises(ConfigError, match=r"0\.\.N-1"):
         parse_shard("4/4")
 
 
@@ -322,11 +322,11 @@ def test_changed_settings_make_cells_stale_and_rerun_fresh(setup, tmp_path):
 
 
 def test_axes_reject_duplicates_and_unsafe_labels(setup, tmp_path):
-    with pytest.raises(ValueError, match="repeated values"):
+    with pytest.raises(ConfigError, match="repeated values"):
         grid_config(setup, tmp_path, **{"axes.fold": "[0, 0]"})
-    with pytest.raises(ValueError, match="init label"):
+    with pytest.raises(ConfigError, match="init label"):
         grid_config(setup, tmp_path, **{"axes.init": "{'../x': scratch}"})
-    with pytest.raises(ValueError, match="same label"):
+    with pytest.raises(ConfigError, match="same label"):
         grid_config(setup, tmp_path, **{"axes.init": "[runs/a_b, runs/a/b]"})
     cells = expand(grid_config(setup, tmp_path, **{"axes.task": "[null, abnormal]"}))
     assert len(cells) == len({c.id for c in cells}) == 6  # null means the base task

@@ -29,3 +29,18 @@ def test_resnet10_encodes_a_unet_with_the_backbones_weights(tiny_arch):
     assert not encoder_state_equal(unet, backbone.net.state_dict())  # scratch: its own draw
     unet.encoder.load_state_dict(backbone.net.state_dict())  # strict: the layouts agree
     assert unet(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_a_wrong_setting_or_wrong_weights_are_typed_errors(tiny_arch):
+    """A bad setting is a ConfigError, weights that do not fit a WeightsError; both say what
+    to use instead."""
+    from fundusfm.errors import ConfigError, WeightsError
+    from fundusfm.models.heads import make_head
+
+    with pytest.raises(ConfigError, match="choose one of"):
+        make_head("transformer", 512, 2)
+    with pytest.raises(ConfigError, match="use one of scratch"):
+        create_backbone(tiny_arch, "no/such/init")
+    wider = create_backbone("resnet18", "scratch").net.state_dict()
+    with pytest.raises(WeightsError, match="another architecture"):
+        create_backbone(tiny_arch, "scratch").load_torchvision_state(wider)

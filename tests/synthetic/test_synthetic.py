@@ -7,14 +7,16 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fundusfm.cli import app
-from fundusfm.config.core import SynthConfig
+from fundusfm.config.core import SynthConfig, load_config
 from fundusfm.data.manifest import load_manifest
 from fundusfm.data.validate import check_manifest
+from fundusfm.errors import ConfigError
 from fundusfm.synthetic.generate import (
     CLASSES,
     DISEASES,
     dataset_spec,
     generate,
+    generate_set,
     plan_patients,
     sample_patient,
 )
@@ -127,8 +129,16 @@ def test_deterministic_for_seed_and_workers(tmp_path: Path):
 def test_odd_count_and_prevalence_validation(tmp_path: Path):
     m = generate(SynthConfig(n=3, size=64, workers=1), tmp_path / "odd", progress=False)
     assert len(pd.read_csv(m)) == 3
-    with pytest.raises(ValueError, match="unknown classes"):
+    with pytest.raises(ConfigError, match="unknown classes"):
         generate(SynthConfig(n=2, size=64, prevalence={"cataract": 1.0}), tmp_path / "x")
+
+
+def test_generate_set_refuses_a_folder_that_holds_a_set_and_records_its_settings(tmp_path):
+    cfg = SynthConfig(n=2, size=64, workers=1)
+    manifest = generate_set(cfg, tmp_path / "set", progress=False)
+    assert load_config(SynthConfig, manifest.parent / "config.yaml") == cfg
+    with pytest.raises(ConfigError, match="already holds a generated set; choose a new"):
+        generate_set(cfg, tmp_path / "set", progress=False)
 
 
 def test_every_class_and_subtle_cases(synth_large: Path):

@@ -18,7 +18,14 @@ from fundusfm.config.core import (
 )
 from fundusfm.data.manifest import load_manifest
 from fundusfm.data.splits import fold_sets, make_splits
-from fundusfm.errors import BundleError, ConfigError, DataError, TrainingDiverged, WeightsNotFound
+from fundusfm.errors import (
+    BundleError,
+    ConfigError,
+    DataError,
+    TrainingDiverged,
+    WeightsError,
+    WeightsNotFound,
+)
 from fundusfm.models.heads import make_head
 from fundusfm.models.inits import INITS, create_backbone
 from fundusfm.models.loaded import load_bundle
@@ -70,9 +77,9 @@ def test_backbone_seam():
     assert [m.shape[1] for m in maps] == [64, 128, 256, 512]
     assert b.pool(x).shape == (2, 512) and b.num_features == 512
     assert create_backbone("resnet50").num_features == 2048
-    with pytest.raises(ValueError, match="resnet18"):
+    with pytest.raises(ConfigError, match="resnet18"):
         create_backbone("vgg16")
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ConfigError) as err:
         create_backbone("resnet18", "imagenet21k")
     assert all(name in str(err.value) for name in INITS)
 
@@ -97,7 +104,7 @@ def test_imagenet_weights_offline_or_clear_error(tmp_path: Path):
         torch.save(reference.state_dict(), target)
         loaded = create_backbone("resnet18", "imagenet")
         assert torch.equal(loaded.net.conv1.weight, reference.conv1.weight)
-        with pytest.raises(ValueError, match="IMAGENET1K_V1"):
+        with pytest.raises(ConfigError, match="IMAGENET1K_V1"):
             create_backbone("resnet18", "imagenet", imagenet_version="IMAGENET1K_V2")
     finally:
         torch.hub.set_dir(old)
@@ -205,7 +212,7 @@ def test_bundle_round_trip_and_tamper_check(tiny, tmp_path):
     meta = bundle.meta
     assert meta.preprocessing.resolution == 64
     assert meta.provenance.manifest_sha256 and meta.task.classes == ["0", "1"]
-    with pytest.raises(ValueError, match="expects 64x64"):
+    with pytest.raises(DataError, match="expects 64x64"):
         bundle.predict(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     weights = out / "bundle" / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -357,15 +364,15 @@ def test_undefined_selection_metric_fails_before_training(tiny, tmp_path):
 def test_wrong_inputs_give_clear_errors(tiny, tmp_path):
     out = finetune(config(tiny, tmp_path / "run"))
     bundle = load_bundle(out / "bundle")
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(DataError, match="uint8"):
         bundle.predict(torch.rand(1, 3, 64, 64))
     wrong = tmp_path / "r50.pth"
     torch.save(torchvision.models.resnet50().state_dict(), wrong)
-    with pytest.raises(ValueError, match="another architecture"):
+    with pytest.raises(WeightsError, match="another architecture"):
         create_backbone("resnet18", "imagenet", imagenet_file=wrong)
     whole = tmp_path / "whole.pth"
     torch.save(torchvision.models.resnet18(), whole)  # a pickled model object, not weights
-    with pytest.raises(ValueError, match="not a plain state dict"):
+    with pytest.raises(WeightsError, match="not a plain state dict"):
         create_backbone("resnet18", "imagenet", imagenet_file=whole)
     label_map = tmp_path / "map.yaml"
     label_map.write_text("column: eye\nmap: {up: 1}\n")

@@ -20,7 +20,7 @@ from fundusfm.data.decode import read_mask
 from fundusfm.data.manifest import load_manifest, save_manifest
 from fundusfm.data.splits import make_splits
 from fundusfm.data.vessel_images import rows_without_fov, square, to_native
-from fundusfm.errors import ConfigError
+from fundusfm.errors import ConfigError, DataError
 from fundusfm.evaluation.seg_metrics import NAMES, count, scores, summary
 from fundusfm.models.backbone import Backbone
 from fundusfm.models.heads import Classifier, make_head
@@ -302,6 +302,12 @@ def test_segmentation_grid_refuses_classification_methods():
         load_config(
             GridConfig, None, ["kind=segmentation", "axes.fold=[0]", "axes.resolution=[600]"]
         )
+
+
+def test_a_mask_of_another_size_is_a_data_error():
+    truth, fov = vessels()
+    with pytest.raises(DataError, match="every mask must have the size of its image"):
+        count(truth[:, :-1].astype(np.float32), truth, fov, 0.5)
 
 
 def test_cldice_counts_an_empty_prediction_as_zero():

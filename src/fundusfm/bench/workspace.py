@@ -13,7 +13,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from fundusfm.config.core import DataConfig, PreprocessConfig, SplitConfig, SynthConfig
@@ -21,6 +20,7 @@ from fundusfm.data.datasets import FoldData, load_fold
 from fundusfm.data.manifest import load_manifest
 from fundusfm.data.preprocess import CACHE_FORMAT, INDEX_COLUMNS, ImageCache, preprocess_image
 from fundusfm.data.splits import make_splits
+from fundusfm.io import write_csv, write_npy, write_text_atomic
 from fundusfm.synthetic.generate import generate
 
 TASK = "abnormal"
@@ -43,7 +43,7 @@ class Workspace:
         self.manifest = generate(cfg, self.root / "synth", progress=False)
         self.splits = self.root / "splits.csv"
         split_cfg = SplitConfig(folds=folds, fractions=[*fractions, 1.0], task=TASK, seed=seed)
-        make_splits(load_manifest(self.manifest), split_cfg).to_csv(self.splits, index=False)
+        write_csv(self.splits, make_splits(load_manifest(self.manifest), split_cfg))
         self._folds: dict[int, FoldData] = {}
 
     def data_config(self, resolution: int) -> DataConfig:
@@ -72,11 +72,10 @@ def replicated_cache(directory: Path, source: Path, resolution: int, images: int
     arrays = Path(directory) / "arrays"
     arrays.mkdir(parents=True)
     settings = {**cfg.model_dump(exclude={"workers"}), "format": CACHE_FORMAT}
-    (directory / "settings.json").write_text(json.dumps(settings, indent=2))
+    write_text_atomic(directory / "settings.json", json.dumps(settings, indent=2))
     pixels, info = preprocess_image(source, cfg)
     first = arrays / "000000.npy"
-    with first.open("wb") as fh:
-        np.save(fh, pixels)
+    write_npy(first, pixels)
     link = os.link
     rows = []
     for i in range(images):
@@ -89,5 +88,5 @@ def replicated_cache(directory: Path, source: Path, resolution: int, images: int
                 link(first, arrays / name)
         rows.append({"source": f"/replicated/{i:06d}.jpg", "size": 0, "mtime_ns": 0})
         rows[-1].update(file=name, **info)
-    pd.DataFrame(rows, columns=INDEX_COLUMNS).to_csv(directory / "index.csv", index=False)
+    write_csv(directory / "index.csv", pd.DataFrame(rows, columns=INDEX_COLUMNS))
     return ImageCache(directory)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from fundusfm.cli.common import ConfigOpt, QuietOpt, SetOpt, fail, group, resolve, user_errors
-from fundusfm.config.core import PreprocessConfig, SplitConfig, SynthConfig, dump_config
+from fundusfm.config.core import PreprocessConfig, SplitConfig, SynthConfig
 from fundusfm.data.manifest import load_manifest
 
 app = group("Inspect and validate image manifests.")
@@ -26,16 +26,13 @@ def synth(
     quiet: QuietOpt = False,
 ) -> None:
     """Generate procedural fundus photographs with lesion and vessel masks and a manifest."""
-    from fundusfm.synthetic.generate import generate
+    from fundusfm.synthetic.generate import generate_set
 
     cfg = resolve(SynthConfig, config, set_, n=n, size=size, seed=seed, workers=workers)
-    if (out / "manifest.csv").exists():
-        raise fail(f"{out} already holds a generated set; choose a new folder")
     start = time.perf_counter()
     with user_errors():
-        manifest = generate(cfg, out, progress=not quiet)
-        seconds = time.perf_counter() - start
-        dump_config(cfg, out / "config.yaml")
+        manifest = generate_set(cfg, out, progress=not quiet)
+    seconds = time.perf_counter() - start
     typer.echo(f"wrote {cfg.n} images to {out} in {seconds:.1f} s ({cfg.n / seconds:.1f} img/s)")
     typer.echo(f"manifest: {manifest}")
 

@@ -96,21 +96,18 @@ def tsne(
     if manifest is None:
         raise fail("--manifest is required")
     models = [*(bundles or []), *(init or [])]
-    with user_errors():
-        try:
-            table = explain_tsne(
-                models,
-                manifest,
-                out,
-                task,
-                arch,
-                resolution,
-                "umap" if umap else "tsne",
-                device=device,
-                progress=not quiet,
-                engine=engine,
-            )
-        except RuntimeError as exc:
-            raise fail(str(exc)) from exc
+    with user_errors():  # umap-learn missing is a ConfigError, one line like the others
+        table = explain_tsne(
+            models,
+            manifest,
+            out,
+            task,
+            arch,
+            resolution,
+            "umap" if umap else "tsne",
+            device=device,
+            progress=not quiet,
+            engine=engine,
+        )
     typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     typer.echo(f"wrote {out / ('umap' if umap else 'tsne')}.png, separation.csv, embedding.csv")

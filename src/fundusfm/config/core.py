@@ -8,13 +8,15 @@ Unknown keys and wrong types are errors that name the key and the file they came
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from fundusfm.errors import ConfigError
+from fundusfm.io import write_text_atomic
 
 
 class Strict(BaseModel):
@@ -238,9 +240,33 @@ def _describe(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
+        elif isinstance(e.get("input"), dict):  # a whole section: its message names the keys
+            lines.append(f"  {key}: {e['msg']}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
+
+
+def _config_class(model, data: dict, source: str) -> type[BaseModel]:
+    """`model` itself, or for a union of configs told apart by `kind`
+    (`Annotated[Annotated[A, Tag(a)] | ..., Discriminator(f)]`) the member `f(data)` names."""
+    if isinstance(model, type):
+        return model
+    union, *meta = get_args(model)
+    pick = next(m for m in meta if isinstance(m, Discriminator)).discriminator
+    members = {
+        tag.tag: cls
+        for cls, *tags in map(get_args, get_args(union))
+        for tag in tags
+        if isinstance(tag, Tag)
+    }
+    kind = pick(data)
+    if kind not in members:
+        known = ", ".join(members)
+        raise ConfigError(
+            f"invalid configuration in {source}:\n  kind: {kind!r} is not one of: {known}"
+        )
+    return members[kind]
 
 
 def _merge(model: type[BaseModel], base: dict, update: dict) -> dict:
@@ -262,7 +288,7 @@ def _merge(model: type[BaseModel], base: dict, update: dict) -> dict:
 
 
 def load_config(
-    model: type[M],
+    model: type[M] | Any,
     path: Path | None = None,
     overrides: list[str] | None = None,
 ) -> M:
@@ -270,6 +296,8 @@ def load_config(
 
     Sections given in the file or by `--set` are merged into the model's own defaults, so
     `--set grid.base.train.epochs=1` changes one value and keeps every other default.
+    `model` may be a union of configs told apart by `kind` (`config.grid.GridConfig`): the
+    file and overrides say which member, whose defaults are then merged in.
     """
     data: dict[str, Any] = {}
     source = "defaults"
@@ -285,11 +313,16 @@ def load_config(
             raise ConfigError(f"{path}: expected a mapping of settings at the top level")
         data = loaded
         source = str(path)
-    data = _merge(model, model().model_dump(mode="json"), data)
-    for assignment in overrides or []:
-        apply_override(data, assignment)
     if overrides:
         source += " + --set " + " ".join(overrides)
+    probe = copy.deepcopy(data)  # which member of a union: decided by the file and --set
+    for assignment in overrides or []:
+        apply_override(probe, assignment)
+    model = _config_class(model, probe, source)
+    # the defaults unvalidated: a segmentation grid's are only valid once a file sets splits
+    data = _merge(model, model.model_construct().model_dump(mode="json"), data)
+    for assignment in overrides or []:
+        apply_override(data, assignment)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -315,6 +348,4 @@ def dump_config(config: BaseModel, path: Path) -> Path:
     """Write the resolved configuration as YAML (the record of what a run used)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write_text_atomic(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,17 +1,28 @@
 """Typed settings of the experiment grid (`fundusfm grid`) and of `fundusfm demo`.
 
-A grid is either a classification grid (task x init x method lf|ff|partial x resolution x
-fraction x fold, cells trained from `base`) or a segmentation grid (init x encoder mode
-frozen|full x resolution x fraction x fold, cells trained from `segment`).
+A grid is one of two kinds, told apart by `kind` (`GridConfig`, a discriminated union):
+
+    ClassificationGrid  kind: classification. task x init x method lf|ff|partial x
+                        resolution x fraction x fold; cells trained from `base`, LF cells
+                        probed as `probe` says, external sets scored for `task`/`label_map`.
+    SegmentationGrid    kind: segmentation. init x encoder mode frozen|full x resolution x
+                        fraction x fold; cells trained from `segment`, external sets cut to
+                        their `split`.
+
+Each kind holds only its own settings: a key only the other kind reads (`segment:` in a
+classification grid; `base:`, `probe:`, `axes.task` or an external set's `label_map` in a
+segmentation grid) is refused by name. A file without `kind` is a segmentation grid when it
+has a `segment:` section and no `base:`, else a classification grid (the kind every grid had
+before segmentation grids existed, so older files load unchanged).
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, ClassVar, Literal, get_args
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from fundusfm.config.core import (
     CameraConfig,
@@ -28,20 +39,20 @@ from fundusfm.config.segment import SegmentConfig
 
 CLASSIFICATION_METHODS = ("lf", "ff", "partial")
 SEGMENTATION_METHODS = ("frozen", "full")
+VESSELS = "vessels"  # the one task of a segmentation grid (its cells' `task` coordinate)
 
 
 class GridAxes(Strict):
-    """The axes of the paper's comparison; every combination is one cell."""
+    """The axes both kinds share; every combination of a grid's axes is one cell."""
 
-    task: list[str | None] = Field(default_factory=lambda: [None])
+    kind: ClassVar[str]
+    methods: ClassVar[tuple[str, ...]]
+
     init: dict[str, str] = Field(
         default_factory=lambda: {"scratch": "scratch"},
         description="label -> init name or bundle path; a list uses each entry as its label",
     )
-    method: list[Literal["lf", "ff", "partial", "frozen", "full"]] = Field(
-        default_factory=lambda: ["lf", "ff"],
-        description="classification: lf | ff | partial; segmentation: the encoder, frozen | full",
-    )
+    method: list[str] = Field(description="how the pretrained part is adapted (per kind)")
     resolution: list[int] = Field(default_factory=lambda: [512])
     fraction: list[float] = Field(default_factory=lambda: [1.0])
     fold: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
@@ -56,16 +67,45 @@ class GridAxes(Strict):
             data = {**data, "init": dict(zip(labels, map(str, data["init"]), strict=True))}
         return data
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _methods_fit_kind(cls, value):
+        wrong = [m for m in value if m not in cls.methods] if isinstance(value, list) else []
+        if wrong:
+            raise ValueError(f"{wrong} do not fit a {cls.kind} grid; use {list(cls.methods)}")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> GridAxes:
         for label in self.init:
             if not re.fullmatch(r"[A-Za-z0-9._+-]+", label) or ".." in label:
                 raise ValueError(f"init label {label!r}: use letters, digits and . _ + - only")
-        for name in ("task", "method", "resolution", "fraction", "fold"):
+        for name in type(self).model_fields:
             values = getattr(self, name)
-            if len(set(values)) != len(values):
+            if isinstance(values, list) and len(set(values)) != len(values):
                 raise ValueError(f"{name}: repeated values {values}")
         return self
+
+
+class ClassificationAxes(GridAxes):
+    kind = "classification"
+    methods = CLASSIFICATION_METHODS
+
+    method: list[Literal["lf", "ff", "partial"]] = Field(
+        default_factory=lambda: ["lf", "ff"], description="lf | ff | partial"
+    )
+    task: list[str | None] = Field(
+        default_factory=lambda: [None], description="manifest tasks; null: base.data.task"
+    )
+
+
+class SegmentationAxes(GridAxes):
+    kind = "segmentation"
+    methods = SEGMENTATION_METHODS
+
+    method: list[Literal["frozen", "full"]] = Field(
+        default_factory=lambda: list(SEGMENTATION_METHODS), description="the encoder: frozen | full"
+    )
 
 
 class ExternalSet(Strict):
@@ -73,11 +113,15 @@ class ExternalSet(Strict):
 
     name: str
     manifest: Path
-    task: str | None = None
-    label_map: Path | None = None
-    split: str | None = Field(
-        None, description="segmentation: only rows whose split column has this value"
-    )
+
+
+class ClassificationExternal(ExternalSet):
+    task: str | None = Field(None, description="the task scored; unset: the cell's")
+    label_map: Path | None = Field(None, description="maps the set's labels to the task")
+
+
+class SegmentationExternal(ExternalSet):
+    split: str | None = Field(None, description="only rows whose split column has this value")
 
 
 class ProbeConfig(Strict):
@@ -90,63 +134,121 @@ class ProbeConfig(Strict):
     max_iter: int = Field(2000, ge=10)
 
 
-class GridConfig(Strict):
-    """`fundusfm grid run|status|report`: every combination of the axes is one cell."""
+class GridBase(Strict):
+    """What both kinds of grid share: where cells go, the shared axes, the external sets."""
 
     name: str = "grid"
-    kind: Literal["classification", "segmentation"] = "classification"
+    kind: str
     out: Path = Path("runs/grid")
-    base: FinetuneConfig = FinetuneConfig()
-    segment: SegmentConfig = Field(
-        default_factory=SegmentConfig, description="base settings of segmentation cells"
-    )
-    axes: GridAxes = GridAxes()
+    axes: GridAxes
     external: list[ExternalSet] = Field(default_factory=list)
-    probe: ProbeConfig = ProbeConfig()
 
     @model_validator(mode="before")
     @classmethod
-    def _segmentation_methods(cls, data):
-        """A segmentation grid without a method axis compares frozen and full encoders."""
-        if isinstance(data, dict) and data.get("kind") == "segmentation":
-            axes = dict(data.get("axes") or {})
-            if axes.get("method") in (None, ["lf", "ff"]):
-                axes["method"] = list(SEGMENTATION_METHODS)
-            data = {**data, "axes": axes}
+    def _keys_of_another_kind(cls, data):
+        """A setting only the other kind reads is refused by name, never silently ignored."""
+        if not isinstance(data, dict):
+            return data
+        for other in GRID_KINDS.values():
+            wrong = [] if other is cls else _foreign_keys(cls, other, data)
+            if wrong:
+                own = cls.model_fields["kind"].default
+                theirs = other.model_fields["kind"].default
+                raise ValueError(
+                    f"{', '.join(wrong)}: read by a {theirs} grid, not by this {own} grid; "
+                    f"remove {'it' if len(wrong) == 1 else 'them'}, or set kind: {theirs}"
+                )
         return data
 
+
+def _keys(grid: type[GridBase], section: str) -> set[str]:
+    """The keys a section of this kind of grid reads (of a list section: of each item)."""
+    annotation = grid.model_fields[section].annotation
+    return set((get_args(annotation) or (annotation,))[0].model_fields)
+
+
+def _foreign_keys(own: type[GridBase], other: type[GridBase], data: dict) -> list[str]:
+    """The keys of `data` (top level, axes, external sets) that `other` reads and `own` not."""
+    wrong = [k for k in data if k in other.model_fields and k not in own.model_fields]
+    axes, external = data.get("axes"), data.get("external")
+    parts = {"axes": axes} if isinstance(axes, dict) else {}
+    if isinstance(external, list):
+        parts |= {f"external.{i}": e for i, e in enumerate(external) if isinstance(e, dict)}
+    for where, part in parts.items():
+        section = where.split(".")[0]
+        only_theirs = _keys(other, section) - _keys(own, section)
+        wrong += [f"{where}.{k}" for k in part if k in only_theirs]
+    return wrong
+
+
+class ClassificationGrid(GridBase):
+    """`fundusfm grid` over classification cells, each a `finetune` run from `base`."""
+
+    kind: Literal["classification"] = "classification"
+    base: FinetuneConfig = FinetuneConfig()
+    axes: ClassificationAxes = ClassificationAxes()
+    external: list[ClassificationExternal] = Field(default_factory=list)
+    probe: ProbeConfig = ProbeConfig()
+
+
+class SegmentationGrid(GridBase):
+    """`fundusfm grid` over vessel-segmentation cells, each a `segment train` run."""
+
+    kind: Literal["segmentation"] = "segmentation"
+    segment: SegmentConfig = Field(
+        default_factory=SegmentConfig, description="base settings of segmentation cells"
+    )
+    axes: SegmentationAxes = SegmentationAxes()
+    external: list[SegmentationExternal] = Field(default_factory=list)
+
     @model_validator(mode="after")
-    def _methods_fit_kind(self) -> GridConfig:
-        allowed = SEGMENTATION_METHODS if self.kind == "segmentation" else CLASSIFICATION_METHODS
-        wrong = [m for m in self.axes.method if m not in allowed]
-        if wrong:
+    def _fit_segment(self) -> SegmentationGrid:
+        if self.segment.data.splits is None and self.axes.fold != [0]:
             raise ValueError(
-                f"axes.method {wrong} do not fit a {self.kind} grid; use {list(allowed)}"
+                "axes.fold: without segment.data.splits the official split is the only "
+                "fold; set axes.fold: [0] or make splits with `fundusfm split`"
             )
-        if self.kind == "segmentation":
-            if self.axes.task != [None]:
-                raise ValueError("axes.task: a segmentation grid has one task (vessels)")
-            if self.segment.data.splits is None and self.axes.fold != [0]:
-                raise ValueError(
-                    "axes.fold: without segment.data.splits the official split is the only "
-                    "fold; set axes.fold: [0] or make splits with `fundusfm split`"
-                )
-            for r in self.axes.resolution:
-                patch = self.segment.data.patch
-                if r % 32 or (patch is not None and patch > r):
-                    raise ValueError(f"axes.resolution {r}: needs a multiple of 32 >= the patch")
+        patch = self.segment.data.patch
+        for r in self.axes.resolution:
+            if r % 32 or (patch is not None and patch > r):
+                raise ValueError(f"axes.resolution {r}: needs a multiple of 32 >= the patch")
         return self
 
 
-def _demo_grid() -> GridConfig:
-    return GridConfig(
+GRID_KINDS: dict[str, type[GridBase]] = {
+    "classification": ClassificationGrid,
+    "segmentation": SegmentationGrid,
+}
+
+
+def grid_kind(data) -> str | None:
+    """The kind of grid `data` (settings or a grid) is: its `kind`; without one, segmentation
+    when it has a `segment:` section and no `base:`, else classification."""
+    if not isinstance(data, dict):
+        return getattr(data, "kind", None)
+    if "kind" in data:
+        return data["kind"]
+    return "segmentation" if "segment" in data and "base" not in data else "classification"
+
+
+GridConfig = Annotated[
+    Annotated[ClassificationGrid, Tag("classification")]
+    | Annotated[SegmentationGrid, Tag("segmentation")],
+    Discriminator(grid_kind),
+]
+"""`fundusfm grid run|status|report`: every combination of the axes is one cell. Load it
+with `load_config(GridConfig, path)`; the result is a ClassificationGrid or SegmentationGrid."""
+
+
+def _demo_grid() -> ClassificationGrid:
+    return ClassificationGrid(
         name="demo",
         base=FinetuneConfig(
             data=DataConfig(task="abnormal", resolution=128),
             model=ModelConfig(arch="resnet18", head="mlp"),
             train=TrainConfig(epochs=3, batch_size=32, lr=5e-4, warmup_epochs=0.5),
         ),
-        axes=GridAxes(
+        axes=ClassificationAxes(
             method=["lf", "ff"], resolution=[128], fraction=[0.25, 0.5, 1.0], fold=[0, 1, 2, 3, 4]
         ),
     )
@@ -172,7 +274,7 @@ class DemoConfig(Strict):
     split: SplitConfig = SplitConfig(
         folds=5, fractions=[0.25, 0.5, 1.0], val_fraction=0.15, task="abnormal"
     )
-    grid: GridConfig = Field(default_factory=_demo_grid)
+    grid: ClassificationGrid = Field(default_factory=_demo_grid)
     imagenet: Literal["auto", "offline"] = Field(
         "auto", description="auto: use or download ImageNet weights; offline: never download"
     )

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from fundusfm.config.core import PreprocessConfig, dump_config
 from fundusfm.data.decode import open_image, to_rgb_array
 from fundusfm.data.manifest import Manifest, load_manifest
-from fundusfm.errors import ImageDecodeError, NoFieldOfView
+from fundusfm.errors import DataError, ImageDecodeError, NoFieldOfView
 from fundusfm.io import read_json, value_sha256, write_npy, write_text_atomic
 
 # 2: the FOV box is the largest bright region, at least FOV_MARGIN above the background
@@ -252,7 +252,7 @@ class ImageCache:
     def path_of(self, source: Path) -> Path:
         row = self.index.get(str(source))
         if row is None:
-            raise KeyError(f"{source} is not in the cache {self.dir}; run `fundusfm preprocess`")
+            raise DataError(f"{source} is not in the cache {self.dir}; run `fundusfm preprocess`")
         return self.dir / "arrays" / row["file"]
 
     def read(self, source: Path) -> np.ndarray:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from skimage.morphology import skeletonize
 
+from fundusfm.errors import DataError
+
 BINS = 1000
 NAMES = (
     "dice",
@@ -67,7 +69,10 @@ class Counts:
 def count(prob: np.ndarray, truth: np.ndarray, fov: np.ndarray, threshold: float) -> Counts:
     """Counts of one image: `prob` in [0, 1] (or a 0/1 mask), `truth` and `fov` boolean."""
     if not prob.shape == truth.shape == fov.shape:
-        raise ValueError(f"shapes differ: {prob.shape}, {truth.shape}, {fov.shape}")
+        raise DataError(
+            f"shapes differ: probabilities {prob.shape}, vessel mask {truth.shape}, FOV mask "
+            f"{fov.shape}; every mask must have the size of its image"
+        )
     fov = fov.astype(bool)
     truth = truth.astype(bool) & fov
     pred = (prob >= threshold) & fov

@@ -32,8 +32,9 @@ from fundusfm.data.decode import read_mask
 from fundusfm.data.manifest import load_manifest
 from fundusfm.data.preprocess import crop_resize, decode_for
 from fundusfm.data.transforms import normalise, to_tensor
+from fundusfm.errors import ConfigError, DataError, WeightsError
 from fundusfm.inference import scorer
-from fundusfm.io import read_json, write_json
+from fundusfm.io import read_json, write_csv, write_json, write_npy
 from fundusfm.models.loaded import Bundle, load_bundle
 
 
@@ -191,7 +192,7 @@ def _explain_chunk(bundle, score, chunk, arrays, boxes, class_name, road: bool, 
     for (k, j), cam, score in zip(jobs, maps, faith, strict=True):
         s, name = chunk[k], f"{chunk[k].name}_{classes[j]}"
         Image.fromarray(overlay(arrays[k], cam)).save(out / "overlays" / f"{name}.png")
-        np.save(out / "maps" / f"{name}.npy", cam.astype(np.float16))
+        write_npy(out / "maps" / f"{name}.npy", cam.astype(np.float16))
         row = {
             "image": s.name,
             "file": str(s.path),
@@ -220,6 +221,21 @@ def _summary(table: pd.DataFrame, unreadable: int) -> dict:
     return summary
 
 
+def _classifier(bundle_path: Path, class_name: str | None) -> Bundle:
+    """The bundle to explain: a classifier, with `class_name` (if given) among its classes."""
+    bundle = load_bundle(bundle_path)
+    if bundle.kind == "segmentation":
+        raise WeightsError(
+            f"Grad-CAM explains classifiers; {bundle_path} segments vessels (give a "
+            "classifier bundle)"
+        )
+    if class_name is not None and class_name not in bundle.classes:
+        raise ConfigError(
+            f"--class {class_name!r} is not one of the bundle's classes: {bundle.classes}"
+        )
+    return bundle
+
+
 def explain_gradcam(
     bundle_path: Path,
     out: Path,
@@ -236,14 +252,10 @@ def explain_gradcam(
     `engine` (`fundusfm.inference`) computes the reported probabilities and so the class
     explained by default; the maps and ROAD always run in PyTorch (gradients, logits).
     """
-    bundle = load_bundle(bundle_path)
-    if bundle.kind == "segmentation":
-        raise ValueError("Grad-CAM explains classifiers; this bundle segments vessels")
-    if class_name is not None and class_name not in bundle.classes:
-        raise ValueError(f"class {class_name!r} is not one of the bundle's: {bundle.classes}")
+    bundle = _classifier(bundle_path, class_name)
     sources = _sources(images, manifest)
     if not sources:
-        raise ValueError("no images: give image files or --manifest")
+        raise ConfigError("no images: give image files or --manifest")
     score = scorer(bundle, engine, progress)
     pre = bundle.preprocessing.config()
     out = Path(out)
@@ -255,12 +267,12 @@ def explain_gradcam(
         if chunk:
             rows += _explain_chunk(bundle, score, chunk, arrays, boxes, class_name, road, pre, out)
     table = pd.DataFrame(rows)
-    table.to_csv(out / "gradcam.csv", index=False)
-    pd.DataFrame(errors, columns=["image", "file", "reason"]).to_csv(
-        out / "errors.csv", index=False
-    )
+    write_csv(out / "gradcam.csv", table)
+    write_csv(out / "errors.csv", pd.DataFrame(errors, columns=["image", "file", "reason"]))
     if table.empty:
-        raise ValueError(f"no image could be read; see {out / 'errors.csv'}")
+        raise DataError(
+            f"no image could be read; see {out / 'errors.csv'} for why (each file and reason)"
+        )
     summary = _summary(table, len(errors))
     summary.update(engine=score.engine, engine_notes=list(score.notes))
     write_json(out / "summary.json", summary)

@@ -34,7 +34,9 @@ from fundusfm.data.manifest import encode_labels, load_manifest, patient_of
 from fundusfm.data.preprocess import build_cache, open_cache
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fundusfm.engine.device import resolve_device
+from fundusfm.errors import ConfigError, DataError
 from fundusfm.inference import torch_only
+from fundusfm.io import write_atomic, write_csv
 from fundusfm.models.inits import create_backbone
 from fundusfm.tasks.features import extract
 
@@ -86,7 +88,9 @@ def embed_2d(features: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
         try:
             import umap
         except ImportError as exc:
-            raise RuntimeError("UMAP needs umap-learn: pip install umap-learn") from exc
+            raise ConfigError(
+                "UMAP needs umap-learn: pip install umap-learn, or leave out --umap (t-SNE)"
+            ) from exc
         return umap.UMAP(random_state=seed).fit_transform(features)
     perplexity = float(min(30.0, max(2.0, (len(features) - 1) / 3)))
     return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
@@ -130,7 +134,10 @@ def model_features(
     """Pooled backbone features of every manifest image, preprocessed as the model expects."""
     report = build_cache(manifest, m.pre, cache_root, progress=progress)
     if report.errors:
-        raise ValueError(f"{len(report.errors)} images could not be read: {report.errors[0][1:]}")
+        raise DataError(
+            f"{len(report.errors)} images could not be read, first: {report.errors[0][1:]}; "
+            "`fundusfm data check` lists them (fix or remove their rows)"
+        )
     images = open_cache(manifest, m.pre, cache_root)
     sources = [manifest.image_path(p).resolve() for p in manifest.table["path"]]
     dataset = CachedImages(images, sources, np.zeros(len(sources), dtype=np.int64))
@@ -174,7 +181,7 @@ def explain_tsne(
     """
     torch_only(engine, "t-SNE embeds backbone features")
     if not models:
-        raise ValueError("give at least one bundle or --init name")
+        raise ConfigError("no model to embed: give at least one bundle or --init name")
     inputs = model_inputs(models, arch, resolution)
     manifest = load_manifest(manifest_path)
     classes, names, task_name = class_of_images(manifest, task)
@@ -218,9 +225,9 @@ def explain_tsne(
     axes[0][0].legend(fontsize=7, markerscale=2)
     fig.suptitle(f"{method.upper()} of pooled features, coloured by {task_name}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / f"{method}.png", dpi=110)
+    write_atomic(out / f"{method}.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     table = pd.DataFrame(rows)
-    table.to_csv(out / "separation.csv", index=False)
-    pd.concat(coords).to_csv(out / "embedding.csv", index=False)
+    write_csv(out / "separation.csv", table)
+    write_csv(out / "embedding.csv", pd.concat(coords))
     return table

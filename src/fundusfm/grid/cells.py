@@ -18,12 +18,18 @@ from pathlib import Path
 import pandas as pd
 
 from fundusfm.config.core import FinetuneConfig
-from fundusfm.config.grid import GridConfig
+from fundusfm.config.grid import (
+    VESSELS,
+    ClassificationGrid,
+    GridConfig,
+    ProbeConfig,
+    SegmentationGrid,
+)
 from fundusfm.config.segment import SegmentConfig
 from fundusfm.data.manifest import load_manifest, sidecar_path
 from fundusfm.data.preprocess import FOV_RULE
 from fundusfm.errors import ConfigError, FundusError
-from fundusfm.io import file_sha256, read_json, value_sha256
+from fundusfm.io import file_sha256, read_json, value_sha256, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -54,10 +60,8 @@ class Cell:
         }
 
 
-def _default_task(cfg: GridConfig) -> str | None:
+def _default_task(cfg: ClassificationGrid) -> str | None:
     """The base task, else the first task the manifest declares (so every cell names one)."""
-    if cfg.kind == "segmentation":
-        return "vessels"
     if cfg.base.data.task or cfg.base.data.manifest is None:
         return cfg.base.data.task
     try:
@@ -66,15 +70,22 @@ def _default_task(cfg: GridConfig) -> str | None:
         return None
 
 
+def _tasks(cfg: GridConfig) -> list[str | None]:
+    """The task axis: a classification grid's (null: the default task), or vessels."""
+    if isinstance(cfg, SegmentationGrid):
+        return [VESSELS]
+    default = _default_task(cfg)
+    return [task or default for task in cfg.axes.task]
+
+
 def expand(cfg: GridConfig) -> list[Cell]:
     """All distinct cells, in a fixed order (the order shards are cut from)."""
     a = cfg.axes
-    default = _default_task(cfg)
     cells: dict[str, Cell] = {}
     for task, label, method, res, frac, fold in itertools.product(
-        a.task, a.init, a.method, a.resolution, a.fraction, a.fold
+        _tasks(cfg), a.init, a.method, a.resolution, a.fraction, a.fold
     ):
-        cell = Cell(task or default, label, a.init[label], method, res, frac, fold)
+        cell = Cell(task, label, a.init[label], method, res, frac, fold)
         cells.setdefault(cell.id, cell)
     return list(cells.values())
 
@@ -99,7 +110,7 @@ def cell_dir(cfg: GridConfig, cell: Cell) -> Path:
     return Path(cfg.out) / "cells" / cell.id
 
 
-def _segment_config(cfg: GridConfig, cell: Cell) -> SegmentConfig:
+def _segment_config(cfg: SegmentationGrid, cell: Cell) -> SegmentConfig:
     """Built through validation, so a cell's resolution or patch is checked like a file's."""
     d = cfg.segment.model_dump(mode="json")
     d["data"].update(fold=cell.fold, fraction=cell.fraction, resolution=cell.resolution)
@@ -110,7 +121,7 @@ def _segment_config(cfg: GridConfig, cell: Cell) -> SegmentConfig:
 
 def cell_config(cfg: GridConfig, cell: Cell) -> FinetuneConfig | SegmentConfig:
     """The base settings with the cell's coordinates filled in."""
-    if cfg.kind == "segmentation":
+    if isinstance(cfg, SegmentationGrid):
         return _segment_config(cfg, cell)
     base = cfg.base
     data = base.data.model_copy(
@@ -169,11 +180,17 @@ def fingerprint(cfg: GridConfig, cell: Cell) -> str:
     for e in cfg.external:
         files += [e.manifest, sidecar_path(e.manifest)]
         # a label map is a file or the name of a shipped one (part of the settings)
-        files += [e.label_map] if e.label_map and Path(e.label_map).is_file() else []
+        label_map = getattr(e, "label_map", None)  # classification external sets only
+        files += [label_map] if label_map and Path(label_map).is_file() else []
+    # Until grids were split by kind both kinds held a probe and every external-set key: the
+    # blob keeps them (a segmentation grid's probe at its default, unset keys as null) so
+    # that the cells done before stay done.
+    probe = cfg.probe if isinstance(cfg, ClassificationGrid) else ProbeConfig()
+    unset = {"task": None, "label_map": None, "split": None}
     blob = {
         "cell": _settings(c),
-        "probe": cfg.probe.model_dump(mode="json"),
-        "external": [e.model_dump(mode="json") for e in cfg.external],
+        "probe": probe.model_dump(mode="json"),
+        "external": [{**unset, **e.model_dump(mode="json")} for e in cfg.external],
         "files": [content_digest(f) for f in files],
         "init": _init_digest(c.model.init, getattr(c.model, "init_bundle", None)),
         "fov_rule": FOV_RULE,
@@ -207,7 +224,7 @@ def start_cell(cfg: GridConfig, cell: Cell) -> str:
     if d.exists() and (not mark.is_file() or mark.read_text().strip() != stamp):
         shutil.rmtree(d)
     d.mkdir(parents=True, exist_ok=True)
-    mark.write_text(stamp)
+    write_text_atomic(mark, stamp)
     for name in ("error.txt", "done"):
         (d / name).unlink(missing_ok=True)
     return stamp

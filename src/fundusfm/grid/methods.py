@@ -12,7 +12,7 @@ import pandas as pd
 
 from fundusfm import __version__
 from fundusfm.config.core import LoopConfig, SplitConfig, load_config
-from fundusfm.config.grid import GridConfig
+from fundusfm.config.grid import ClassificationGrid, GridConfig, SegmentationGrid
 from fundusfm.data.splits import fractions_of
 from fundusfm.errors import ConfigError
 from fundusfm.evaluation.stats import CLUSTERED_DELONG, DELONG
@@ -25,6 +25,10 @@ INIT_WORDS = {
     "fundus": "supervised fundus pretraining from random initialisation",
     "imagenet+fundus": "ImageNet weights, then supervised fundus pretraining",
 }
+ENSEMBLE = (  # how a classification grid reports its external sets
+    "; the ensemble of the fold models (the mean score per image) is reported with a "
+    "patient-bootstrap interval"
+)
 TEST_WORDS = {
     DELONG: "DeLong's test for two correlated AUROCs (every patient contributed one image)",
     CLUSTERED_DELONG: "Obuchowski's clustered extension of DeLong's test with patients as "
@@ -145,7 +149,7 @@ def _loop(t: LoopConfig) -> str:
     )
 
 
-def _adaptation(cfg: GridConfig) -> str:
+def _adaptation(cfg: ClassificationGrid) -> str:
     """Backbone, inits, resolutions, methods and training."""
     m, t = cfg.base.model, cfg.base.train
     head = "a linear head" if m.head == "linear" else f"an MLP head (hidden width {m.hidden})"
@@ -189,21 +193,21 @@ def _tests(tests: list[str], n_boot: int, what: str) -> str:
     )
 
 
-def _external(cfg: GridConfig) -> str:
+def _external(cfg: GridConfig, done: str, more: str = "") -> str:
+    """What every fold's model `done` with the external sets (nothing when there are none)."""
     if not cfg.external:
         return ""
     names = _list(e.name for e in cfg.external)
-    if cfg.kind == "segmentation":
-        return f"Every fold's model also segmented the external set(s) {names}."
-    return (
-        f"Every fold's model also scored the external set(s) {names}; "
-        "the ensemble of the fold models (the mean score per image) is reported with a "
-        "patient-bootstrap interval."
-    )
+    return f"Every fold's model also {done} the external set(s) {names}{more}."
 
 
 def classification_methods(
-    cfg: GridConfig, facts: dict, n_boot: int, tasks: list[str], tests: list[str], extra: list[str]
+    cfg: ClassificationGrid,
+    facts: dict,
+    n_boot: int,
+    tasks: list[str],
+    tests: list[str],
+    extra: list[str],
 ) -> str:
     """The methods paragraph of a classification grid with these `tasks` and `tests` (the
     comparisons' test names); `extra`: sentences on the explain outputs the report found."""
@@ -219,14 +223,14 @@ def classification_methods(
         _fractions(cfg, facts, cfg.base.train.select_metric),
         _adaptation(cfg),
         _tests(tests, n_boot, what),
-        _external(cfg),
+        _external(cfg, "scored", ENSEMBLE),
         *extra,
         f"Computed with fundusfm {__version__} (`fundusfm grid report`).",
     ]
     return " ".join(s for s in sentences if s)
 
 
-def _unet(cfg: GridConfig) -> str:
+def _unet(cfg: SegmentationGrid) -> str:
     """The segmentation model and its training."""
     s = cfg.segment
     encoders = {"frozen": "a frozen encoder (decoder trained)", "full": "full fine-tuning"}
@@ -241,7 +245,7 @@ def _unet(cfg: GridConfig) -> str:
     )
 
 
-def segmentation_methods(cfg: GridConfig, facts: dict, n_boot: int) -> str:
+def segmentation_methods(cfg: SegmentationGrid, facts: dict, n_boot: int) -> str:
     """The methods paragraph of a vessel-segmentation grid."""
     s = cfg.segment
     folds = (
@@ -259,7 +263,7 @@ def segmentation_methods(cfg: GridConfig, facts: dict, n_boot: int) -> str:
         f"Labelled fractions {_list(cfg.axes.fraction)} of the training patients were used.",
         _unet(cfg),
         _tests([WILCOXON], n_boot, what),
-        _external(cfg),
+        _external(cfg, "segmented"),
         f"Computed with fundusfm {__version__} (`fundusfm grid report`).",
     ]
     return " ".join(x for x in sentences if x)

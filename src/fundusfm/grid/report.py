@@ -37,7 +37,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fundusfm.config.grid import ExternalSet, GridConfig
+from fundusfm.config.grid import (
+    ClassificationExternal,
+    ClassificationGrid,
+    GridConfig,
+    SegmentationGrid,
+)
 from fundusfm.data.manifest import load_manifest, patient_of
 from fundusfm.evaluation.metrics import auroc
 from fundusfm.evaluation.stats import auroc_interval, compare_aurocs, paired_bootstrap
@@ -80,7 +85,7 @@ def labelled_columns(metrics: dict) -> dict:
     return {k: labelled.get(k, np.nan) for k in LABELLED}
 
 
-def collect(cfg: GridConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def collect(cfg: ClassificationGrid) -> tuple[pd.DataFrame, pd.DataFrame]:
     """results (one row per done cell) and all their test predictions with coordinates."""
     rows, preds = [], []
     for cell in expand(cfg):
@@ -185,7 +190,7 @@ def compare(
     return pd.DataFrame(out) if out else pd.DataFrame(columns=COMPARISON_COLUMNS)
 
 
-def _external_patients(ext: ExternalSet) -> dict:
+def _external_patients(ext: ClassificationExternal) -> dict:
     """image_id -> patient_id of an external manifest (an image alone where it has none: a
     blank id must not make one patient of every image that lacks one)."""
     table = load_manifest(ext.manifest).table
@@ -193,7 +198,12 @@ def _external_patients(ext: ExternalSet) -> dict:
 
 
 def ensemble_external(
-    cfg: GridConfig, ext: ExternalSet, cells: list[str], task: tuple, patients: dict, n_boot: int
+    cfg: ClassificationGrid,
+    ext: ClassificationExternal,
+    cells: list[str],
+    task: tuple,
+    patients: dict,
+    n_boot: int,
 ) -> dict:
     """AUROC with a patient-bootstrap CI of the folds' models' mean score per external image.
 
@@ -225,7 +235,7 @@ def ensemble_external(
 
 
 def external_table(
-    cfg: GridConfig, results: pd.DataFrame, tasks: dict, n_boot: int
+    cfg: ClassificationGrid, results: pd.DataFrame, tasks: dict, n_boot: int
 ) -> pd.DataFrame:
     """Per group and external set: AUROC mean and sd over the folds' models, and their
     ensemble's AUROC with a 95% patient-bootstrap interval."""
@@ -249,7 +259,7 @@ def external_table(
     return pd.DataFrame(out)
 
 
-def _tasks(cfg: GridConfig, results: pd.DataFrame) -> tuple[dict, dict]:
+def _tasks(cfg: ClassificationGrid, results: pd.DataFrame) -> tuple[dict, dict]:
     """task -> (kind, class names) of the grid's tasks, and image_id -> patient_id."""
     manifest = load_manifest(cfg.base.data.manifest)
     tasks = {
@@ -263,7 +273,9 @@ def _tasks(cfg: GridConfig, results: pd.DataFrame) -> tuple[dict, dict]:
 SHOWN = {"test_auroc": "test AUROC", "holdout_auroc": "held-out AUROC"}
 
 
-def _page(cfg: GridConfig, tables: dict, figures, tasks: dict, n_boot: int, allow: bool) -> str:
+def _page(
+    cfg: ClassificationGrid, tables: dict, figures, tasks: dict, n_boot: int, allow: bool
+) -> str:
     """The HTML report of a classification grid from its tables (`build_report`'s; the
     summary says which groups are incomplete)."""
     summary, comparisons, external = tables["summary"], tables["comparisons"], tables["external"]
@@ -301,7 +313,7 @@ def build_report(cfg: GridConfig, n_boot: int = 1000, allow_incomplete: bool = F
     Groups with failed, stale or missing folds are marked in the summary and left out of
     the comparisons unless `allow_incomplete` (then their rows say `complete` False).
     """
-    if cfg.kind == "segmentation":
+    if isinstance(cfg, SegmentationGrid):
         return build_seg_report(cfg, n_boot, allow_incomplete)
     out = Path(cfg.out) / "report"
     out.mkdir(parents=True, exist_ok=True)

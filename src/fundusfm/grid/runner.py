@@ -17,8 +17,12 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from fundusfm.config.grid import GridConfig
-from fundusfm.config.segment import SegmentConfig
+from fundusfm.config.grid import (
+    ClassificationExternal,
+    GridConfig,
+    SegmentationExternal,
+    SegmentationGrid,
+)
 from fundusfm.engine.distributed import launched
 from fundusfm.errors import ConfigError
 from fundusfm.grid.cells import (
@@ -31,40 +35,47 @@ from fundusfm.grid.cells import (
     start_cell,
     state,
 )
-from fundusfm.io import read_json
+from fundusfm.io import read_json, write_text_atomic
 from fundusfm.tasks.classify import finetune, probe_finetune, run_notes
 from fundusfm.tasks.evaluate import evaluate
 from fundusfm.tasks.segment import evaluate_segmentation, train_segmentation
 
 
-def run_cell(cfg: GridConfig, cell: Cell, stamp: str, progress: bool = False) -> Path:
-    """Train (or probe) one cell, then evaluate it on every external set; `stamp` (from
-    `start_cell`, computed before training) is written into the `done` marker."""
+def _train(cfg: GridConfig, cell: Cell, progress: bool) -> tuple[Path, Callable]:
+    """Train (or probe) one cell; returns its folder and how it scores an external set."""
     c = cell_config(cfg, cell)
     c = c.model_copy(update={"run": c.run.model_copy(update={"progress": progress})})
-    if isinstance(c, SegmentConfig):
+    if isinstance(cfg, SegmentationGrid):
         out = train_segmentation(c)
 
-        def score(ext) -> None:
+        def score(ext: SegmentationExternal) -> None:
             evaluate_segmentation(
                 out / "bundle", ext.manifest, out / "external" / ext.name, ext.split,
                 c.train.device, progress,
             )  # fmt: skip
+
+        return out, score
+    if cell.method == "lf" and cfg.probe.mode == "features":
+        out = probe_finetune(c, cfg.probe, Path(cfg.out) / "features")
     else:
-        if cell.method == "lf" and cfg.probe.mode == "features":
-            out = probe_finetune(c, cfg.probe, Path(cfg.out) / "features")
-        else:
-            out = finetune(c)
+        out = finetune(c)
 
-        def score(ext) -> None:
-            evaluate(
-                out / "bundle", ext.manifest, out / "external" / ext.name, ext.label_map,
-                ext.task or c.data.task, device=c.train.device, progress=progress,
-            )  # fmt: skip
+    def score(ext: ClassificationExternal) -> None:
+        evaluate(
+            out / "bundle", ext.manifest, out / "external" / ext.name, ext.label_map,
+            ext.task or c.data.task, device=c.train.device, progress=progress,
+        )  # fmt: skip
 
+    return out, score
+
+
+def run_cell(cfg: GridConfig, cell: Cell, stamp: str, progress: bool = False) -> Path:
+    """Train (or probe) one cell, then evaluate it on every external set; `stamp` (from
+    `start_cell`, computed before training) is written into the `done` marker."""
+    out, score = _train(cfg, cell, progress)
     for ext in cfg.external:
         score(ext)
-    (out / "done").write_text(stamp)
+    write_text_atomic(out / "done", stamp)
     return out
 
 
@@ -110,7 +121,7 @@ def run_grid(
             raise
         except Exception as exc:  # a failed cell is recorded; the others go on
             error.parent.mkdir(parents=True, exist_ok=True)
-            error.write_text(traceback.format_exc())
+            write_text_atomic(error, traceback.format_exc())
             counts["failed"] += 1
             say(f"  failed: {type(exc).__name__}: {exc} (see {error})")
     return counts

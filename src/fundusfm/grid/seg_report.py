@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import wilcoxon
 
-from fundusfm.config.grid import GridConfig
+from fundusfm.config.grid import SegmentationGrid
 from fundusfm.data.manifest import load_manifest, patient_of
 from fundusfm.evaluation.stats import bootstrap_ci
 from fundusfm.grid.cells import cell_dir, expand, state
@@ -52,7 +52,7 @@ SHOWN = ("dice", "dice_mean", "auroc", "auprc", "cldice", "sensitivity", "specif
 SHOWN_MEANS = {"test_dice": "pooled Dice per fold", "test_cldice": "clDice", "test_auroc": "AUROC"}
 
 
-def collect(cfg: GridConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def collect(cfg: SegmentationGrid) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """results, per-image test rows and second-observer rows of every done cell."""
     rows, images, observer = [], [], []
     for cell in expand(cfg):
@@ -139,7 +139,9 @@ def observer_table(observer: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame([{"images": len(unique), **unique[metrics].mean().to_dict()}])
 
 
-def build_seg_report(cfg: GridConfig, n_boot: int = 1000, allow_incomplete: bool = False) -> Path:
+def build_seg_report(
+    cfg: SegmentationGrid, n_boot: int = 1000, allow_incomplete: bool = False
+) -> Path:
     """Write every table, figure and the HTML report of a segmentation grid.
 
     Groups with failed, stale or missing folds are marked in the summary and left out of

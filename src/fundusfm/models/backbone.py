@@ -11,6 +11,8 @@ import torch
 import torchvision
 from torch import nn
 
+from fundusfm.errors import ConfigError, WeightsError
+
 
 def resnet10(weights=None) -> torchvision.models.ResNet:
     """ResNet-10: torchvision's ResNet with one BasicBlock per stage (4.9 M parameters). It has
@@ -33,7 +35,7 @@ class Backbone(nn.Module):
     def __init__(self, arch: str = "resnet50"):
         super().__init__()
         if arch not in ARCHS:
-            raise ValueError(f"unknown architecture {arch!r}; choose one of {list(ARCHS)}")
+            raise ConfigError(f"unknown architecture {arch!r}; choose one of {list(ARCHS)}")
         self.arch = arch
         self.net = ARCHS[arch][0](weights=None)
         self.num_features = self.net.fc.in_features
@@ -70,14 +72,14 @@ class Backbone(nn.Module):
         own = self.net.state_dict()
         wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
         if wrong:
-            raise ValueError(
+            raise WeightsError(
                 f"weights do not fit {self.arch}: {wrong[0]} has shape "
                 f"{tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)} "
                 "(weights of another architecture?)"
             )
         missing, unexpected = self.net.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(
+            raise WeightsError(
                 f"weights do not fit {self.arch}: missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}"
+                f"unexpected {unexpected[:3]} (weights of another architecture?)"
             )

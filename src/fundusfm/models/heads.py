@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fundusfm.errors import ConfigError
 from fundusfm.models.backbone import Backbone
 
 HEADS = ("linear", "mlp")
@@ -25,7 +26,7 @@ def make_head(
             *([nn.Dropout(dropout)] if dropout else []),
             nn.Linear(hidden, num_classes),
         )
-    raise ValueError(f"unknown head {kind!r}; choose one of {HEADS}")
+    raise ConfigError(f"unknown head {kind!r}; choose one of {HEADS}")
 
 
 def scores_from_logits(logits: torch.Tensor, kind: str) -> torch.Tensor:

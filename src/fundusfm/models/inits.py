@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from fundusfm.bundle import read_bundle
-from fundusfm.errors import WeightsNotFound
+from fundusfm.errors import ConfigError, WeightsError, WeightsNotFound
 from fundusfm.models.backbone import ARCHS, Backbone
 
 INITS = ("scratch", "imagenet", "fundus", "imagenet+fundus")
@@ -37,7 +37,9 @@ def imagenet_state(arch: str, version: str = "IMAGENET1K_V1", file: Path | None 
         weights = weights_enum[version]
     except KeyError:
         names = [w.name for w in weights_enum]
-        raise ValueError(f"{arch} has no {version} weights; available: {names}") from None
+        raise ConfigError(
+            f"{arch} has no {version} weights; set model.imagenet_version to one of {names}"
+        ) from None
     if file is None:
         file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         if not file.is_file():
@@ -49,7 +51,11 @@ def imagenet_state(arch: str, version: str = "IMAGENET1K_V1", file: Path | None 
                 "here), or set model.imagenet_file=PATH to a downloaded copy. "
                 "fundusfm never falls back to a random initialisation."
             )
-    file = Path(file)
+    return _state_dict_file(Path(file))
+
+
+def _state_dict_file(file: Path) -> dict:
+    """The tensors of a weights file (.safetensors, or a plain torch state dict)."""
     if not file.is_file():
         raise WeightsNotFound(f"model.imagenet_file {file} does not exist")
     if file.suffix == ".safetensors":
@@ -57,12 +63,15 @@ def imagenet_state(arch: str, version: str = "IMAGENET1K_V1", file: Path | None 
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ValueError(
+        raise WeightsError(
             f"{file} is not a plain state dict (it holds pickled objects, which fundusfm does "
             "not load); save `model.state_dict()` instead"
         ) from exc
     if not isinstance(state, dict):
-        raise ValueError(f"{file} does not hold a state dict")
+        raise WeightsError(
+            f"{file} does not hold a state dict; save `model.state_dict()` of a torchvision "
+            "ResNet (or give a .safetensors file)"
+        )
     return state
 
 
@@ -86,7 +95,7 @@ def resolve_bundle(init: str, init_bundle: Path | None) -> Path:
     path = Path(init)
     if (path / "bundle.json").is_file():
         return path
-    raise ValueError(
+    raise ConfigError(
         f"unknown init {init!r}: use one of {', '.join(INITS)} or the path of a bundle folder"
     )
 
@@ -107,7 +116,7 @@ def create_backbone(
         return backbone
     meta, state = read_bundle(resolve_bundle(init, init_bundle))
     if meta.architecture.arch != arch:
-        raise ValueError(
+        raise WeightsError(
             f"init {init!r} holds a {meta.architecture.arch} backbone, not {arch}; "
             f"set model.arch={meta.architecture.arch}"
         )

@@ -11,6 +11,7 @@ import torch
 
 from fundusfm.bundle import BundleMeta, Preprocessing, read_bundle, read_preprocessing
 from fundusfm.data.transforms import normalise, to_tensor
+from fundusfm.errors import DataError
 from fundusfm.models.backbone import Backbone
 from fundusfm.models.heads import Classifier, make_head, scores_from_logits
 from fundusfm.models.unet import build_unet
@@ -69,15 +70,15 @@ class Bundle:
         else:
             arrays = [np.asarray(a) for a in images]
             if any(a.ndim != 3 or a.shape[2] != 3 for a in arrays):
-                raise ValueError("images must be HxWx3 RGB arrays (fundusfm.data.decode.read_rgb)")
+                raise DataError("images must be HxWx3 RGB arrays (fundusfm.data.decode.read_rgb)")
             batch = torch.stack([to_tensor(a) for a in arrays])
         if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] != 3:
-            raise ValueError(
+            raise DataError(
                 f"expected uint8 images with 3 channels (N x 3 x H x W or HxWx3 arrays), got "
                 f"{batch.dtype} {tuple(batch.shape)}; the bundle normalises them itself"
             )
         if batch.shape[-1] != self.resolution or batch.shape[-2] != self.resolution:
-            raise ValueError(
+            raise DataError(
                 f"images are {tuple(batch.shape[-2:])}, the bundle expects "
                 f"{self.resolution}x{self.resolution} (preprocess them with its settings)"
             )

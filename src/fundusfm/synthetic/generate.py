@@ -27,8 +27,9 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from fundusfm.config.core import SynthConfig
+from fundusfm.config.core import SynthConfig, dump_config
 from fundusfm.data.manifest import DatasetSpec, TaskSpec, save_manifest
+from fundusfm.errors import ConfigError
 from fundusfm.synthetic.lesions import dr_grade
 from fundusfm.synthetic.render import EyeCase, render_eye
 
@@ -218,7 +219,9 @@ def generate(cfg: SynthConfig, out: Path, progress: bool = True) -> Path:
     """
     unknown = set(cfg.prevalence) - set(CLASSES)
     if unknown:
-        raise ValueError(f"prevalence: unknown classes {sorted(unknown)}; known: {list(CLASSES)}")
+        raise ConfigError(
+            f"prevalence: unknown classes {sorted(unknown)}; use only {list(CLASSES)}"
+        )
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     n_patients = (cfg.n + 1) // 2
@@ -238,3 +241,14 @@ def generate(cfg: SynthConfig, out: Path, progress: bool = True) -> Path:
                 bar.update(job[3])
     bar.close()
     return save_manifest(pd.DataFrame(rows), dataset_spec(), out / "manifest.csv")
+
+
+def generate_set(cfg: SynthConfig, out: Path, progress: bool = True) -> Path:
+    """`fundusfm synth`: a new set in `out` (refused when `out` already holds one), with its
+    settings beside it in `config.yaml`; returns the manifest path."""
+    out = Path(out)
+    if (out / "manifest.csv").exists():
+        raise ConfigError(f"{out} already holds a generated set; choose a new folder")
+    manifest = generate(cfg, out, progress)
+    dump_config(cfg, out / "config.yaml")
+    return manifest

@@ -35,7 +35,7 @@ from fundusfm.evaluation.metrics import (
     classification_metrics,
     per_class_table,
 )
-from fundusfm.io import write_json
+from fundusfm.io import write_csv, write_json
 from fundusfm.models.heads import Classifier, make_head
 from fundusfm.models.inits import create_backbone
 from fundusfm.tasks.classify_job import classification_job
@@ -164,7 +164,7 @@ def write_run(
         metrics[f"{part}_per_class"] = per_class_table(
             kind, labels, scores, classes, chosen.values
         ).to_dict("records")
-    pd.concat(frames).to_csv(out / "predictions.csv", index=False)
+    write_csv(out / "predictions.csv", pd.concat(frames))
     extra = {**extra, **_shift_entry(cfg, data, out, model, val_features)}
     save_bundle(model, out / "bundle", _bundle_meta(cfg, data, chosen, extra))
     write_json(out / "metrics.json", metrics)

@@ -31,7 +31,7 @@ from fundusfm.evaluation.metrics import (
 )
 from fundusfm.evaluation.stats import metric_intervals
 from fundusfm.inference import scorer
-from fundusfm.io import write_json
+from fundusfm.io import write_csv, write_json
 from fundusfm.models.loaded import load_bundle
 from fundusfm.tasks.shift import shift_line, shift_scorer, shift_summary
 
@@ -132,7 +132,7 @@ def evaluate(
     ids = manifest.table["image_id"].to_numpy()[keep][index]
     frame = prediction_frame(ids, -1, "external", bundle.kind, bundle.classes, y, scores)
     shift_frame = pd.DataFrame(shifts, index=frame.index)
-    pd.concat([frame, shift_frame], axis=1).to_csv(out / "predictions.csv", index=False)
+    write_csv(out / "predictions.csv", pd.concat([frame, shift_frame], axis=1))
     labels = shift_frame["shift"].tolist() if "shift" in shift_frame else []
     shift = shift_summary(bundle.kind, y, scores, thresholds, labels)
     shift["notes"] = list(dict.fromkeys([*shifter.notes, shift_line(shift)]))  # the line to print

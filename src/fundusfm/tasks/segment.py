@@ -38,9 +38,9 @@ from fundusfm.engine.device import Runtime, resolve_device
 from fundusfm.engine.loop import Job, fit, runtime
 from fundusfm.engine.predict import predict_vessels, predict_vessels_sharded
 from fundusfm.engine.runs import is_finished, prepare_run
-from fundusfm.errors import ConfigError
+from fundusfm.errors import ConfigError, DataError, WeightsError
 from fundusfm.evaluation.seg_metrics import NAMES, Counts, count, scores, summary
-from fundusfm.io import write_json
+from fundusfm.io import write_csv, write_json
 from fundusfm.models.loaded import load_bundle
 from fundusfm.models.unet import create_unet
 
@@ -176,7 +176,7 @@ def _bundle_meta(cfg: SegmentConfig, threshold: float) -> BundleMeta:
 def train_segmentation(cfg: SegmentConfig) -> Path:
     """Train a U-Net on the configured part, test it, write the run folder; returns it."""
     if cfg.data.manifest is None:
-        raise ValueError("data.manifest is not set (e.g. --set data.manifest=PATH/manifest.csv)")
+        raise ConfigError("data.manifest is not set (e.g. --set data.manifest=PATH/manifest.csv)")
     rt = runtime(cfg.train)  # joins torchrun's group, if any
     out = prepare_run(cfg)
     if is_finished(out):
@@ -198,7 +198,7 @@ def train_segmentation(cfg: SegmentConfig) -> Path:
         ddp.barrier()  # rank 0 scores and writes the run folder
         return out
     table, metrics = score_images(manifest, parts["test"], probs, cfg.train.threshold, out)
-    table.to_csv(out / "per_image.csv", index=False)
+    write_csv(out / "per_image.csv", table)
     metrics.update(fitted, parts={p: len(r) for p, r in parts.items()}, fov_derived=fov_derived)
     save_bundle(model.cpu(), out / "bundle", _bundle_meta(cfg, cfg.train.threshold))
     write_json(out / "metrics.json", metrics)
@@ -207,6 +207,24 @@ def train_segmentation(cfg: SegmentConfig) -> Path:
             (out / name).unlink(missing_ok=True)
     ddp.barrier()
     return out
+
+
+def _scored_rows(manifest: Manifest, split: str | None) -> np.ndarray:
+    """The rows with a vessel mask in `split` (every row with one when None or no column)."""
+    manifest.require("image_id", "path", "vessel_path")
+    manifest.require_unique_ids()  # probability PNGs and per_image rows are keyed on image_id
+    t = manifest.table
+    keep = (t["vessel_path"].astype(str) != "").to_numpy()
+    if split and "split" in t.columns:
+        names = TEST_NAMES if split.lower() in TEST_NAMES else {split.lower()}
+        keep &= t["split"].astype(str).str.lower().isin(names).to_numpy()
+    rows = np.flatnonzero(keep)
+    if len(rows) == 0:
+        raise DataError(
+            f"{manifest.path}: no images with vessel masks in split {split!r}; choose "
+            "another --split (all: every row) or a manifest with vessel_path filled in"
+        )
+    return rows
 
 
 def evaluate_segmentation(
@@ -220,18 +238,9 @@ def evaluate_segmentation(
     """Score a segmentation bundle on a manifest's images with vessel masks (all or one split)."""
     bundle = load_bundle(bundle_path)
     if bundle.kind != "segmentation":
-        raise ValueError(f"{bundle_path} is a {bundle.kind} bundle; use `fundusfm evaluate`")
+        raise WeightsError(f"{bundle_path} is a {bundle.kind} bundle; use `fundusfm evaluate`")
     manifest = load_manifest(manifest_path)
-    manifest.require("image_id", "path", "vessel_path")
-    manifest.require_unique_ids()  # probability PNGs and per_image rows are keyed on image_id
-    t = manifest.table
-    keep = (t["vessel_path"].astype(str) != "").to_numpy()
-    if split and "split" in t.columns:
-        names = TEST_NAMES if split.lower() in TEST_NAMES else {split.lower()}
-        keep &= t["split"].astype(str).str.lower().isin(names).to_numpy()
-    rows = np.flatnonzero(keep)
-    if len(rows) == 0:
-        raise ValueError(f"{manifest_path}: no images with vessel masks in split {split!r}")
+    rows = _scored_rows(manifest, split)
     fov_derived = note_derived_fov(manifest, rows)
     images = load_images(manifest, rows, bundle.resolution, progress)
     rt = Runtime.of(resolve_device(device), "auto", "auto", batch_size=4)
@@ -243,7 +252,7 @@ def evaluate_segmentation(
     table, metrics = score_images(
         manifest, rows, probs, bundle.thresholds[0], Path(out), "external"
     )
-    table.to_csv(Path(out) / "per_image.csv", index=False)
+    write_csv(Path(out) / "per_image.csv", table)
     metrics["bundle"], metrics["manifest"] = str(bundle_path), str(manifest_path)
     metrics["fov_derived"] = fov_derived
     write_json(Path(out) / "metrics.json", metrics)
