@@ -7,7 +7,10 @@
 3. split the downstream set by patient (5 folds, nested labelled fractions);
 4. run the grid: Scratch vs Fundus (plus ImageNet and ImageNet+Fundus when available),
    LF and FF, every fraction and fold, each trained cell also scored on the external set;
-5. write the report (CSV, PNG, one HTML file) and print its path.
+5. explain: Grad-CAM of each init's FF model (fold 0, the largest fraction) over abnormal
+   external images, and t-SNE of the inits' backbones over the downstream set (the
+   paper's Figs. 5 and 3), into the grid's explain/ folder where the report finds them;
+6. write the report (CSV, PNG, one HTML file) and print its path.
 Every intermediate file stays under the output folder. `--full` switches to the paper's
 settings (ResNet-50, 512 px, larger sets) for a GPU.
 """
@@ -23,6 +26,9 @@ from fundusfm.data.manifest import load_manifest
 from fundusfm.data.splits import make_splits
 from fundusfm.data.validate import check_manifest
 from fundusfm.errors import ConfigError, DataError, WeightsNotFound
+from fundusfm.explain.gradcam import explain_gradcam
+from fundusfm.explain.tsne import explain_tsne
+from fundusfm.grid.cells import cell_dir, expand
 from fundusfm.grid.report import build_report
 from fundusfm.grid.runner import run_grid
 from fundusfm.io import write_csv
@@ -132,6 +138,45 @@ def _grid_config(
     )
 
 
+GRADCAM_IMAGES = 6  # abnormal external images in the gallery, the same for every init
+
+
+def _gradcam_images(external: Path, task: str) -> list[Path]:
+    """The first abnormal images of the external set (no init trained on any of them)."""
+    m = load_manifest(external)
+    rows = m.table[m.table[task].astype(str) == "1"].head(GRADCAM_IMAGES)
+    return [m.image_path(p) for p in rows["path"]]
+
+
+def _explain(grid: ClassificationGrid, manifests: dict, inits: dict, step) -> None:
+    """The report's Grad-CAM gallery and t-SNE panels (done once; a rerun keeps them)."""
+    a, root = grid.axes, Path(grid.out) / "explain"
+    method = "ff" if "ff" in a.method else a.method[0]
+    images = _gradcam_images(manifests["external"], grid.base.data.task)
+    chosen = {  # per init: its cell of that method at the first fold, largest fraction
+        c.init_label: c
+        for c in expand(grid)
+        if (c.method, c.fraction, c.fold, c.resolution)
+        == (method, max(a.fraction), a.fold[0], max(a.resolution))
+    }
+    for label, cell in chosen.items():
+        bundle, out = cell_dir(grid, cell) / "bundle", root / "gradcam" / label
+        if (bundle / "bundle.json").is_file() and not (out / "summary.json").is_file():
+            step(f"Grad-CAM of {label} ({cell.id}) over {len(images)} external images")
+            explain_gradcam(bundle, out, images=images, progress=False)
+    if not (root / "tsne" / "tsne.png").is_file():
+        models = [v for v in inits.values() if v in ("scratch", "imagenet") or Path(v).is_dir()]
+        step(f"t-SNE of the inits' backbones ({', '.join(inits)}) over the downstream set")
+        explain_tsne(
+            models,
+            manifests["downstream"],
+            root / "tsne",
+            arch=grid.base.model.arch,
+            resolution=max(a.resolution),
+            progress=False,
+        )
+
+
 def _open_folder(cfg: DemoConfig, out: Path) -> None:
     """Create `out`, or reopen it when it holds the same demo (rerunning resumes)."""
     previous = out / "config.yaml"
@@ -171,6 +216,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True, say=print) -> Pa
         f"{len(a.fold)} folds)"
     )
     counts = run_grid(grid, progress=False, say=lambda text: None)
+    _explain(grid, manifests, inits, step)
     step("writing the report")
     report = build_report(grid, cfg.n_boot)
     step(f"done: {report}")

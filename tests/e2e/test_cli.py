@@ -158,6 +158,18 @@ def test_demo_runs_end_to_end(tmp_path: Path, two_threads):
     assert (summary.folds == 3).all()
     external = pd.read_csv(report.parent / "external.csv")
     assert "ext_shifted_camera_auroc_mean" in external.columns
+    page = report.read_text("utf-8")  # the demo ran Grad-CAM and t-SNE for the report
+    assert '<section id="gradcam">' in page and '<section id="tsne">' in page
+    explained = out / "runs" / "grid" / "explain"
+    for label in ("scratch", "fundus"):
+        shown = sorted(p.stem for p in (explained / "gradcam" / label / "overlays").glob("*.png"))
+        assert shown and shown == sorted(
+            p.stem for p in (explained / "gradcam" / "scratch" / "overlays").glob("*.png")
+        )
+    assert set(pd.read_csv(explained / "tsne" / "separation.csv").model) == {
+        "scratch",
+        "pretrain_fundus",
+    }
     # behaviour kept across the package restructure: results.csv as the flat package wrote it
     # (commit 329b36a, the last before it, same preset; CPU training is deterministic and
     # the files are equal to the last bit on the machine that made it)
@@ -166,6 +178,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, two_threads):
     pd.testing.assert_frame_equal(results, golden, check_exact=False, rtol=0, atol=1e-6)
     rerun = invoke("demo", "--out", out, "--offline", "-q", *args)  # resumes: nothing to redo
     assert rerun.exit_code == 0 and "pretraining" not in rerun.output
+    assert "Grad-CAM" not in rerun.output and "t-SNE" not in rerun.output
 
 
 def test_user_errors_are_one_line_not_tracebacks(synth_set: Path, tmp_path: Path):
