@@ -32,6 +32,7 @@ from fundusfm.grid.cells import cell_dir, expand
 from fundusfm.grid.report import build_report
 from fundusfm.grid.runner import run_grid
 from fundusfm.io import write_csv
+from fundusfm.models.backbone import ARCHS
 from fundusfm.models.inits import imagenet_state
 from fundusfm.synthetic.generate import generate
 from fundusfm.tasks.classify import pretrain
@@ -62,6 +63,11 @@ FULL_PRESET = [
 
 def imagenet_ready(arch: str, version: str, offline: bool) -> tuple[bool, str]:
     """Whether ImageNet weights can be had: from the torch hub cache, or by download."""
+    if ARCHS[arch][1] is None:
+        return False, (
+            f"{arch} has no ImageNet weights (add the arms with --set pretrain.model.arch="
+            "resnet18 --set grid.base.model.arch=resnet18, or run --full)"
+        )
     try:
         imagenet_state(arch, version)
         return True, "found in the torch hub cache"

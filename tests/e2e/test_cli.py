@@ -132,6 +132,8 @@ def test_demo_runs_end_to_end(tmp_path: Path, two_threads):
         "downstream.size=96",
         "external.n=10",
         "external.size=96",
+        "pretrain.model.arch=resnet18",  # the arch the golden file was made with
+        "grid.base.model.arch=resnet18",
         "pretrain.data.resolution=64",
         "pretrain.train.epochs=1",
         "pretrain.train.select_metric=loss",
