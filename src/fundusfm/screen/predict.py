@@ -103,6 +103,32 @@ def decisions(bundle: Bundle, probs: np.ndarray) -> list[str]:
     return [classes[int(np.argmax(p))] for p in probs]
 
 
+def decided_class(bundle: Bundle, p: np.ndarray) -> int:
+    """The class whose Grad-CAM explains the decision `decisions` made for `p`.
+
+    Binary: the class decided at the validated threshold (so an image called abnormal at a
+    threshold below 0.5 shows what made it abnormal, not its argmax "normal"); multilabel:
+    the most probable label among those decided (the most probable label when none is);
+    multiclass: the argmax, which is the decision.
+    """
+    if bundle.kind == "binary" and bundle.thresholds:
+        return int(p[1] >= bundle.thresholds[0])
+    if bundle.kind == "multilabel":
+        cut = bundle.thresholds or [0.5] * len(bundle.classes)
+        above = [i for i, (v, t) in enumerate(zip(p, cut, strict=True)) if v >= t]
+        return max(above, key=lambda i: p[i]) if above else int(np.argmax(p))
+    return int(np.argmax(p))
+
+
+def decision_overlays(bundle: Bundle, images: list[np.ndarray], probs) -> list[np.ndarray]:
+    """Grad-CAM overlays (RxRx3 uint8) of the decided class of each preprocessed image, as
+    `predict --gradcam` and `serve` show them (PyTorch, whatever engine scored: gradients)."""
+    targets = [decided_class(bundle, p) for p in probs]
+    with torch.enable_grad():
+        maps = gradcam_maps(bundle, images, targets)
+    return [overlay(image, cam) for image, cam in zip(images, maps, strict=True)]
+
+
 def gradcam_file(out: Path, image: Path, index: int) -> Path:
     """Where `gradcam` writes the overlay of `image`, `index` its place among the images;
     the stem is cut to 100 bytes so that the name stays under the file system's limit."""
@@ -160,13 +186,10 @@ def _unsupported_rows(files: list[Path], folder: Path) -> list[dict]:
 
 
 def _save_gradcam(bundle: Bundle, ok: list[dict], probs, images: list[Path], out: Path) -> None:
-    """Thumbnails of the predicted class's map (Grad-CAM runs in PyTorch: it needs gradients)."""
-    targets = [int(np.argmax(p)) for p in probs]
-    with torch.enable_grad():
-        maps = gradcam_maps(bundle, [b["image"] for b in ok], targets)
-    for b, cam in zip(ok, maps, strict=True):
-        thumb = Image.fromarray(overlay(b["image"], cam)).resize((160, 160))
-        thumb.save(gradcam_file(out, images[b["index"]], b["index"]))
+    """Thumbnails of the Grad-CAM of each image's decision (`decision_overlays`)."""
+    cams = decision_overlays(bundle, [b["image"] for b in ok], probs)
+    for b, cam in zip(ok, cams, strict=True):
+        Image.fromarray(cam).resize((160, 160)).save(gradcam_file(out, images[b["index"]], b["index"]))
 
 
 def score_items(bundle: Bundle, score: Scorer, shift: ShiftScorer, items: list[dict]) -> dict:

@@ -21,16 +21,20 @@ from io import BytesIO
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from fundusfm.config.serve import ServeConfig
 from fundusfm.data.manifest import printable
 from fundusfm.errors import WeightsError
-from fundusfm.explain.gradcam import gradcam_maps, overlay
 from fundusfm.inference import scorer
 from fundusfm.models.loaded import Bundle
-from fundusfm.screen.predict import item_row, prepare_item, score_items, unsupported_reason
+from fundusfm.screen.predict import (
+    decision_overlays,
+    item_row,
+    prepare_item,
+    score_items,
+    unsupported_reason,
+)
 from fundusfm.serve.upload import Upload, UploadRefused
 from fundusfm.tasks.shift import shift_scorer
 
@@ -80,9 +84,8 @@ class Screener:
             return prepare_item(path, self.pre, self.quality)
 
     def _overlay(self, item: dict, probs: np.ndarray) -> str:
-        """The predicted class's Grad-CAM over the preprocessed image (PyTorch: gradients)."""
-        with torch.enable_grad():
-            cam = gradcam_maps(self.bundle, [item["image"]], [int(np.argmax(probs))])[0]
+        """The Grad-CAM of the upload's decision, as `predict --gradcam` draws it, as a PNG."""
+        cam = decision_overlays(self.bundle, [item["image"]], [probs])[0]
         png = BytesIO()
-        Image.fromarray(overlay(item["image"], cam)).save(png, format="PNG")
+        Image.fromarray(cam).save(png, format="PNG")
         return base64.b64encode(png.getvalue()).decode("ascii")
