@@ -33,7 +33,7 @@ from fundusfm.bundle import (
 )
 from fundusfm.card import TIMM_ARCHS, hub_license, model_card, timm_exportable, whole_in_timm
 from fundusfm.engine.runs import is_finished
-from fundusfm.errors import ConfigError, WeightsError
+from fundusfm.errors import ConfigError, FundusError, WeightsError
 from fundusfm.io import read_json, write_atomic, write_text_atomic
 from fundusfm.models.heads import Classifier, scores_from_logits
 from fundusfm.models.loaded import Bundle, load_bundle
@@ -85,6 +85,15 @@ def card_metrics(bundle_path: Path, meta: BundleMeta, files: Sequence[Path] = ()
     paths = [p for p in paths if is_finished(p.parent)]
     paths += [Path(f).resolve() for f in files if Path(f).resolve() not in paths]
     return [_metrics_of(path, meta) for path in paths]
+
+
+def shown_metrics(bundle_path: Path, meta: BundleMeta) -> tuple[list[dict], list[str]]:
+    """`card_metrics` for a page that must still show (the screening report, `serve`'s
+    /v1/model): the metrics, or none and a note saying why they are not shown."""
+    try:
+        return card_metrics(bundle_path, meta), []
+    except FundusError as exc:
+        return [], [f"validation metrics not shown: {exc}"]
 
 
 def _metrics_of(path: Path, meta: BundleMeta) -> dict:

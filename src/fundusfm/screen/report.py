@@ -31,7 +31,6 @@ from PIL import Image, ImageOps
 from fundusfm.card import card_overview
 from fundusfm.config.core import PreprocessConfig
 from fundusfm.data.preprocess import crop_resize, decode_for
-from fundusfm.errors import FundusError
 from fundusfm.io import write_text_atomic
 from fundusfm.models.loaded import Bundle
 from fundusfm.screen.report_page import (
@@ -50,7 +49,7 @@ from fundusfm.screen.report_tables import (
     scored_section,
     tone,
 )
-from fundusfm.weights import card_metrics
+from fundusfm.weights import shown_metrics
 
 THUMBNAILS = 500  # images (scored first, then ungradable) that get a thumbnail
 THUMB_SIDE = 96
@@ -159,13 +158,6 @@ def _files(table: pd.DataFrame, status: str) -> list[str]:
     return [str(f) for f in table.loc[table["status"] == status, "file"]]
 
 
-def _metrics(bundle: Bundle) -> tuple[list[dict], list[str]]:
-    try:
-        return card_metrics(bundle.path, bundle.meta), []
-    except FundusError as exc:  # a metrics.json the card cannot use: say so, still report
-        return [], [f"validation metrics not shown: {exc}"]
-
-
 def cuts(bundle: Bundle) -> dict[str, tuple[float, bool] | None]:
     """The probability columns the histograms show, each with its (threshold, validated)
     (binary: the positive class; multilabel: every label; multiclass: every class, no cut)."""
@@ -195,7 +187,7 @@ def _threshold_line(bundle: Bundle) -> str:
 
 def card_section(bundle: Bundle, notes: list[str], engine: str) -> str:
     """The bundle's card, its threshold, the bundle's path, the engine and the notes."""
-    metrics, unread = _metrics(bundle)
+    metrics, unread = shown_metrics(bundle.path, bundle.meta)
     parameters = sum(p.numel() for p in bundle.model.parameters())
     card = markdown_html(card_overview(bundle.meta, parameters, metrics))
     said = "".join(f"<li>{esc(n)}</li>" for n in [*notes, *unread])

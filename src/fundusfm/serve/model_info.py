@@ -15,9 +15,8 @@ from fundusfm.bundle import bundle_notes
 from fundusfm.card import model_card
 from fundusfm.card_metrics import config_summary, short_path
 from fundusfm.config.serve import ServeConfig
-from fundusfm.errors import FundusError
 from fundusfm.models.loaded import Bundle
-from fundusfm.weights import card_metrics
+from fundusfm.weights import shown_metrics
 
 
 def json_safe(value):
@@ -54,17 +53,10 @@ def _training_data(bundle: Bundle) -> dict:
     }
 
 
-def _validation(bundle: Bundle) -> tuple[list[dict], list[str]]:
-    try:
-        return card_metrics(bundle.path, bundle.meta), []
-    except FundusError as exc:  # a metrics.json the card cannot use: say so, still serve
-        return [], [f"validation metrics not shown: {exc}"]
-
-
 def model_info(bundle: Bundle, engine: str, notes: list[str], settings: ServeConfig) -> dict:
     """The card's fields, the server's engine and settings, notes, and the card's text."""
     meta, task = bundle.meta, bundle.meta.task
-    metrics, unread = _validation(bundle)
+    metrics, unread = shown_metrics(bundle.path, bundle.meta)
     info = {
         "name": f"{meta.architecture.arch} fundus {task.name} model",
         "architecture": meta.architecture.model_dump(mode="json", exclude_none=True),
