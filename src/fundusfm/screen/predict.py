@@ -189,7 +189,9 @@ def _save_gradcam(bundle: Bundle, ok: list[dict], probs, images: list[Path], out
     """Thumbnails of the Grad-CAM of each image's decision (`decision_overlays`)."""
     cams = decision_overlays(bundle, [b["image"] for b in ok], probs)
     for b, cam in zip(ok, cams, strict=True):
-        Image.fromarray(cam).resize((160, 160)).save(gradcam_file(out, images[b["index"]], b["index"]))
+        Image.fromarray(cam).resize((160, 160)).save(
+            gradcam_file(out, images[b["index"]], b["index"])
+        )
 
 
 def score_items(bundle: Bundle, score: Scorer, shift: ShiftScorer, items: list[dict]) -> dict:
