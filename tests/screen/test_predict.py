@@ -7,8 +7,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from fundusfm.errors import ConfigError, DataError
 from fundusfm.screen.predict import decided_class, decision_overlays, decisions
 from tests.fakes import fundus
 
@@ -90,3 +93,55 @@ def test_predict_writes_one_row_per_file_with_its_status(tmp_path: Path):
         np.allclose(p.sum(axis=1), 1, atol=1e-5)
         and table.loc["black.png"].filter(like="p_").isna().all()
     )
+
+
+def test_unreadable_reasons_are_user_words_not_class_names(tmp_path: Path, monkeypatch):
+    from fundusfm.config.core import PreprocessConfig
+    from fundusfm.config.screen import QualityConfig
+    from fundusfm.screen import predict
+
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    (tmp_path / "page.jpg").write_text("<!doctype html><html></html>")
+    pre, quality = PreprocessConfig(resolution=64), QualityConfig()
+    reason = {
+        n: predict.prepare_item(tmp_path / n, pre, quality)["reason"]
+        for n in ("zero.jpg", "page.jpg")
+    }
+    assert reason == {
+        "zero.jpg": "empty file (0 bytes)",
+        "page.jpg": "not a recognised image format (JPEG/PNG/TIFF/BMP/GIF)",
+    }
+
+    def broken(path, cfg):
+        raise RuntimeError("libjpeg ran out of memory")
+
+    monkeypatch.setattr(predict, "decode_for", broken)  # a fault no fundusfm error names
+    item = predict.prepare_item(tmp_path / "zero.jpg", pre, quality)
+    assert item["status"] == "unreadable"
+    assert item["reason"] == "could not decode: libjpeg ran out of memory"
+    assert "Error" not in predict.unreadable_reason(ValueError())
+
+
+def test_a_missing_folder_or_a_full_out_is_one_error_line_saying_what_to_do(tmp_path: Path):
+    """Checked before the bundle is read: `nowhere` need not be a bundle."""
+    from fundusfm.cli import app
+    from fundusfm.screen.predict import screen
+
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    with pytest.raises(DataError, match="does not exist; give the folder that holds"):
+        screen(tmp_path / "nowhere", photos, out)
+    photos.mkdir()
+    (out / "old").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="add --overwrite to replace it, or choose another"):
+        screen(tmp_path / "nowhere", photos, out)
+    runner = CliRunner()
+    for folder in (tmp_path / "gone", photos):
+        said = runner.invoke(
+            app, ["predict", str(tmp_path / "nowhere"), str(folder), "--out", str(out)]
+        )
+        lines = said.output.strip().splitlines()
+        assert said.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (
+            said.output
+        )
+        assert "Traceback" not in said.output and "fundusfm does not check" not in said.output
+    assert (out / "old").is_dir()  # nothing removed

@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import re
+from datetime import datetime
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -22,11 +23,13 @@ import pytest
 import torch
 from PIL import Image
 
+from fundusfm import __version__
 from fundusfm.bench.screening import random_bundle
 from fundusfm.bundle import BundleMeta
 from fundusfm.models.loaded import Bundle, load_bundle
 from fundusfm.screen.predict import screen
-from fundusfm.screen.report import overlay_uri, write_report
+from fundusfm.screen.report import overlay_uri, thumbnail_order, write_report
+from fundusfm.screen.report_page import H, bin_counts, histogram_svg
 from fundusfm.screen.report_tables import reason_group
 from tests.conftest import TINY_ARCH
 from tests.fakes import fundus
@@ -166,8 +169,53 @@ def test_the_histogram_is_drawn_with_the_threshold_stated(run):
     )
     assert line and float(line.group(1)) == pytest.approx(ticks["0.5"])  # drawn at 0.5
     assert ">validated threshold 0.5</text>" in part and "validated threshold 0.5" in part
-    bars = [int(n) for n in re.findall(r"<title>[\d.]+-[\d.]+: (\d+) images</title>", part)]
-    assert len(bars) == 20 and sum(bars) == 3
+    bars = re.findall(r'data-bin="(\d+)" data-count="(\d+)"', part)
+    assert len({b for b, _ in bars}) == 20 and sum(int(n) for _, n in bars) == 3
+
+
+def _rects(svg: str) -> list[tuple[str, int, int]]:
+    """The histogram's bars as (class, bin, images)."""
+    found = re.findall(r'<rect class="(\w+)"[^>]*data-bin="(\d+)" data-count="(\d+)"', svg)
+    return [(css, int(b), int(n)) for css, b, n in found]
+
+
+def test_a_bin_the_threshold_cuts_is_split_by_the_images_decisions():
+    """Threshold 0.27 inside bin [0.25, 0.30): 0.26 is decided normal, 0.28 abnormal, and
+    each is drawn in the colour of its own decision (not of the bin's midpoint)."""
+    svg = histogram_svg([0.26, 0.28, 0.29, 0.1, 0.9], "p_abnormal", 0.27, "threshold 0.27")
+    bars = [r for r in _rects(svg) if r[2]]
+    assert sorted(r for r in bars if r[1] == 5) == [("neg", 5, 1), ("pos", 5, 2)]
+    assert ("neg", 2, 1) in bars and ("pos", 18, 1) in bars and len(bars) == 4
+    assert bin_counts([0.26, 0.28, 0.27], 0.27, 20)[5] == (1, 2)  # at the threshold: positive
+    assert all(css == "neg" for css, _, _ in _rects(histogram_svg([0.26, 0.8], "p_dr")))
+
+
+def test_the_stacked_parts_of_a_cut_bin_sit_on_each_other():
+    svg = histogram_svg([0.26, 0.28, 0.28], "p", 0.27)
+    heights = dict(
+        (css, (float(y), float(h)))
+        for css, y, h in re.findall(
+            r'<rect class="(\w+)"[^>]*data-bin="5"[^>]*y="([\d.]+)"[^>]*height="([\d.]+)"', svg
+        )
+    )
+    (neg_y, neg_h), (pos_y, pos_h) = heights["neg"], heights["pos"]
+    assert pos_h == pytest.approx(2 * neg_h, abs=0.2) and pos_y + pos_h == pytest.approx(neg_y)
+
+
+def test_the_axis_label_and_the_tick_labels_fit_in_the_histogram():
+    """11 px text: the tick labels' baseline, then the axis label a line lower with room
+    for its descenders (`p_` hangs below the baseline) inside the SVG's height."""
+    svg = histogram_svg([0.5], "p_abnormal", 0.5)
+    height = float(re.search(r'<svg [^>]*height="([\d.]+)"', svg).group(1))
+    font = float(re.search(r'font-size="([\d.]+)"', svg).group(1))
+    ticks = [
+        float(y)
+        for y in re.findall(r'<text x="[\d.]+" y="([\d.]+)" text-anchor="middle">[\d.]+<', svg)
+    ]
+    label = float(re.search(r'<text class="axis" x="[\d.]+" y="([\d.]+)"', svg).group(1))
+    assert height == H and len(ticks) == 5
+    assert label - font >= max(ticks) + 0.3 * font  # the label's top under the ticks' descent
+    assert label + 0.3 * font <= height  # its descenders inside the picture
 
 
 def test_each_scored_file_has_a_row_with_its_thumbnail(run):
@@ -201,9 +249,8 @@ def test_images_not_scored_are_listed_under_their_reason(run):
     )
     found = {(s, h): re.findall(r'<li data-file="([^"]*)">', items) for s, h, items in groups}
     assert found[("ungradable", "ungradable: no field of view (1)")] == ["black.png"]
-    assert found[
-        ("unreadable", "unreadable: ImageDecodeError: not a recognised image format (1)")
-    ] == ["broken.jpg"]
+    assert found[("unreadable", "unreadable: not a recognised image format (1)")] == ["broken.jpg"]
+    assert "Error" not in part  # user words, never a Python class name
     assert found[("unsupported", "unsupported: not an image format fundusfm reads (1)")] == [
         "notes.txt"
     ]
@@ -247,16 +294,80 @@ def test_the_table_sorts_and_filters_in_the_page_with_no_outside_file(run):
     assert not re.search(r'(src|href)="(?!data:|#|predictions\.csv)', page)  # nothing fetched
 
 
+def _thumbed(page: str) -> list[str]:
+    """The files whose thumbnail the page shows (unescaped), in page order."""
+    thumbs = [e[1] for e in Elements(page).found if e[0] == "img" and e[1]["class"] == "thumb"]
+    return [t["alt"].removeprefix("thumbnail of ") for t in thumbs]
+
+
 def test_thumbnails_are_capped_and_a_missing_one_never_fails_the_report(run, tmp_path):
-    bundle = load_bundle(run["bundle"])
-    sources = {f: run["folder"] / f for f in run["table"].file}
-    sources["eye1.png"] = tmp_path / "gone.png"  # removed since: no thumbnail, still a row
+    """Capped at 2 of 3 scored and 1 ungradable: the riskiest scored image and the
+    ungradable one; a source removed since gives no thumbnail, never a failed report."""
+    bundle, table = load_bundle(run["bundle"]), run["table"]
+    riskiest = table[table.status == "scored"].sort_values("p_abnormal").file.iloc[-1]
+    sources = {f: run["folder"] / f for f in table.file}
     cams = {"eye2.png": tmp_path / "no_cam.png"}
-    write_report(run["table"], tmp_path, bundle, [], "torch", sources, cams, limit=2)
+    write_report(table, tmp_path, bundle, [], "torch", sources, cams, limit=2)
     page = (tmp_path / "report.html").read_text("utf-8")
-    assert "the first 2 of 4 scored and ungradable images" in page
-    assert len(rows(page)) == 3 and page.count('<img class="thumb"') == 1  # eye1 gone, eye2
+    assert "shown for 2 of the 4 scored and ungradable images" in page
+    assert "positive decisions first" in page and "25% of them kept for ungradable" in page
+    assert len(rows(page)) == 3 and sorted(_thumbed(page)) == sorted([riskiest, "black.png"])
     assert '<img class="thumb cam"' not in page
+    sources[riskiest] = tmp_path / "gone.png"
+    write_report(table, tmp_path, bundle, [], "torch", sources, cams, limit=2)
+    page = (tmp_path / "report.html").read_text("utf-8")
+    assert len(rows(page)) == 3 and _thumbed(page) == ["black.png"]
+
+
+def _risky_table() -> pd.DataFrame:
+    """Six scored images (p_abnormal, decided at 0.3) and three ungradable, by file name."""
+    probs = {"a": 0.1, "b": 0.9, "c": 0.35, "d": 0.2, "e": 0.5, "f": 0.05}
+    scored = [
+        {"file": f, "status": "scored", "p_normal": 1 - p, "p_abnormal": p}
+        | {"decision": "abnormal" if p >= 0.3 else "normal"}
+        for f, p in probs.items()
+    ]
+    ungradable = [{"file": f"u{i}", "status": "ungradable", "reason": "dark"} for i in (1, 2, 3)]
+    return pd.DataFrame([*scored, *ungradable])
+
+
+def test_thumbnails_go_to_the_riskiest_images_and_some_to_ungradable_ones():
+    binary = _bundle("binary", ["normal", "abnormal"], [0.3])
+    table = _risky_table()
+    assert thumbnail_order(table, binary, 4) == ["b", "e", "c", "u1"]  # not a, b, c, d
+    assert thumbnail_order(table, binary, 6) == ["b", "e", "c", "d", "u1", "u2"]
+    assert thumbnail_order(table, binary, 20) == ["b", "e", "c", "d", "a", "f", "u1", "u2", "u3"]
+    assert thumbnail_order(table, binary, 1) == ["u1"]  # the one kept for an ungradable image
+    assert thumbnail_order(table[table.status == "scored"], binary, 2) == ["b", "e"]
+
+
+def test_a_positive_decision_comes_before_a_higher_probability_that_is_not_one():
+    """Multilabel: dr at 0.8 under its 0.9 threshold is not decided; amd at 0.3 over its
+    0.2 threshold is, so that image is looked at first."""
+    multi = _bundle("multilabel", ["dr", "amd"], [0.9, 0.2])
+    table = pd.DataFrame(
+        [
+            {"file": "high", "status": "scored", "p_dr": 0.8, "p_amd": 0.1, "decision": ""},
+            {"file": "called", "status": "scored", "p_dr": 0.1, "p_amd": 0.3, "decision": "amd"},
+            {"file": "low", "status": "scored", "p_dr": 0.2, "p_amd": 0.1, "decision": ""},
+        ]
+    )
+    assert thumbnail_order(table, multi, 3) == ["called", "high", "low"]
+    grades = _bundle("multiclass", ["normal", "dr", "amd"], [])
+    table = _table(["normal", "dr", "amd"], ["normal", "dr", "amd"])  # normal at 0.7 is no risk
+    assert thumbnail_order(table, grades, 3) == ["1.png", "2.png", "0.png"]
+
+
+def test_the_page_says_which_folder_was_screened_when_and_by_which_version(run, tmp_path):
+    assert f"Screened <code>{run['folder']}</code> on <time" in run["page"]
+    when = datetime(2024, 5, 6, 7, 8, 9).astimezone()
+    bundle = load_bundle(run["bundle"])
+    write_report(run["table"], tmp_path, bundle, [], folder="photos/<in>", when=when)
+    page = (tmp_path / "report.html").read_text("utf-8")
+    line = page[page.index("</h1>") : page.index("<nav>")]  # at the top, before everything
+    assert "<code>photos/&lt;in&gt;</code>" in line and f"fundusfm {__version__}" in line
+    assert f'datetime="{when.isoformat(timespec="seconds")}"' in line
+    assert "2024-05-06T07:08:09" in line
 
 
 def _bundle(kind: str, classes: list[str], thresholds: list[float]) -> Bundle:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ from fundusfm.data.decode import SUPPORTED_SUFFIXES
 from fundusfm.data.manifest import printable
 from fundusfm.data.preprocess import crop_resize, decode_for
 from fundusfm.data.transforms import to_tensor
-from fundusfm.errors import ConfigError, WeightsError
+from fundusfm.errors import ConfigError, DataError, FundusError, WeightsError
 from fundusfm.explain.gradcam import gradcam_maps, overlay
 from fundusfm.inference import Scorer, scorer
 from fundusfm.models.loaded import Bundle, load_bundle
@@ -86,8 +87,16 @@ def prepare_item(path: Path, pre: PreprocessConfig, quality: QualityConfig, inde
             return item
         item["image"], _ = crop_resize(rgb, pre)
     except Exception as exc:
-        item.update(status="unreadable", reason=f"{type(exc).__name__}: {exc}")
+        item.update(status="unreadable", reason=unreadable_reason(exc))
     return item
+
+
+def unreadable_reason(exc: Exception) -> str:
+    """Why a file is `unreadable`, in a user's words: a fundusfm error's own message (it
+    names the fault), anything else as `could not decode: ...` (never a class name)."""
+    if isinstance(exc, FundusError):
+        return str(exc)
+    return f"could not decode: {exc or 'an unexpected error in the image decoder'}"
 
 
 def decisions(bundle: Bundle, probs: np.ndarray) -> list[str]:
@@ -159,11 +168,17 @@ class Screening:
 
 def _check_folders(folder: Path, out: Path, overwrite: bool) -> None:
     if not folder.is_dir():
-        raise FileNotFoundError(f"not a folder: {folder}")
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise DataError(f"{folder} {what}; give the folder that holds the photographs to screen")
     if out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents:
         raise ConfigError(f"--out {out} would hold the input folder {folder}; choose another")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; use --overwrite or another --out")
+        raise ConfigError(
+            f"--out {out} exists and is not empty; add --overwrite to replace it, or choose "
+            "another --out"
+        )
 
 
 def unsupported_reason(name: Path) -> str | None:
@@ -238,6 +253,54 @@ def _batch_rows(
     ]
 
 
+def _ready(bundle_path, folder: Path, out: Path, overwrite: bool, device, engine, progress):
+    """The folders checked, the bundle loaded and its scorers built, then `out` emptied:
+    anything that fails before leaves a previous output folder as it was."""
+    _check_folders(folder, out, overwrite)
+    bundle = load_bundle(bundle_path, device)  # before --overwrite removes anything
+    if bundle.kind == "segmentation":
+        raise WeightsError("predict screens with classifiers; use `fundusfm segment eval`")
+    score = scorer(bundle, engine, progress)  # a graph that cannot be built: nothing removed
+    shift = shift_scorer(bundle, score.engine)
+    if out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)
+    return bundle, score, shift
+
+
+@dataclass
+class _Run:
+    """One screening's inputs and tools, passed to its steps."""
+
+    bundle: Bundle
+    score: Scorer
+    shift: ShiftScorer
+    folder: Path
+    out: Path
+    gradcam: bool
+
+
+def _rows(run: _Run, files: list[Path], images: list[Path], loader: DataLoader, progress) -> list:
+    """Every file's row: the unsupported ones, then each loader batch scored."""
+    rows = _unsupported_rows(files, run.folder)
+    run.out.mkdir(parents=True, exist_ok=True)
+    if run.gradcam:
+        (run.out / "gradcam").mkdir()
+    for batch in tqdm(loader, disable=not progress, desc="screening", unit="batch"):
+        rows += _batch_rows(
+            run.bundle, run.score, run.shift, batch, images, run.folder, run.out, run.gradcam
+        )
+    return rows
+
+
+def _shift_notes(run: _Run, table: pd.DataFrame) -> list[str]:
+    """The scorer's and shift's notes, with the share of scored images flagged shifted."""
+    flags = table["shift"].dropna().tolist() if "shift" in table else []
+    said = [*run.score.notes, *run.shift.notes]
+    if run.shift.available and flags:
+        said.append(shift_line(flag_summary(flags), "scored images"))
+    return said
+
+
 def screen(
     bundle_path: Path,
     folder: Path,
@@ -251,42 +314,28 @@ def screen(
     progress: bool = True,
     engine: str = "torch",
 ) -> Screening:
-    """Score every image under `folder` (table also written to `out`).
+    """Score every image under `folder` (table and report written to `out`).
 
     `engine` (auto, torch, onnxruntime; `fundusfm.inference`) computes the probabilities;
     `workers` processes (default `default_workers()`; 0: none) decode, assess and crop the
     next batches while one is scored.
     """
-    folder, out = Path(folder), Path(out)
-    _check_folders(folder, out, overwrite)
-    bundle = load_bundle(bundle_path, device)  # before --overwrite removes anything
-    if bundle.kind == "segmentation":
-        raise WeightsError("predict screens with classifiers; use `fundusfm segment eval`")
-    score = scorer(bundle, engine, progress)  # a graph that cannot be built: nothing removed
-    shift = shift_scorer(bundle, score.engine)
-    if out.exists() and any(out.iterdir()):
-        shutil.rmtree(out)
+    given, folder, out, started = folder, Path(folder), Path(out), datetime.now()
+    bundle, score, shift = _ready(bundle_path, folder, out, overwrite, device, engine, progress)
+    run = _Run(bundle, score, shift, folder, out, gradcam)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     images = [p for p in files if p.suffix.lower() in SUPPORTED_SUFFIXES]
-    rows = _unsupported_rows(files, folder)
-    out.mkdir(parents=True, exist_ok=True)
-    if gradcam:
-        (out / "gradcam").mkdir()
     loader = DataLoader(
         ScreenImages(images, bundle, quality or QualityConfig()),
         batch_size=batch_size,
         num_workers=default_workers() if workers is None else workers,
         collate_fn=list,
     )
-    for batch in tqdm(loader, disable=not progress, desc="screening", unit="batch"):
-        rows += _batch_rows(bundle, score, shift, batch, images, folder, out, gradcam)
+    rows = _rows(run, files, images, loader, progress)
     table = pd.DataFrame(rows).sort_values("file", kind="stable").reset_index(drop=True)
     table.to_csv(out / "predictions.csv", index=False)
-    scored = table["shift"].dropna().tolist() if "shift" in table else []
-    said = [*score.notes, *shift.notes]
-    if shift.available and scored:
-        said.append(shift_line(flag_summary(scored), "scored images"))
+    said = _shift_notes(run, table)
     sources, cams = _report_files(files, images, folder, out, gradcam)
     notes = [*bundle_notes(bundle.meta), *said]
-    write_report(table, out, bundle, notes, score.engine, sources, cams)
+    write_report(table, out, bundle, notes, score.engine, sources, cams, folder=given, when=started)
     return Screening(table, score.engine, said)

@@ -12,22 +12,31 @@ header and filterable by file name and decision or shift, each row with a thumbn
 image as the bundle sees it (its FOV crop, 96 px) and, under `--gradcam`, that row's
 Grad-CAM overlay; last, the images not scored grouped by status and reason.
 
-The page is one offline file (images as data: URIs, style and script inline; `report_page`)
-in UTF-8, every user-provided string escaped. Thumbnails go to the first `THUMBNAILS` scored,
-then ungradable, images, so a folder of 10,000 stays a page of a few MB; the page says so.
-A thumbnail that cannot be made is left out: it never fails the report.
+The page opens with what was screened: the input folder as given, when (local ISO time) and
+the fundusfm version. It is one offline file (images as data: URIs, style and script inline;
+`report_page`) in UTF-8, every user-provided string escaped. At most `THUMBNAILS` images get
+a thumbnail, so a folder of 10,000 stays a page of a few MB, and they go first to the images a
+person must look at (`thumbnail_order`): a quarter of the limit is kept for ungradable images
+(more when fewer scored images need one), the rest goes to the scored images by risk,
+positive decisions first, then the highest abnormal probability (binary: `p_<classes[1]>`;
+multiclass and multilabel: the highest probability of a class not named normal), ties by
+file name. The page says so when the limit is reached. A thumbnail that cannot be made is
+left out: it never fails the report.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import math
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
 from PIL import Image, ImageOps
 
+from fundusfm import __version__
 from fundusfm.card import card_overview
 from fundusfm.config.core import PreprocessConfig
 from fundusfm.data.preprocess import crop_resize, decode_for
@@ -43,6 +52,7 @@ from fundusfm.screen.report_page import (
 )
 from fundusfm.screen.report_tables import (
     NOT_SCORED,
+    UNGRADABLE_SHARE,
     Pictures,
     cell_text,
     not_scored_section,
@@ -51,7 +61,7 @@ from fundusfm.screen.report_tables import (
 )
 from fundusfm.weights import shown_metrics
 
-THUMBNAILS = 500  # images (scored first, then ungradable) that get a thumbnail
+THUMBNAILS = 500  # images that get a thumbnail (`thumbnail_order`)
 THUMB_SIDE = 96
 CHECKED = ("in-distribution", "shifted")  # `shift` values of images compared with a reference
 
@@ -65,14 +75,18 @@ def write_report(
     sources: dict[str, Path] | None = None,
     gradcams: dict[str, Path] | None = None,
     limit: int = THUMBNAILS,
+    folder: Path | str | None = None,
+    when: datetime | None = None,
 ) -> Path:
     """Write `out/report.html` for a predictions table (see the module docstring).
 
     `sources` maps a row's `file` to the file it was read from (thumbnails), `gradcams` to
-    its Grad-CAM overlay; rows missing from either get no picture."""
+    its Grad-CAM overlay; rows missing from either get no picture. `folder` is the screened
+    folder as the user gave it, `when` the time of the screening (default: now)."""
     pics = pictures(table, bundle, sources or {}, gradcams, limit)
     body = "".join(
         [
+            run_line(folder, when or datetime.now()),
             _nav(),
             card_section(bundle, notes, engine),
             counts_section(table, bundle),
@@ -82,6 +96,16 @@ def write_report(
         ]
     )
     return write_text_atomic(Path(out) / "report.html", page("fundusfm screening report", body))
+
+
+def run_line(folder: Path | str | None, when: datetime) -> str:
+    """What was screened, when (local time, ISO 8601) and by which fundusfm."""
+    stamp = when.astimezone().isoformat(timespec="seconds")
+    screened = f"<code>{esc(folder)}</code>" if folder is not None else "a folder not named"
+    return (
+        f'<p class="run">Screened {screened} on <time datetime="{stamp}">{stamp}</time> '
+        f"with fundusfm {esc(__version__)}.</p>"
+    )
 
 
 def _nav() -> str:
@@ -136,22 +160,50 @@ def _thumb_config(bundle: Bundle) -> PreprocessConfig | None:
 
 
 def pictures(table, bundle: Bundle, sources: dict, gradcams: dict | None, limit: int) -> Pictures:
-    """Thumbnails (and overlays) of the first `limit` scored, then ungradable, images."""
-    wanted = [*_files(table, "scored"), *_files(table, "ungradable")]
-    chosen, pre, cams = wanted[:limit], _thumb_config(bundle), gradcams or {}
-    scored = set(_files(table, "scored"))
+    """Thumbnails (and overlays of scored images) of the images `thumbnail_order` chooses."""
+    scored, ungradable = _files(table, "scored"), _files(table, "ungradable")
+    chosen = thumbnail_order(table, bundle, limit)
+    pre, cams, scored_set = _thumb_config(bundle), gradcams or {}, set(scored)
     with ThreadPoolExecutor(max_workers=4) as pool:  # PIL decodes without the GIL
         thumbs = list(pool.map(lambda f: thumbnail(sources.get(f), pre), chosen))
         overlays = list(
-            pool.map(lambda f: overlay_uri(cams.get(f)) if f in scored else None, chosen)
+            pool.map(lambda f: overlay_uri(cams.get(f)) if f in scored_set else None, chosen)
         )
     return Pictures(
         {f: t for f, t in zip(chosen, thumbs, strict=True) if t},
         {f: c for f, c in zip(chosen, overlays, strict=True) if c},
-        len(wanted),
+        len(scored) + len(ungradable),
         limit,
         gradcams is not None,
     )
+
+
+def thumbnail_order(table: pd.DataFrame, bundle: Bundle, limit: int) -> list[str]:
+    """The files that get a thumbnail: up to `limit`, a `UNGRADABLE_SHARE` of it (at least
+    one) kept for ungradable images, more when fewer scored images need one; the rest
+    scored images by `risk`, highest first (see the module docstring)."""
+    ungradable = _files(table, "ungradable")
+    rows = table[table["status"] == "scored"]
+    risks = risk(rows, bundle)
+    ranked = sorted(zip(rows["file"].astype(str), risks, strict=True), key=lambda r: (-r[1], r[0]))
+    keep = min(len(ungradable), max(math.ceil(limit * UNGRADABLE_SHARE), limit - len(ranked)))
+    return [f for f, _ in ranked[: max(limit - keep, 0)]] + ungradable[:keep]
+
+
+def risk(scored: pd.DataFrame, bundle: Bundle) -> list[float]:
+    """How much each scored row needs a person's look, for ordering: 1 + its abnormal
+    probability when decided positive, else that probability (binary: `p_<classes[1]>`,
+    otherwise the highest `p_` of a class not named normal); no probability counts as 0."""
+    classes = [str(c) for c in bundle.classes]
+    found = (
+        classes[1:2] if bundle.kind == "binary" else [c for c in classes if c.lower() != "normal"]
+    )
+    columns = [f"p_{c}" for c in found if f"p_{c}" in scored]
+    probs = scored[columns].apply(pd.to_numeric, errors="coerce") if columns else None
+    p = probs.max(axis=1).fillna(0.0) if probs is not None else pd.Series(0.0, scored.index)
+    decided = scored.get("decision", pd.Series(None, index=scored.index, dtype=object))
+    positive = [tone(bundle, d) == "pos" for d in decided]
+    return [float(v) + float(pos) for v, pos in zip(p, positive, strict=True)]
 
 
 def _files(table: pd.DataFrame, status: str) -> list[str]:

@@ -145,26 +145,52 @@ def _kind(line: str) -> str:
     return line[:1] if line[:1] in "#|" else ("-" if line.startswith("- ") else "p")
 
 
-W, H, LEFT, BOTTOM, TOP = 440, 190, 40, 30, 22  # the histogram's size and margins, px
+# The histogram's size and margins, px: under the plot the tick labels (baseline TICK_Y below
+# the axis) and then the axis label (LABEL_Y below it), with room for its descenders.
+W, LEFT, TOP, PLOT_H, FONT = 440, 40, 22, 138, 11
+TICK_Y, LABEL_Y, BOTTOM = 14, 32, 44
+H = TOP + PLOT_H + BOTTOM
 
 
 def _x(v: float) -> float:
     return LEFT + v * (W - LEFT - 10)
 
 
-def _bars(counts: list[int], cut: float | None) -> list[str]:
-    top, bins, plot_h = max(max(counts), 1), len(counts), H - BOTTOM - TOP
-    width = (W - LEFT - 10) / bins
+def bin_counts(values: list[float], cut: float | None, bins: int) -> list[tuple[int, int]]:
+    """Per bin of [0, 1], the images under `cut` and those at or over it (decided positive);
+    with no cut every image counts as under it."""
+    counts = [[0, 0] for _ in range(bins)]
+    for v in values:
+        counts[min(int(v * bins), bins - 1)][int(cut is not None and v >= cut)] += 1
+    return [(neg, pos) for neg, pos in counts]
+
+
+def _rect(i: int, bins: int, css: str, n: int, below: int, top: int, words: str) -> str:
+    lo, width, h = i / bins, (W - LEFT - 10) / bins, PLOT_H * n / top
+    y = TOP + PLOT_H - PLOT_H * below / top - h
+    tip = f"{lo:.2f}-{lo + 1 / bins:.2f}: {n} images{words}"
+    return (
+        f'<rect class="{css}" style="fill:var(--c)" data-bin="{i}" data-count="{n}" '
+        f'x="{_x(lo) + 0.5:.1f}" y="{y:.1f}" width="{width - 1:.1f}" height="{h:.1f}">'
+        f"<title>{tip}</title></rect>"
+    )
+
+
+def _bars(counts: list[tuple[int, int]], cut: float | None) -> list[str]:
+    """One bar per bin, stacked where the threshold cuts it: the images under the threshold
+    (neg) at the bottom, those at or over it (pos) on top, so each is in its decision's colour."""
+    top, bins = max(max(neg + pos for neg, pos in counts), 1), len(counts)
     parts = []
-    for i, n in enumerate(counts):
-        lo, h = i / bins, plot_h * n / top
-        css = "pos" if cut is not None and lo + 0.5 / bins >= cut else "neg"
-        tip = f"{lo:.2f}-{lo + 1 / bins:.2f}: {n} images"
-        parts.append(
-            f'<rect class="{css}" style="fill:var(--c)" x="{_x(lo) + 0.5:.1f}" '
-            f'y="{H - BOTTOM - h:.1f}" width="{width - 1:.1f}" height="{h:.1f}">'
-            f"<title>{tip}</title></rect>"
-        )
+    for i, (neg, pos) in enumerate(counts):
+        if cut is None:
+            parts.append(_rect(i, bins, "neg", neg, 0, top, ""))
+            continue
+        if neg:
+            parts.append(_rect(i, bins, "neg", neg, 0, top, ", under the threshold"))
+        elif not pos:  # an empty bin: a bar of no height, in the colour of its side
+            parts.append(_rect(i, bins, "neg" if (i + 1) / bins <= cut else "pos", 0, 0, top, ""))
+        if pos:
+            parts.append(_rect(i, bins, "pos", pos, neg, top, ", at or over the threshold"))
     parts.append(f'<text x="{LEFT - 4}" y="{TOP + 4}" text-anchor="end">{top}</text>')
     return parts
 
@@ -173,36 +199,39 @@ def histogram_svg(
     values: list[float], label: str, cut: float | None = None, cut_label: str = "", bins: int = 20
 ) -> str:
     """A histogram of probabilities in [0, 1] as inline SVG (`label` under the x axis), with
-    `cut` drawn as a dashed line named `cut_label`; bars at or over it in the positive colour."""
-    counts = [0] * bins
-    for v in values:
-        counts[min(int(v * bins), bins - 1)] += 1
-    base = H - BOTTOM
-    parts = _bars(counts, cut)
+    `cut` drawn as a dashed line named `cut_label`; each image in its decision's colour
+    (positive at or over `cut`), a bin the line cuts split in two (`_bars`)."""
+    base = TOP + PLOT_H
+    parts = _bars(bin_counts(values, cut, bins), cut)
     parts += [
         f'<line x1="{LEFT}" y1="{base}" x2="{W - 10}" y2="{base}" stroke="#333"/>',
         f'<text x="{LEFT - 4}" y="{base}" text-anchor="end">0</text>',
         *(
-            f'<text x="{_x(t):.1f}" y="{base + 14}" text-anchor="middle">{t:g}</text>'
+            f'<text x="{_x(t):.1f}" y="{base + TICK_Y}" text-anchor="middle">{t:g}</text>'
             for t in (0, 0.25, 0.5, 0.75, 1)
         ),
-        f'<text x="{(W + LEFT) / 2}" y="{H - 2}" text-anchor="middle">{esc(label)}</text>',
+        f'<text class="axis" x="{(W + LEFT) / 2}" y="{base + LABEL_Y}" text-anchor="middle">'
+        f"{esc(label)}</text>",
         f'<text transform="translate(12 {(TOP + base) / 2}) rotate(-90)" '
         'text-anchor="middle">images</text>',
     ]
     if cut is not None:
-        x = _x(cut)
-        anchor = "start" if cut < 0.3 else "end" if cut > 0.7 else "middle"
-        parts.append(
-            f'<line class="threshold" x1="{x:.1f}" y1="{TOP - 4}" x2="{x:.1f}" y2="{base}" '
-            f'stroke="#000" stroke-width="2" stroke-dasharray="5,3"/>'
-            f'<text class="threshold" x="{x:.1f}" y="{TOP - 8}" text-anchor="{anchor}">'
-            f"{esc(cut_label)}</text>"
-        )
+        parts.append(_threshold_mark(cut, cut_label))
     return (
         f'<svg class="histogram" role="img" aria-label="histogram of {esc(label)}" '
-        f'width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-size="11" '
+        f'width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-size="{FONT}" '
         f'xmlns="http://www.w3.org/2000/svg">{"".join(parts)}</svg>'
+    )
+
+
+def _threshold_mark(cut: float, words: str) -> str:
+    x, base = _x(cut), TOP + PLOT_H
+    anchor = "start" if cut < 0.3 else "end" if cut > 0.7 else "middle"
+    return (
+        f'<line class="threshold" x1="{x:.1f}" y1="{TOP - 4}" x2="{x:.1f}" y2="{base}" '
+        f'stroke="#000" stroke-width="2" stroke-dasharray="5,3"/>'
+        f'<text class="threshold" x="{x:.1f}" y="{TOP - 8}" text-anchor="{anchor}">'
+        f"{esc(words)}</text>"
     )
 
 

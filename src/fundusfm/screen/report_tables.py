@@ -19,6 +19,7 @@ from fundusfm.models.loaded import Bundle
 from fundusfm.screen.report_page import esc
 
 NOT_SCORED = ("ungradable", "unreadable", "unsupported")
+UNGRADABLE_SHARE = 0.25  # of the thumbnails kept for ungradable images (`report.thumbnail_order`)
 
 
 def tone(bundle: Bundle, decision) -> str:
@@ -107,8 +108,10 @@ def _cap_note(pics: Pictures) -> str:
     if pics.wanted <= pics.limit:
         return ""
     return (
-        f'<p class="note">Thumbnails are shown for the first {pics.limit} of {pics.wanted} '
-        "scored and ungradable images only, to keep this page small; every image is listed.</p>"
+        f'<p class="note">Thumbnails are shown for {pics.limit} of the {pics.wanted} scored and '
+        "ungradable images only, to keep this page small: the scored images most at risk "
+        "(positive decisions first, then the highest abnormal probability), with "
+        f"{UNGRADABLE_SHARE:.0%} of them kept for ungradable images; every image is listed.</p>"
     )
 
 
