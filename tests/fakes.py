@@ -48,3 +48,19 @@ def dimmed(rgb: np.ndarray, factor: float, seed: int = 0) -> np.ndarray:
     """The image at `factor` of its brightness, with 0-3 grey levels of noise everywhere."""
     noise = np.random.default_rng(seed).integers(0, 4, rgb.shape)
     return np.clip(np.round(rgb * factor) + noise, 0, 255).astype(np.uint8)
+
+
+def drive_tree(root: Path, missing: tuple[int, ...] = ()) -> Path:
+    """A DRIVE copy (DATASETS.md section 7): images 21, 22 train and 1, 2 test, with FOV
+    masks (the disc) and observer-1 masks, but none for the images numbered in `missing`
+    (a partial mirror)."""
+    yy, xx = np.mgrid[0:60, 0:64]
+    disc = ((xx - 32) ** 2 + (yy - 30) ** 2 < 27**2).astype(np.uint8) * 255
+    for split, nums in (("training", [21, 22]), ("test", [1, 2])):
+        for n in nums:
+            fundus(root / split / "images" / f"{n:02d}_{split}.tif", seed=n)
+            (root / split / "mask").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(disc).save(root / split / "mask" / f"{n:02d}_{split}_mask.gif")
+            if n not in missing:
+                mask(root / split / "1st_manual" / f"{n:02d}_manual1.gif")
+    return root

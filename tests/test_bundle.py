@@ -29,10 +29,12 @@ from fundusfm.data.manifest import load_manifest
 from fundusfm.data.preprocess import FOV_RULE, preprocess_image
 from fundusfm.data.splits import make_splits
 from fundusfm.errors import BundleError
+from fundusfm.evaluation.seg_metrics import ThresholdPick
 from fundusfm.evaluation.stats import auroc_interval
 from fundusfm.models.loaded import load_bundle
 from fundusfm.models.unet import build_unet
 from fundusfm.tasks.classify import finetune, pretrain, probe_finetune
+from fundusfm.tasks.seg_threshold import task_thresholds
 from fundusfm.tasks.segment import _bundle_meta as segmentation_meta
 from tests.conftest import TINY_ARCH
 
@@ -102,7 +104,8 @@ def kinds(synth_set: Path, tmp_path_factory) -> dict:
     )
     torch.manual_seed(0)
     unet = build_unet(TINY_ARCH, seg.model.decoder_channels)
-    made["segmentation"] = save_bundle(unet, root / "seg_bundle", segmentation_meta(seg, 0.5))
+    chosen = task_thresholds(seg.train.threshold, "val", ThresholdPick(0.5, 0.8, 4))
+    made["segmentation"] = save_bundle(unet, root / "seg_bundle", segmentation_meta(seg, chosen))
     state = {k: v for k, v in _authors_model().state_dict().items()}
     torch.save(state, root / "authors_state.pth")
     torch.save(_authors_model(), root / "authors_model.pth")

@@ -4,7 +4,11 @@
 unchanged) recording what inference needs and where the model came from:
     architecture   arch, type (classifier or unet), head, hidden units, outputs
     task           name, kind (binary/multiclass/multilabel/segmentation), class names,
-                   thresholds and whether they were chosen on validation data
+                   thresholds and whether they were chosen on validation data; segmentation:
+                   `threshold_choice`, how the vessel threshold was set (rule, the images it
+                   was chosen on, their Dice). A segmentation bundle without it was made
+                   before thresholds were chosen: it loads with its stored threshold (0.5)
+                   marked not validated
     preprocessing  resolution, FOV crop (with its resampling), FOV rule, normalisation mean/std
     provenance     resolved config, git commit, manifest sha256, package versions, created;
                    for imported checkpoints the source file and its sha256; the
@@ -67,6 +71,16 @@ class Architecture(Strict):
     decoder_channels: list[int] | None = None
 
 
+class ThresholdChoice(Strict):
+    """Segmentation: how the vessel threshold was set (`config.segment.SegThresholdConfig`):
+    by maximum pooled Dice on the validation or training images, or fixed (`none`)."""
+
+    rule: Literal["max_dice", "fixed"]
+    chosen_on: Literal["val", "train", "none"]
+    images: int = Field(0, ge=0)  # the images it was chosen on
+    dice: float | None = None  # their pooled Dice at the threshold
+
+
 class TaskInfo(Strict):
     """What the outputs mean and the decision rule (binary: threshold of the positive class)."""
 
@@ -76,6 +90,7 @@ class TaskInfo(Strict):
     thresholds: list[float] = Field(default_factory=list)
     thresholds_validated: bool = True
     thresholds_note: str | None = None
+    threshold_choice: ThresholdChoice | None = None  # segmentation bundles (see above)
 
 
 class PreprocessingInfo(Strict):
@@ -145,10 +160,24 @@ class BundleMeta(Strict):
         return self.task.kind == "segmentation"
 
 
+UNCHOSEN_NOTE = "made before segmentation thresholds were chosen on data: fixed, not chosen"
+
+
 def _migrate(raw: dict) -> dict:
-    """Format 1 (the first release) had the same fields, untyped: it loads unchanged."""
+    """Format 1 (the first release) had the same fields, untyped: it loads unchanged.
+    A segmentation bundle without `threshold_choice` kept the fixed threshold of its config
+    (0.5 unless set): that threshold, not validated."""
     if raw.get("format_version") == 1:
         raw = {**raw, "format_version": 2}
+    task = raw.get("task")
+    if not isinstance(task, dict) or task.get("kind") != "segmentation":
+        return raw
+    if "threshold_choice" not in task:
+        fixed = {"rule": "fixed", "chosen_on": "none"}
+        task = {**task, "thresholds": task.get("thresholds") or [0.5]}
+        task.update(thresholds_validated=False, threshold_choice=fixed)
+        task.setdefault("thresholds_note", UNCHOSEN_NOTE)
+        raw = {**raw, "task": task}
     return raw
 
 

@@ -14,17 +14,39 @@ from fundusfm.cli.common import (
     group,
     resolve,
     run_training,
+    say_notes,
     user_errors,
 )
 
 app = group("Vessel segmentation: a U-Net on the foundation backbone.")
 
 SHOWN = ("dice", "auroc", "auprc", "cldice", "sensitivity", "specificity")
+PARTS = {"val": "validation", "train": "training", "none": "no"}
 
 
 def _line(name: str, metrics: dict) -> str:
     shown = [f"{k} {metrics[k]:.4f}" for k in SHOWN if metrics.get(k) is not None]
     return f"{name} (pooled inside the FOV): " + ", ".join(shown)
+
+
+def _threshold_lines(metrics: dict) -> list[str]:
+    """The threshold used (as stored in the bundle) and the scored set's own best."""
+    t = metrics.get("threshold") or {}
+    lines = []
+    if t:
+        how = (
+            f"max Dice on the {t['chosen_on_images']} {PARTS[t['chosen_on']]} images"
+            if t["rule"] == "max_dice"
+            else "fixed"
+        )
+        lines.append(f"threshold {t['value']:g} ({how}, stored in the bundle)")
+    best = metrics.get("optimistic_best")
+    if best:
+        lines.append(
+            f"best threshold on these images' own masks {best['threshold']:g} "
+            f"(Dice {best['dice']:.4f}; optimistic, not a result)"
+        )
+    return lines
 
 
 @app.command("train")
@@ -46,6 +68,8 @@ def train(
     metrics = run_metrics(out)
     if metrics.get("test"):
         typer.echo(_line(f"test, {metrics['images']} images", metrics["test"]))
+    for line in _threshold_lines(metrics):
+        typer.echo(line)
     if metrics.get("observer2"):
         typer.echo(_line("second observer", metrics["observer2"]))
     typer.echo(f"run: {out}\nbundle: {out / 'bundle'}")
@@ -70,6 +94,9 @@ def evaluate(
             bundle, manifest, out, None if split == "all" else split, device, not quiet
         )
     typer.echo(_line(f"{metrics['images']} images", metrics["external"]))
+    for line in _threshold_lines(metrics):
+        typer.echo(line)
     if metrics.get("observer2"):
         typer.echo(_line("second observer", metrics["observer2"]))
+    say_notes(metrics.get("notes", []))
     typer.echo(f"wrote {out / 'metrics.json'}, {out / 'per_image.csv'}, {out / 'probabilities'}/")

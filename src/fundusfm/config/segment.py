@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from fundusfm.config.core import EncoderInit, LoopConfig, RunConfig, Strict
 
@@ -74,6 +74,28 @@ class SegAugmentConfig(Strict):
     contrast: float = Field(0.2, ge=0, le=1)
 
 
+class SegThresholdConfig(Strict):
+    """How probabilities become vessel pixels: a threshold chosen after training, or fixed.
+
+    `max_dice` picks, from the best weights' probability maps, the threshold (0.01 .. 0.99)
+    of maximum Dice over the FOV pixels of the `choose_on` images pooled; it is stored in the
+    bundle and `fundusfm segment eval` binarises every other dataset with it. `auto` is the
+    validation images when the split has them, else the training images. (Not `on`: YAML
+    reads that key as `true`.)
+    """
+
+    rule: Literal["max_dice", "fixed"] = "max_dice"
+    value: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="fixed: the threshold; max_dice: the one validation Dice picks epochs at",
+    )
+    choose_on: Literal["auto", "val", "train"] = Field(
+        "auto", description="max_dice: the images it is chosen on (auto: val if any, else train)"
+    )
+
+
 class SegTrainConfig(LoopConfig):
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(4, ge=1, description="global batch (split across torchrun ranks)")
@@ -84,8 +106,17 @@ class SegTrainConfig(LoopConfig):
     )
     dice_weight: float = Field(1.0, ge=0, description="loss = bce_weight*BCE + dice_weight*Dice")
     bce_weight: float = Field(1.0, ge=0)
-    threshold: float = Field(0.5, gt=0, lt=1, description="probability of a vessel pixel")
+    threshold: SegThresholdConfig = SegThresholdConfig()
     augment: SegAugmentConfig = SegAugmentConfig()
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _fixed_number(cls, value: object) -> object:
+        """A bare number (configs before the rule existed, `--set train.threshold=0.4`)
+        is a fixed threshold."""
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return {"rule": "fixed", "value": value}
+        return value
 
     @model_validator(mode="after")
     def _loss(self) -> SegTrainConfig:

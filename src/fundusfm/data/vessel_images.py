@@ -5,6 +5,8 @@ Images and masks are padded to a square (centred, black) and resized to `resolut
 Predictions are mapped back to each image's own size (`to_native`), and every metric is
 computed there, against the masks as the dataset ships them: resizing never changes a score.
 Metrics count FOV pixels only; a row without `fov_path` gets its FOV derived from the image.
+A row without `vessel_path` (a dataset copy missing some masks) is left out of every part
+and counted (`SegParts.skipped`); a manifest with no mask at all is a DataError.
 
 Training samples apply the geometric augmentation to the image and both masks together
 (torchvision.transforms.v2 with `Mask`) and the colour augmentation to the image alone.
@@ -154,46 +156,90 @@ def _patients_subset(rows: np.ndarray, patients: np.ndarray, share: float, seed:
     return rows[mask], rows[~mask]
 
 
-def seg_parts(cfg: SegDataConfig, manifest: Manifest, seed: int) -> dict[str, np.ndarray]:
-    """Manifest rows of the train / val / test parts (see SegDataConfig)."""
-    manifest.require("image_id", "path", "patient_id", "vessel_path")
+def has_vessel_mask(manifest: Manifest) -> np.ndarray:
+    """Per row: whether it has a vessel mask (`vessel_path` filled in). A dataset copy may
+    lack some masks; those rows stay in the manifest (their labels serve classification)
+    and segmentation leaves them out. None at all is a DataError."""
     t = manifest.table
-    has_mask = (t["vessel_path"].astype(str) != "").to_numpy()
-    ids = t["image_id"].astype(str).to_numpy()
+    has = (t["vessel_path"].astype(str) != "").to_numpy()
+    if not has.any():
+        raise DataError(
+            f"{manifest.path}: none of its {len(t)} images has a vessel mask (vessel_path is "
+            "empty on every row); segmentation needs manual masks: import a copy with them"
+        )
+    return has
+
+
+@dataclass
+class SegParts:
+    """Manifest rows of the train / val / test parts, and per part how many rows were left
+    out for having no vessel mask."""
+
+    rows: dict[str, np.ndarray]
+    skipped: dict[str, int]
+
+    def skipped_line(self) -> str | None:
+        """e.g. "skipped 3 images without a vessel mask (train 2, test 1)"; None if none."""
+        total = sum(self.skipped.values())
+        if not total:
+            return None
+        parts = ", ".join(f"{p} {n}" for p, n in self.skipped.items() if n)
+        return f"skipped {total} images without a vessel mask ({parts})"
+
+
+def _named_parts(cfg: SegDataConfig, manifest: Manifest) -> dict[str, np.ndarray]:
+    """The rows of each part of fold `cfg.fold` of a splits.csv."""
+    ids = manifest.table["image_id"].astype(str).to_numpy()
+    splits = pd.read_csv(cfg.splits, dtype={"image_id": str})
+    named = fold_sets(splits, cfg.fold, cfg.fraction)
+    row_of = {iid: i for i, iid in enumerate(ids)}
+    unknown = [i for p in named.values() for i in p if i not in row_of]
+    if unknown:
+        raise DataError(f"{cfg.splits}: image id {unknown[0]!r} is not in {manifest.path}")
+    return {p: np.array([row_of[i] for i in named.get(p, [])], int) for p in named}
+
+
+def _official_parts(
+    cfg: SegDataConfig, manifest: Manifest, has_mask: np.ndarray, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The manifest's split column: train (minus a validation share of patients) and test,
+    rows without a vessel mask left out before the fraction and validation are drawn."""
+    t = manifest.table
+    if "split" not in t.columns:
+        raise ConfigError(
+            f"{manifest.path} has no split column: set data.splits to a splits.csv "
+            "(fundusfm split) or import the dataset with `fundusfm data import`"
+        )
+    if cfg.fold:
+        raise ConfigError("data.fold needs data.splits; the official split has one fold")
     patients = t["patient_id"].astype(str).to_numpy()
+    split = t["split"].astype(str).str.lower().to_numpy()
+    named = {"train": np.isin(split, list(TRAIN_NAMES)), "test": np.isin(split, list(TEST_NAMES))}
+    skipped = {p: int((rows & ~has_mask).sum()) for p, rows in named.items()}
+    train, test = (np.flatnonzero(named[p] & has_mask) for p in ("train", "test"))
+    if cfg.fraction < 1 and len(train):
+        train, _ = _patients_subset(train, patients, cfg.fraction, seed)
+    val = np.array([], int)
+    if cfg.val_fraction > 0 and len(train):
+        val, train = _patients_subset(train, patients, cfg.val_fraction, seed + 1)
+    return {"train": train, "val": val, "test": test}, skipped
+
+
+def seg_parts(cfg: SegDataConfig, manifest: Manifest, seed: int) -> SegParts:
+    """Manifest rows of the train / val / test parts (see SegDataConfig); rows without a
+    vessel mask are left out and counted."""
+    manifest.require("image_id", "path", "patient_id", "vessel_path")
+    has_mask = has_vessel_mask(manifest)
     if cfg.splits is not None:
-        splits = pd.read_csv(cfg.splits, dtype={"image_id": str})
-        named = fold_sets(splits, cfg.fold, cfg.fraction)
-        row_of = {iid: i for i, iid in enumerate(ids)}
-        unknown = [i for p in named.values() for i in p if i not in row_of]
-        if unknown:
-            raise DataError(f"{cfg.splits}: image id {unknown[0]!r} is not in {manifest.path}")
-        parts = {p: np.array([row_of[i] for i in named.get(p, [])], int) for p in named}
+        named = _named_parts(cfg, manifest)
+        skipped = {p: int((~has_mask[r]).sum()) for p, r in named.items()}
+        parts = {p: r[has_mask[r]] for p, r in named.items()}
     else:
-        if "split" not in t.columns:
-            raise ConfigError(
-                f"{manifest.path} has no split column: set data.splits to a splits.csv "
-                "(fundusfm split) or import the dataset with `fundusfm data import`"
-            )
-        split = t["split"].astype(str).str.lower().to_numpy()
-        train = np.flatnonzero(np.isin(split, list(TRAIN_NAMES)))
-        if cfg.fold:
-            raise ConfigError("data.fold needs data.splits; the official split has one fold")
-        if cfg.fraction < 1:
-            train, _ = _patients_subset(train, patients, cfg.fraction, seed)
-        val = np.array([], int)
-        if cfg.val_fraction > 0:
-            val, train = _patients_subset(train, patients, cfg.val_fraction, seed + 1)
-        test = np.flatnonzero(np.isin(split, list(TEST_NAMES)))
-        parts = {"train": train, "val": val, "test": test}
-    for name in ("train", "val"):
-        missing = [ids[r] for r in parts.get(name, []) if not has_mask[r]]
-        if missing:
-            raise DataError(f"{len(missing)} {name} images have no vessel mask: {missing[0]}")
-    parts["test"] = np.array([r for r in parts.get("test", []) if has_mask[r]], int)
+        parts, skipped = _official_parts(cfg, manifest, has_mask, seed)
+    parts = {p: parts.get(p, np.array([], int)) for p in ("train", "val", "test")}
     if len(parts["train"]) == 0:
         raise DataError(f"no training images with vessel masks in {manifest.path}")
-    return parts
+    return SegParts(parts, {p: skipped.get(p, 0) for p in parts})
 
 
 class VesselTrainSet(Dataset):

@@ -8,6 +8,11 @@ clDice from summed skeleton overlaps), as most vessel papers report.
 AUROC and AUPRC are computed from pixel counts in 1,000 probability bins: exact up to
 ties inside a bin (the saved 8-bit probability PNGs are coarser), and memory-flat on
 datasets of 2048 x 2048 images. Pixels outside the FOV count nowhere.
+
+The binarisation threshold is chosen from the same bin counts (`dice_by_threshold`,
+`best_threshold`, `choose_threshold`): the pooled Dice of `prob >= t` for every t of `GRID`
+(0.01 .. 0.99; each a bin edge, so exact up to a probability lying on an edge), the
+maximum kept.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from skimage.morphology import skeletonize
 
-from fundusfm.errors import DataError
+from fundusfm.errors import ConfigError, DataError
 
 BINS = 1000
+GRID = np.round(np.arange(1, 100) / 100, 2)  # candidate thresholds, each a bin edge
 NAMES = (
     "dice",
     "iou",
@@ -76,21 +82,30 @@ def count(prob: np.ndarray, truth: np.ndarray, fov: np.ndarray, threshold: float
     fov = fov.astype(bool)
     truth = truth.astype(bool) & fov
     pred = (prob >= threshold) & fov
-    p, t = prob[fov], truth[fov]
-    bins = np.minimum((p * BINS).astype(np.int64), BINS - 1)
+    pos_hist, neg_hist = fov_histograms(prob, truth, fov)
     skel_p, skel_t = skeletonize(pred), skeletonize(truth)
     return Counts(
         tp=int((pred & truth).sum()),
         fp=int((pred & ~truth).sum()),
         fn=int((~pred & truth).sum()),
         tn=int((~pred & ~truth & fov).sum()),
-        pos_hist=np.bincount(bins[t], minlength=BINS),
-        neg_hist=np.bincount(bins[~t], minlength=BINS),
+        pos_hist=pos_hist,
+        neg_hist=neg_hist,
         skel_pred=int(skel_p.sum()),
         skel_pred_in_truth=int((skel_p & truth).sum()),
         skel_truth=int(skel_t.sum()),
         skel_truth_in_pred=int((skel_t & pred).sum()),
     )
+
+
+def fov_histograms(
+    prob: np.ndarray, truth: np.ndarray, fov: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of vessel and of background pixels inside the FOV in BINS probability bins."""
+    fov = fov.astype(bool)
+    p, t = prob[fov], truth.astype(bool)[fov]
+    bins = np.minimum((p * BINS).astype(np.int64), BINS - 1)
+    return np.bincount(bins[t], minlength=BINS), np.bincount(bins[~t], minlength=BINS)
 
 
 def _auroc_auprc(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
@@ -137,3 +152,53 @@ def summary(per_image: list[Counts]) -> dict[str, float]:
     table = np.array([[scores(c)[n] for n in NAMES] for c in per_image], dtype=float)
     means = [float(np.nanmean(c)) if np.isfinite(c).any() else float("nan") for c in table.T]
     return {**pooled, **{f"{n}_mean": float(m) for n, m in zip(NAMES, means, strict=True)}}
+
+
+@dataclass(frozen=True)
+class ThresholdPick:
+    """A threshold of maximum pooled Dice and that Dice, on `images` images."""
+
+    threshold: float
+    dice: float
+    images: int = 0
+
+
+def dice_by_threshold(pos: np.ndarray, neg: np.ndarray, grid: np.ndarray = GRID) -> np.ndarray:
+    """Pooled Dice of `prob >= t` for each t of `grid` (multiples of 1/BINS) from bin counts;
+    NaN where there is no vessel pixel and none predicted."""
+    edges = np.rint(np.asarray(grid, float) * BINS).astype(int)
+    if not np.allclose(edges / BINS, grid) or edges.min() < 1 or edges.max() >= BINS:
+        raise ConfigError(f"thresholds must be multiples of 1/{BINS} inside (0, 1): {grid}")
+    at_least_pos = np.cumsum(pos[::-1])[::-1]  # [k]: pixels in bin k or above
+    at_least_neg = np.cumsum(neg[::-1])[::-1]
+    tp, fp = at_least_pos[edges].astype(float), at_least_neg[edges].astype(float)
+    fn = float(pos.sum()) - tp
+    denominator = 2 * tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, 2 * tp / denominator, np.nan)
+
+
+def best_threshold(
+    pos: np.ndarray, neg: np.ndarray, grid: np.ndarray = GRID, images: int = 0
+) -> ThresholdPick:
+    """The threshold of `grid` with the highest pooled Dice. Equal Dice over a range of
+    thresholds (no pixel between them): the middle of the first such range."""
+    dice = dice_by_threshold(pos, neg, grid)
+    if not pos.sum() or np.isnan(dice).all():
+        raise DataError("no vessel pixel inside the FOV: a threshold cannot be chosen")
+    best = np.flatnonzero(dice >= np.nanmax(dice) - 1e-12)
+    gaps = np.flatnonzero(np.diff(best) > 1)
+    run = best[: gaps[0] + 1] if len(gaps) else best
+    k = int(run[(len(run) - 1) // 2])
+    return ThresholdPick(float(grid[k]), float(dice[k]), images)
+
+
+def choose_threshold(
+    probs: list[np.ndarray], truths: list[np.ndarray], fovs: list[np.ndarray]
+) -> ThresholdPick:
+    """The threshold of maximum Dice over these images' FOV pixels pooled (`GRID`)."""
+    pos, neg = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
+    for prob, truth, fov in zip(probs, truths, fovs, strict=True):
+        p, n = fov_histograms(prob, truth, fov)
+        pos, neg = pos + p, neg + n
+    return best_threshold(pos, neg, images=len(probs))

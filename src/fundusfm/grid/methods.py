@@ -13,6 +13,7 @@ import pandas as pd
 from fundusfm import __version__
 from fundusfm.config.core import LoopConfig, SplitConfig, load_config
 from fundusfm.config.grid import ClassificationGrid, GridConfig, SegmentationGrid
+from fundusfm.config.segment import SegThresholdConfig
 from fundusfm.data.splits import fractions_of
 from fundusfm.errors import ConfigError
 from fundusfm.evaluation.stats import CLUSTERED_DELONG, DELONG
@@ -240,8 +241,21 @@ def _unet(cfg: SegmentationGrid) -> str:
         f"{s.model.arch.replace('resnet', 'ResNet-')} encoder initialised with {_inits(cfg)}, "
         f"with {' or '.join(encoders[x] for x in cfg.axes.method)}, at "
         f"{_list(cfg.axes.resolution)} px{patch}, was trained with {s.train.bce_weight:g} x "
-        f"BCE + {s.train.dice_weight:g} x Dice loss for {_loop(s.train)}; vessel pixels are "
-        f"those above probability {s.train.threshold:g}."
+        f"BCE + {s.train.dice_weight:g} x Dice loss for {_loop(s.train)}; "
+        + _threshold(s.train.threshold)
+    )
+
+
+def _threshold(t: SegThresholdConfig) -> str:
+    """How each model's probabilities became vessel pixels."""
+    if t.rule == "fixed":
+        return f"vessel pixels are those at or above probability {t.value:g} (fixed)."
+    on = {"auto": "validation images (training images where a fold has none)"}
+    on.update(val="validation images", train="training images")
+    return (
+        "vessel pixels are those at or above a threshold chosen per model, after training, "
+        f"for the highest pooled Dice (0.01-0.99) on its {on[t.choose_on]}, and applied "
+        "unchanged to its test and external images."
     )
 
 

@@ -5,6 +5,11 @@ A run folder holds `config.yaml`, `checkpoint.pt` while training (resumable with
 observer where the dataset has one), `metrics.json` (pooled and mean metrics, history),
 `probabilities/<image_id>.png` (8-bit vessel probability at the image's own size) and
 `bundle/` (task kind `segmentation`). Loss: BCE + soft Dice, both inside the FOV only.
+
+Images are binarised with the threshold chosen after training and stored in the bundle
+(`tasks.seg_threshold`). Rows without a vessel mask (a partial copy of a dataset) are left
+out of training and scoring, and the run says how many ("skipped 3 images without a vessel
+mask"; metrics.json `skipped_no_mask`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from fundusfm.bundle import BundleMeta, provenance, save_bundle
+from fundusfm.bundle import BundleMeta, bundle_notes, provenance, save_bundle
 from fundusfm.config.segment import SegmentConfig
 from fundusfm.data.decode import read_mask
 from fundusfm.data.manifest import Manifest, load_manifest
@@ -27,6 +32,7 @@ from fundusfm.data.vessel_images import (
     TEST_NAMES,
     VesselImage,
     VesselTrainSet,
+    has_vessel_mask,
     load_images,
     native_masks,
     rows_without_fov,
@@ -43,6 +49,14 @@ from fundusfm.evaluation.seg_metrics import NAMES, Counts, count, scores, summar
 from fundusfm.io import write_csv, write_json
 from fundusfm.models.loaded import load_bundle
 from fundusfm.models.unet import create_unet
+from fundusfm.tasks.seg_threshold import (
+    check_choosable,
+    choose_threshold_on,
+    optimistic_best,
+    task_thresholds,
+    threshold_part,
+    threshold_record,
+)
 
 
 def seg_loss(logits, vessel, fov, bce_weight: float, dice_weight: float) -> torch.Tensor:
@@ -85,7 +99,7 @@ def segmentation_job(model, train_images, val_images, cfg: SegmentConfig) -> Job
         return seg_loss(logits, vessel, fov, t.bce_weight, t.dice_weight)
 
     def validate(m, rt: Runtime) -> dict[str, float]:
-        return {"dice": _val_dice(m, val_images, rt, t.threshold)}
+        return {"dice": _val_dice(m, val_images, rt, t.threshold.value)}
 
     train_set = VesselTrainSet(
         train_images, t.augment, cfg.data.patch, cfg.data.patches_per_image, t.seed
@@ -130,6 +144,7 @@ def score_images(
             observer_counts.append(c2)
             table.append({"image_id": iid, "split": split, "reference": "observer2", **scores(c2)})
     metrics = {split: summary(model_counts), "images": len(model_counts)}
+    metrics["optimistic_best"] = optimistic_best(model_counts)
     if not table:  # keep the columns, so reports can read an empty table
         return pd.DataFrame(columns=["image_id", "split", "reference", *NAMES]), metrics
     if observer_counts:
@@ -138,15 +153,21 @@ def score_images(
     return pd.DataFrame(table), metrics
 
 
+def _say(line: str | None) -> None:
+    """One line of the run's own notes, from rank 0 only."""
+    if line and ddp.is_main():
+        tqdm.write(line)
+
+
 def note_derived_fov(manifest: Manifest, rows: np.ndarray) -> int:
     """Count the rows scored inside a FOV derived from the image, and say so once per run."""
     n = rows_without_fov(manifest, rows)
-    if n and ddp.is_main():
-        tqdm.write(f"{n} images had no fov_path: FOV derived from the image")
+    _say(f"{n} images had no fov_path: FOV derived from the image" if n else None)
     return n
 
 
-def _bundle_meta(cfg: SegmentConfig, threshold: float) -> BundleMeta:
+def _bundle_meta(cfg: SegmentConfig, thresholds: dict) -> BundleMeta:
+    """bundle.json of a U-Net run; `thresholds`: `seg_threshold.task_thresholds`."""
     raw = {
         "architecture": {
             "arch": cfg.model.arch,
@@ -158,7 +179,7 @@ def _bundle_meta(cfg: SegmentConfig, threshold: float) -> BundleMeta:
             "name": "vessels",
             "kind": "segmentation",
             "classes": ["vessel"],
-            "thresholds": [threshold],
+            **thresholds,
         },
         "preprocessing": {
             "resolution": cfg.data.resolution,
@@ -173,8 +194,28 @@ def _bundle_meta(cfg: SegmentConfig, threshold: float) -> BundleMeta:
     return BundleMeta.model_validate(raw)
 
 
+def _chosen_thresholds(
+    cfg: SegmentConfig,
+    manifest: Manifest,
+    parts: dict[str, np.ndarray],
+    images: dict[str, list[VesselImage]],
+    model: torch.nn.Module,
+    rt: Runtime,
+) -> dict:
+    """The bundle's threshold fields: chosen by max Dice on the best weights' probabilities
+    of `train.threshold.choose_on`, or fixed. Every rank predicts its share; rank 0 chooses
+    (the others' result is never written)."""
+    part = threshold_part(cfg.train.threshold, parts)
+    pick = None
+    if part is not None:
+        probs = predict_vessels_sharded(model, images[part], rt)
+        pick = choose_threshold_on(manifest, parts[part], probs) if ddp.is_main() else None
+    return task_thresholds(cfg.train.threshold, part, pick)
+
+
 def train_segmentation(cfg: SegmentConfig) -> Path:
-    """Train a U-Net on the configured part, test it, write the run folder; returns it."""
+    """Train a U-Net on the configured part, choose its threshold, test it, write the run
+    folder; returns it."""
     if cfg.data.manifest is None:
         raise ConfigError("data.manifest is not set (e.g. --set data.manifest=PATH/manifest.csv)")
     rt = runtime(cfg.train)  # joins torchrun's group, if any
@@ -183,24 +224,30 @@ def train_segmentation(cfg: SegmentConfig) -> Path:
         return out
     manifest = load_manifest(cfg.data.manifest)
     manifest.require_unique_ids()
-    parts = seg_parts(cfg.data, manifest, cfg.train.seed)
-    parts = {p: parts.get(p, np.array([], int)) for p in ("train", "val", "test")}
+    split = seg_parts(cfg.data, manifest, cfg.train.seed)
+    parts = split.rows
+    _say(split.skipped_line())
     size, progress = cfg.data.resolution, cfg.run.progress and ddp.is_main()
     fov_derived = note_derived_fov(manifest, np.concatenate(list(parts.values())))
     images = {p: load_images(manifest, rows, size, progress) for p, rows in parts.items()}
+    part = threshold_part(cfg.train.threshold, parts)  # settings the data cannot meet fail
+    check_choosable(part, images.get(part or "", []))  # before training, not after
     torch.manual_seed(cfg.train.seed)
     model = create_unet(cfg.model)
     job = segmentation_job(model, images["train"], images["val"], cfg)
     result = fit(job, cfg.train, out, cfg.run.resume, progress)
-    fitted = {"best_epoch": result.best_epoch, "history": result.history}
+    thresholds = _chosen_thresholds(cfg, manifest, parts, images, model, rt)
     probs = predict_vessels_sharded(model, images["test"], rt)
     if not ddp.is_main():
         ddp.barrier()  # rank 0 scores and writes the run folder
         return out
-    table, metrics = score_images(manifest, parts["test"], probs, cfg.train.threshold, out)
+    meta = _bundle_meta(cfg, thresholds)
+    table, metrics = score_images(manifest, parts["test"], probs, meta.task.thresholds[0], out)
     write_csv(out / "per_image.csv", table)
-    metrics.update(fitted, parts={p: len(r) for p, r in parts.items()}, fov_derived=fov_derived)
-    save_bundle(model.cpu(), out / "bundle", _bundle_meta(cfg, cfg.train.threshold))
+    metrics.update(best_epoch=result.best_epoch, history=result.history)
+    metrics.update(threshold=threshold_record(meta.task), skipped_no_mask=split.skipped)
+    metrics.update(parts={p: len(r) for p, r in parts.items()}, fov_derived=fov_derived)
+    save_bundle(model.cpu(), out / "bundle", meta)
     write_json(out / "metrics.json", metrics)
     if not cfg.run.keep_checkpoint:
         for name in ("checkpoint.pt", "best.safetensors"):
@@ -209,22 +256,24 @@ def train_segmentation(cfg: SegmentConfig) -> Path:
     return out
 
 
-def _scored_rows(manifest: Manifest, split: str | None) -> np.ndarray:
-    """The rows with a vessel mask in `split` (every row with one when None or no column)."""
+def _scored_rows(manifest: Manifest, split: str | None) -> tuple[np.ndarray, int]:
+    """The rows with a vessel mask in `split` (every row with one when None or no column),
+    and how many rows of it were left out for having none."""
     manifest.require("image_id", "path", "vessel_path")
     manifest.require_unique_ids()  # probability PNGs and per_image rows are keyed on image_id
     t = manifest.table
-    keep = (t["vessel_path"].astype(str) != "").to_numpy()
+    chosen = np.ones(len(t), bool)
     if split and "split" in t.columns:
         names = TEST_NAMES if split.lower() in TEST_NAMES else {split.lower()}
-        keep &= t["split"].astype(str).str.lower().isin(names).to_numpy()
-    rows = np.flatnonzero(keep)
+        chosen = t["split"].astype(str).str.lower().isin(names).to_numpy()
+    has_mask = has_vessel_mask(manifest)
+    rows = np.flatnonzero(chosen & has_mask)
     if len(rows) == 0:
         raise DataError(
             f"{manifest.path}: no images with vessel masks in split {split!r}; choose "
             "another --split (all: every row) or a manifest with vessel_path filled in"
         )
-    return rows
+    return rows, int((chosen & ~has_mask).sum())
 
 
 def evaluate_segmentation(
@@ -235,12 +284,14 @@ def evaluate_segmentation(
     device: str = "auto",
     progress: bool = True,
 ) -> dict:
-    """Score a segmentation bundle on a manifest's images with vessel masks (all or one split)."""
+    """Score a segmentation bundle on a manifest's images with vessel masks (all or one
+    split), binarised with the bundle's stored threshold."""
     bundle = load_bundle(bundle_path)
     if bundle.kind != "segmentation":
         raise WeightsError(f"{bundle_path} is a {bundle.kind} bundle; use `fundusfm evaluate`")
     manifest = load_manifest(manifest_path)
-    rows = _scored_rows(manifest, split)
+    rows, skipped = _scored_rows(manifest, split)
+    _say(f"skipped {skipped} images without a vessel mask" if skipped else None)
     fov_derived = note_derived_fov(manifest, rows)
     images = load_images(manifest, rows, bundle.resolution, progress)
     rt = Runtime.of(resolve_device(device), "auto", "auto", batch_size=4)
@@ -249,11 +300,11 @@ def evaluate_segmentation(
         model.to(memory_format=torch.channels_last)
     pre = bundle.preprocessing
     probs = predict_vessels(model, images, rt, pre.mean, pre.std)
-    table, metrics = score_images(
-        manifest, rows, probs, bundle.thresholds[0], Path(out), "external"
-    )
+    record = threshold_record(bundle.meta.task)
+    table, metrics = score_images(manifest, rows, probs, record["value"], Path(out), "external")
     write_csv(Path(out) / "per_image.csv", table)
     metrics["bundle"], metrics["manifest"] = str(bundle_path), str(manifest_path)
-    metrics["fov_derived"] = fov_derived
+    metrics.update(threshold=record, skipped_no_mask=skipped, fov_derived=fov_derived)
+    metrics["notes"] = bundle_notes(bundle.meta)
     write_json(Path(out) / "metrics.json", metrics)
     return metrics

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from fundusfm.config.core import SplitConfig
+from fundusfm.data.adapters.registry import import_dataset
 from fundusfm.data.adapters.vessels import derive_fov, import_vessels
 from fundusfm.data.decode import read_mask
 from fundusfm.data.manifest import load_manifest
@@ -17,7 +18,7 @@ from fundusfm.data.splits import make_splits
 from fundusfm.data.validate import check_manifest
 from fundusfm.errors import ConfigError, DataError
 from tests.conftest import SHARED_DATA
-from tests.fakes import camera_frame, dimmed, fundus, mask
+from tests.fakes import camera_frame, dimmed, drive_tree, fundus, mask
 
 
 def test_drive(tmp_path: Path):
@@ -132,6 +133,46 @@ def test_stare_gzipped_ppm_non_binary_labels_and_codes(tmp_path: Path):
     vessel = read_mask(m.image_path(t.loc["stare_im0001", "vessel_path"]))
     assert vessel.sum() == 400 and not vessel[41, 20]
     assert m.task("abnormal")[1].kind == "binary"
+    assert check_manifest(m, progress=False).problems == []
+
+
+def test_a_drive_copy_missing_masks_imports_every_image(tmp_path: Path):
+    root = drive_tree(tmp_path / "DRIVE", missing=(22, 2))
+    path, summary, notes = import_dataset("drive", root, tmp_path / "m" / "drive.csv")
+    m = load_manifest(path)
+    t = m.table.set_index("image_id")
+    assert len(t) == 4 and summary.startswith("4 images")
+    assert t.loc[["drive_22_training", "drive_02_test"], "vessel_path"].tolist() == ["", ""]
+    assert t.loc["drive_21_training", "vessel_path"] == "training/1st_manual/21_manual1.gif"
+    assert (t.fov_source == "dataset").all()  # the rows keep everything else
+    assert notes == [
+        "2 images have no vessel mask: kept (labels, classification), left out of "
+        "segmentation training and scoring"
+    ]
+    assert check_manifest(m, progress=False).problems == []
+
+
+def test_chase_and_hrf_copies_missing_masks_keep_rows_and_labels(tmp_path: Path):
+    chase = tmp_path / "CHASEDB1"
+    for stem in ("Image_01L", "Image_01R", "Image_11L"):
+        fundus(chase / f"{stem}.jpg", seed=1)
+        if stem != "Image_01R":
+            mask(chase / f"{stem}_1stHO.png")
+    t = load_manifest(import_vessels("chase_db1", chase, tmp_path / "c.csv")).table
+    assert dict(zip(t.image_id, t.vessel_path != "", strict=True)) == {
+        "chase_image_01l": True,
+        "chase_image_01r": False,
+        "chase_image_11l": True,
+    }
+    hrf = tmp_path / "HRF"
+    for seed, stem in enumerate(("01_h", "01_g")):
+        fundus(hrf / "images" / f"{stem}.jpg", seed=seed)
+        mask(hrf / "mask" / f"{stem}_mask.tif")
+    mask(hrf / "manual1" / "01_h.tif")
+    m = load_manifest(import_vessels("hrf", hrf, tmp_path / "hrf.csv"))
+    row = m.table.set_index("image_id").loc["hrf_01_g"]
+    assert (row.vessel_path, row.diagnosis, row.abnormal) == ("", "glaucoma", "1")
+    assert m.task("abnormal")[1].kind == "binary"  # the unmasked row serves classification
     assert check_manifest(m, progress=False).problems == []
 
 

@@ -63,7 +63,12 @@ def import_dataset(
         summary = (
             f"{len(t)} images ({t.split.value_counts().to_dict()}), {derived} FOV masks derived"
         )
-        return path, summary, []
+        unmasked = int((t.vessel_path == "").sum())
+        notes = [
+            f"{unmasked} images have no vessel mask: kept (labels, classification), left out "
+            "of segmentation training and scoring"
+        ]
+        return path, summary, notes if unmasked else []
     path, notes = _import_classification(name, root, out, group_duplicates, max_distance, progress)
     t = load_manifest(path).table
     summary = (
