@@ -201,6 +201,14 @@ def test_user_errors_are_one_line_not_tracebacks(synth_set: Path, tmp_path: Path
     assert result.exit_code == 2 and "error:" in result.output
 
 
+def test_a_bad_option_value_is_typers_usage_error_not_a_bug_report(tmp_path: Path):
+    """typer checks option types itself; its error must pass through as a usage error
+    naming the option (typer 0.29 raises its own bundled click's exceptions)."""
+    result = invoke("synth", tmp_path / "s", "--n", "abc")
+    assert result.exit_code == 2 and "--n" in result.output
+    assert "it is a bug" not in result.output and "failed:" not in result.output
+
+
 def test_cpu_presets_run_end_to_end(synth_set: Path, tmp_path: Path):
     """Every shipped CPU preset runs through the CLI (shrunk: 1 epoch, 64 px)."""
     configs = Path(__file__).resolve().parents[2] / "configs"

@@ -20,13 +20,25 @@ from fundusfm.errors import ConfigError, FundusError, TrainingDiverged
 DEBUG = {"traceback": False}  # set by `fundusfm --debug`
 
 
+# What typer itself reports (a bad option value, --help, Ctrl-C): typer 0.29+ raises the
+# exceptions of its own bundled click, older releases click's; both pass through untouched.
+PASS_THROUGH = (
+    typer.Exit,
+    click.exceptions.Exit,
+    click.ClickException,
+    click.Abort,
+    *([typer.exceptions.TyperException] if hasattr(typer, "exceptions") else []),
+    *([typer.Abort] if hasattr(typer, "Abort") else []),
+)
+
+
 class CommandGroup(TyperGroup):
     """A command group whose commands end an unexpected exception with one line and exit 2."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
+        except PASS_THROUGH:
             raise
         except KeyboardInterrupt:
             raise
