@@ -1,12 +1,12 @@
 """Load test of `fundusfm serve`: N concurrent uploads to POST /v1/predict on localhost.
 
-Starts the real command (`python -m fundusfm serve BUNDLE`) in its own process on a free
-localhost port, waits until GET /v1/model answers, sends one untimed warm-up upload, then
-fires `--requests` uploads at once (`--concurrency` connections, asyncio + httpx) of a few
-generated fundus photographs (JPEG, `--size` px) and prints the errors, the latency of each
-upload from send to answer (p50, p95, max), the wall time and the uploads per second. The
-bundle defaults to a random-weight ResNet-10 at 64 px (`fundusfm.bench.screening`), or any
-classifier bundle with `--bundle`.
+Starts the real command (`python -m fundusfm serve BUNDLE --port 0`) in its own process,
+reads the port it bound from the address it prints, waits until GET /v1/model answers,
+sends one untimed warm-up upload, then fires `--requests` uploads at once (`--concurrency`
+connections, asyncio + httpx) of a few generated fundus photographs (JPEG, `--size` px) and
+prints the errors, the latency of each upload from send to answer (p50, p95, max), the wall
+time and the uploads per second. The bundle defaults to a random-weight ResNet-10 at 64 px
+(`fundusfm.bench.screening`), or any classifier bundle with `--bundle`.
 
     python benchmarks/serve_load.py [--bundle B] [--requests 50] [--gradcam] [--set k=v ...]
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,23 +44,35 @@ def photographs(n: int, size: int) -> list[bytes]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SAID = "fundusfm serve: "  # the line serve prints once its port is bound
 
 
-def start(bundle: Path, port: int, sets: list[str]) -> subprocess.Popen:
-    command = [sys.executable, "-m", "fundusfm", "serve", str(bundle), "--port", str(port)]
+def start(bundle: Path, sets: list[str], log) -> subprocess.Popen:
+    """The server on a port the system chooses (`--port 0`: no race for a free port), its
+    log (uvicorn's, one line per request) into the file `log`, never a pipe left full."""
+    command = [sys.executable, "-m", "fundusfm", "serve", str(bundle), "--port", "0"]
     command += [x for kv in sets for x in ("--set", kv)]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
 
 
-def wait_ready(url: str, server: subprocess.Popen, timeout: float = 300) -> dict:
+def exited(log) -> SystemExit:
+    log.seek(0)
+    return SystemExit(f"the server exited: {log.read().decode(errors='replace')[-2000:]}")
+
+
+def bound_url(server: subprocess.Popen, log) -> str:
+    """The address the server says it listens on (`fundusfm serve: http://HOST:PORT/ ...`)."""
+    for line in server.stdout:
+        if line.startswith(SAID):
+            return line[len(SAID) :].split()[0].rstrip("/")
+    raise exited(log)
+
+
+def wait_ready(url: str, server: subprocess.Popen, log, timeout: float = 300) -> dict:
     start_time = time.monotonic()
     while time.monotonic() - start_time < timeout:
         if server.poll() is not None:
-            raise SystemExit(f"the server exited: {server.stderr.read().decode()[-2000:]}")
+            raise exited(log)
         try:
             return httpx.get(url + "/v1/model", timeout=5).json()
         except httpx.TransportError:
@@ -101,13 +112,15 @@ def main() -> None:
     parser.add_argument("--gradcam", action="store_true", help="ask for Grad-CAM overlays")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="serve setting")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="fundusfm-serve-load-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="fundusfm-serve-load-") as tmp,
+        tempfile.TemporaryFile() as log,
+    ):
         bundle = args.bundle or random_bundle("resnet10", 64, Path(tmp) / "bundle")
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        server = start(bundle, port, args.sets)
+        server = start(bundle, args.sets, log)
         try:
-            info = wait_ready(url, server)
+            url = bound_url(server, log)
+            info = wait_ready(url, server, log)
             images = photographs(5, args.size)
             latency, errors, wall = asyncio.run(
                 fire(url, images, args.requests, args.concurrency, args.gradcam)

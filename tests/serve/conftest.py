@@ -24,34 +24,56 @@ SETTINGS = ServeConfig(engine="torch")  # the ONNX engine's equality: tests/scre
 @pytest.fixture(scope="package")
 def served(tmp_path_factory) -> SimpleNamespace:
     """`bundle`, `folder` (docs/robustness.md's image corpus plus a black image), `table`
-    (what `predict` says of each file, by file), `app` and its TestClient `client`."""
+    (what `predict` says of each file, by file), `predicted` (predict's output folder: its
+    predictions.csv), `app` and its TestClient `client`."""
     root = tmp_path_factory.mktemp("serve")
     bundle = random_bundle(TINY_ARCH, 64, root / "bundle")
     folder = root / "corpus"
     make_corpus(folder, camera_frame(3)[0])
     Image.new("RGB", (96, 96)).save(folder / "black.png")  # no field of view: ungradable
-    done = screen(bundle, folder, root / "predicted", workers=0, progress=False, engine="torch")
+    # one image a batch, as serve scores them: a batch of 32 changes the 8th digit
+    out = root / "predicted"
+    done = screen(bundle, folder, out, batch_size=1, workers=0, progress=False, engine="torch")
     app = create_app(bundle, SETTINGS)
     table = done.table.set_index("file", drop=False)
     return SimpleNamespace(
-        bundle=bundle, folder=folder, table=table, app=app, client=TestClient(app)
+        bundle=bundle,
+        folder=folder,
+        table=table,
+        predicted=root / "predicted",
+        app=app,
+        client=TestClient(app),
     )
 
 
-def multipart(name: bytes | str, data: bytes, field: str = "file") -> tuple[bytes, str]:
+OCTETS = "application/octet-stream"  # what a client sends when it does not know the type
+
+
+def multipart(
+    name: bytes | str, data: bytes, field: str = "file", kind: str = OCTETS
+) -> tuple[bytes, str]:
     """A multipart/form-data body with one file, its name sent as raw bytes (as a browser
-    sends any name), and its content type."""
+    sends any name) and its part's Content-Type `kind`, and the body's content type."""
     raw = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name
     boundary = "fundusfm-test-boundary"
     head = f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="'
-    tail = '"\r\nContent-Type: application/octet-stream\r\n\r\n'
+    tail = f'"\r\nContent-Type: {kind}\r\n\r\n'
     body = head.encode() + raw + tail.encode() + data + f"\r\n--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def post(client, name: bytes | str, data: bytes, query: str = ""):
-    body, kind = multipart(name, data)
-    return client.post(f"/v1/predict{query}", content=body, headers={"content-type": kind})
+def post(client, name: bytes | str, data: bytes, query: str = "", kind: str = OCTETS):
+    body, form = multipart(name, data, kind=kind)
+    return client.post(f"/v1/predict{query}", content=body, headers={"content-type": form})
+
+
+def page_row(answer) -> dict:
+    """The row the page keeps of an answer: the API's row, or for a refusal its file, the
+    error's name as status and its detail as reason (page.js `score`)."""
+    body = answer.json()
+    if answer.status_code == 200:
+        return body
+    return {"file": body["file"], "status": body["error"], "reason": body["detail"]}
 
 
 def same(expected, got, tol: float = 1e-6) -> bool:

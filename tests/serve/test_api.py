@@ -1,6 +1,6 @@
 """The JSON API through FastAPI's test client: every input of docs/robustness.md is answered
 as `predict` answers it (the same row, or a 4xx JSON naming the problem), limits, the model
-card, the OpenAPI page, temporary files and pickles."""
+card, the OpenAPI page, unknown paths, temporary files and pickles."""
 
 from __future__ import annotations
 
@@ -20,8 +20,11 @@ from PIL import Image
 
 from fundusfm.config.serve import ServeConfig
 from fundusfm.data.manifest import printable
+from fundusfm.screen.report_page import TONES, threshold_words
+from fundusfm.screen.report_page import page as report_page
 from fundusfm.serve import screening
-from fundusfm.serve.app import Gate, create_app
+from fundusfm.serve.app import create_app
+from fundusfm.serve.gate import Gate
 from fundusfm.serve.upload import UploadRefused
 from tests.serve.conftest import SETTINGS, good_photo, multipart, post, same
 
@@ -50,15 +53,17 @@ def test_every_robustness_input_is_answered_as_predict_answers_it(served):
         assert answer.status_code == ANSWERS[expected["status"]], (name, answer.json())
         body = answer.json()
         if answer.status_code == 200:  # the same row as predict's, column for column
+            assert body.pop("tone") in ("pos", "neg", "ungradable"), name  # and its colour
             assert set(body) <= set(served.table.columns), name
             for column in served.table.columns:
                 assert same(expected[column], body.get(column)), (name, column, body)
         else:  # a JSON error naming the problem in predict's words
-            assert body == {
-                "error": expected["status"],
-                "detail": expected["reason"],
-                "file": expected["file"],
-            }, name
+            said = body.pop("detail")
+            assert body == {"error": expected["status"], "file": expected["file"]}, name
+            if expected["status"] == "unsupported":  # and what else serve looked at
+                assert said.startswith(expected["reason"] + "; nor are its content type"), said
+            else:
+                assert said == expected["reason"], name
         assert post(served.client, "good.png", good_photo(served)).json()["status"] == "scored"
 
 
@@ -71,6 +76,7 @@ def test_probabilities_and_decision_equal_predicts_for_a_good_photo(served):
         assert abs(row[f"p_{c}"] - expected[f"p_{c}"]) <= 1e-6
     assert row["p_abnormal"] + row["p_normal"] == pytest.approx(1, abs=1e-6)
     assert row["shift"] == "unavailable"  # random_bundle stores no shift reference
+    assert row["tone"] == {"normal": "neg", "abnormal": "pos"}[row["decision"]]  # the report's
 
 
 def test_one_pixel_and_black_images_are_ungradable_with_the_reason(served):
@@ -78,7 +84,7 @@ def test_one_pixel_and_black_images_are_ungradable_with_the_reason(served):
     Image.new("RGB", (1, 1), (180, 90, 40)).save(tiny, format="PNG")
     row = post(served.client, "one.png", tiny.getvalue()).json()
     assert row["status"] == "ungradable" and "only 1x1 pixels" in row["reason"]
-    assert "p_normal" not in row and "decision" not in row
+    assert "p_normal" not in row and "decision" not in row and row["tone"] == "ungradable"
     black = post(served.client, "black.png", (served.folder / "black.png").read_bytes()).json()
     assert black["status"] == "ungradable" and "no field of view" in black["reason"]
 
@@ -109,8 +115,8 @@ def test_bad_requests_get_json_errors_that_say_what_to_send(served):
     assert answer.status_code == 400 and "no field 'file'" in answer.json()["detail"]
     answer = post(c, "a.png", good_photo(served), "?gradcam=perhaps")
     assert answer.status_code == 400 and "gradcam" in answer.json()["detail"]
-    assert c.get("/static/nothing.js").status_code == 404
-    nameless = post(c, "photo", good_photo(served))  # predict too judges files by suffix
+    assert c.get("/static/nothing.js").json()["error"] == "not_found"
+    nameless = post(c, "photo", b"just words")  # no suffix, no image type, no image bytes
     assert nameless.status_code == 415 and "(no extension)" in nameless.json()["detail"]
     garbled = c.post("/v1/predict", content=b"--x\r\nnonsense", headers={"content-type": kind})
     assert garbled.status_code == 400 and garbled.json()["error"] in ("bad_form", "no_file")
@@ -129,10 +135,13 @@ def test_gradcam_is_a_png_overlay_at_the_bundles_resolution(served):
 
 def test_model_card_holds_the_threshold_validated_and_the_cards_text(served):
     info = served.client.get("/v1/model").json()
-    assert info["threshold"] == {"values": [0.5], "validated": True, "note": None}
+    words = threshold_words(0.5, True)  # the screening report's words: one rule
+    assert words == "validated threshold 0.5"
+    assert info["threshold"] == {"values": [0.5], "validated": True, "note": None, "words": words}
     assert info["classes"] == ["normal", "abnormal"] and info["task"]["kind"] == "binary"
     assert info["preprocessing"]["resolution"] == 64 and info["preprocessing"]["crop"]
     assert info["server"]["engine"] == "torch" and info["server"]["max_upload_bytes"] > 0
+    assert info["server"]["max_pixels"] == 40_000_000
     assert "## Model description" in info["card"] and "## Training data" in info["card"]
     assert any("shift unavailable" in note for note in info["notes"])
 
@@ -152,7 +161,36 @@ def test_page_docs_and_openapi_answer(served):
     body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
     assert body["multipart/form-data"]["schema"]["required"] == ["file"]
     assert {"413", "415", "422"} <= set(spec["paths"]["/v1/predict"]["post"]["responses"])
-    assert "/v1/model" in spec["paths"]
+    assert (
+        "/v1/model" in spec["paths"]
+        and "application/json" in (spec["paths"]["/v1/csv"]["post"]["requestBody"]["content"])
+    )
+
+
+def test_the_page_has_the_reports_colours_from_its_style(served):
+    page, css = served.client.get("/").text, served.client.get("/static/tones.css")
+    assert "/static/tones.css" in page and css.headers["content-type"].startswith("text/css")
+    report = report_page("report", "")
+    for name, colour in TONES.items():  # one source: report_page.TONES
+        rule = f".{name}{{--c:{colour}}}"
+        assert rule in report and rule in css.text, name
+        assert f"--{name}:{colour};" in css.text and f"--{name}:{colour};" in report
+
+
+def test_unknown_paths_and_methods_get_the_apps_error_shape_and_a_favicon_is_served(served):
+    shape = set(UploadRefused(404, "x", "y").body())  # {"error", "detail"}, as refusals
+    for answer, status, error in (
+        (served.client.get("/v1/nothing"), 404, "not_found"),
+        (served.client.get("/v1/predict"), 405, "method_not_allowed"),
+        (served.client.post("/v1/model"), 405, "method_not_allowed"),
+        (served.client.get("/static/nothing.js"), 404, "not_found"),
+    ):
+        assert answer.status_code == status and set(answer.json()) == shape, answer.json()
+        assert answer.json()["error"] == error
+    assert "POST /v1/predict" in served.client.get("/v1/nothing").json()["detail"]
+    icon = served.client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+    assert icon.text.startswith("<svg")
 
 
 def test_uploads_live_in_a_temporary_folder_that_is_removed(served, tmp_path, monkeypatch):

@@ -1,7 +1,10 @@
 """`fundusfm serve`: its options, localhost by default, a warning when exposed, settings
-through --set, and one line when the `serve` extra is missing."""
+through --set, one line when the `serve` extra is missing, and the port bound before the
+address is said (one line when it cannot be, the real port for --port 0)."""
 
 from __future__ import annotations
+
+import socket
 
 import pytest
 from typer.testing import CliRunner
@@ -9,6 +12,7 @@ from typer.testing import CliRunner
 from fundusfm.cli import app
 from fundusfm.cli import serve as serve_cli
 from fundusfm.config.serve import ServeConfig
+from fundusfm.errors import ConfigError
 from fundusfm.serve import server
 
 
@@ -79,11 +83,55 @@ def test_a_bundle_that_does_not_load_is_one_error_line(tmp_path):
     ]
 
 
-def test_serve_loads_the_bundle_says_the_address_and_runs_uvicorn_on_it(served, monkeypatch):
-    ran, said = [], []
-    monkeypatch.setattr(server.uvicorn, "run", lambda app, **kw: ran.append((app, kw)))
-    server.serve(served.bundle, ServeConfig(engine="torch"), said.append)
-    assert said == ["fundusfm serve: http://127.0.0.1:8000/ (Ctrl-C stops it)"]
-    ((app, options),) = ran
-    assert options["host"] == "127.0.0.1" and options["port"] == 8000
-    assert {r.path for r in app.routes} >= {"/", "/v1/predict", "/v1/model", "/docs"}
+@pytest.fixture
+def uvicorn_runs(monkeypatch) -> list:
+    """(server, its sockets, where each is bound) of each uvicorn run, without serving."""
+    ran = []
+
+    def run(self, sockets=None):
+        ran.append((self, sockets, [s.getsockname()[:2] for s in sockets or []]))
+
+    def binds_itself(*_, **__):  # uvicorn.run binds after the address was said, if at all
+        raise AssertionError("serve must bind the port itself and give uvicorn the socket")
+
+    monkeypatch.setattr(server.uvicorn.Server, "run", run)
+    monkeypatch.setattr(server.uvicorn, "run", binds_itself)
+    return ran
+
+
+def test_serve_binds_the_port_says_the_real_address_and_runs_uvicorn_on_it(served, uvicorn_runs):
+    said = []
+    server.serve(served.bundle, ServeConfig(engine="torch", port=0), said.append)
+    ((uv, sockets, bound),) = uvicorn_runs
+    ((host, port),) = bound  # the socket serve bound, given to uvicorn
+    assert host == "127.0.0.1" and port > 0 and sockets[0].fileno() == -1  # closed after
+    assert said == [f"fundusfm serve: http://127.0.0.1:{port}/ (Ctrl-C stops it)"]  # not :0
+    assert (uv.config.host, uv.config.port) == ("127.0.0.1", port)  # uvicorn's settings agree
+    assert {r.path for r in uv.config.app.routes} >= {"/", "/v1/predict", "/v1/model", "/docs"}
+
+
+def test_a_port_in_use_is_one_line_naming_it_and_nothing_is_said_before(served, uvicorn_runs):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        said = []
+        with pytest.raises(ConfigError) as refused:
+            server.serve(served.bundle, ServeConfig(engine="torch", port=port), said.append)
+        result = run(served.bundle, "--port", port, "--set", "engine=torch")
+    assert str(refused.value) == f"port {port} on 127.0.0.1 is in use; choose another with --port"
+    assert said == [] and uvicorn_runs == []
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"error: {refused.value}"]
+
+
+def test_an_address_of_another_machine_is_one_line_naming_host():
+    with pytest.raises(ConfigError, match=r"cannot listen on 192\.0\.2\.1: not an address of"):
+        server.bind("192.0.2.1", 0)  # TEST-NET-1: never this machine's
+
+
+def test_a_port_out_of_range_names_the_port_option(started, tmp_path):
+    result = run(tmp_path, "--port", "80000")
+    assert result.exit_code == 2 and not started
+    assert "--port" in result.output and "80000" in result.output
+    assert "--set" not in result.output

@@ -1,21 +1,34 @@
-"""The page in a real headless browser (Playwright driving Debian's chromium, no browser
-download): two photographs set on the file input (what a drop does) become two rows equal
-to the API's answers, a refused file becomes a row naming its error, and the CSV the page
-downloads holds those rows."""
+"""The page in a real headless browser (Playwright driving the system's chromium, no browser
+download): two photographs dropped on the drop zone (a real `drop` event whose DataTransfer
+holds Files made in the page, one a pasted-style image without a suffix) and two chosen
+with the file input become rows equal to the API's answers, coloured as the report colours
+them; a refused file becomes a row naming its error; the CSV the page downloads is
+`fundusfm predict`'s predictions.csv for the same files; a shifted row is highlighted.
+
+The browser is `chromium` on PATH (as .ci/run finds and installs it) or $FUNDUSFM_CHROMIUM;
+without one the tests skip, unless $FUNDUSFM_REQUIRE_BROWSER is set (.ci/run sets it), when
+their absence is an error: CI never skips them.
+"""
 
 from __future__ import annotations
 
-import csv
+import base64
 import importlib.util
-from pathlib import Path
+import json
+import os
+import shutil
+from io import BytesIO
 
 import httpx
 import pytest
+from PIL import Image
 
+from fundusfm.screen.predict import screen
 from fundusfm.serve.server import background
+from tests.fakes import camera_frame
 
 pytestmark = pytest.mark.slow
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = os.environ.get("FUNDUSFM_CHROMIUM") or shutil.which("chromium")
 # Without the background-networking flags chromium's own connections are refused by a
 # closed network, and it can stall; the rest keep it quiet and headless as root.
 FLAGS = [
@@ -28,32 +41,39 @@ FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-PHOTOS = ["good.png", "exif rotated.jpg"]
+CHOSEN = ["exif rotated.jpg", "truncated.jpg"]  # set on the file input
+PASTED = "pasted image"  # a dropped PNG named as a paste names it: no suffix
+REPORT = {"pos": "rgb(198, 40, 40)", "neg": "rgb(46, 125, 50)", "shifted": "rgb(106, 27, 154)"}
 
-if importlib.util.find_spec("playwright") is None:
-    pytest.skip("playwright is not installed (pip install -e '.[dev]')", allow_module_level=True)
-if not CHROMIUM.is_file():
-    pytest.skip(f"no browser at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+
+def _missing() -> str | None:
+    if importlib.util.find_spec("playwright") is None:
+        return "playwright is not installed (pip install -e '.[dev]')"
+    if CHROMIUM is None:
+        return "no chromium on PATH nor in $FUNDUSFM_CHROMIUM (apt-get install chromium)"
+    return None
+
+
+if _missing():
+    if os.environ.get("FUNDUSFM_REQUIRE_BROWSER"):
+        pytest.fail(f"the browser tests cannot run: {_missing()}", pytrace=False)
+    pytest.skip(_missing(), allow_module_level=True)
 
 
 def _rows(page) -> dict[str, dict[str, str]]:
-    """The results table: file -> {column: text}, and whether a Grad-CAM image is shown."""
+    """The results table: file -> {column: text (an image: 'img')}, plus the row's `tone`
+    and `shift` attributes and the decision's and the shift cell's computed colours."""
     return page.evaluate(
         """() => Object.fromEntries([...document.querySelectorAll('#results tbody tr')].map(
-            (tr) => [tr.dataset.file, Object.fromEntries([...tr.querySelectorAll('td')].map(
-              (td) => [td.dataset.col, td.dataset.value ?? (td.querySelector('img') ? 'img'
-                : td.textContent)]))]))"""
+            (tr) => [tr.dataset.file, Object.assign(Object.fromEntries(
+              [...tr.querySelectorAll('td')].map((td) => [td.dataset.col,
+                td.dataset.value ?? (td.querySelector('img') ? 'img' : td.textContent)])), {
+              tone: tr.dataset.tone, shifted: tr.dataset.shift === 'shifted',
+              colour: getComputedStyle(tr.querySelector('[data-col=decision]')).color,
+              background: getComputedStyle(tr.querySelector('[data-col=shift]')).backgroundColor,
+              shift_colour: getComputedStyle(tr.querySelector('[data-col=shift]')).color,
+            })]))"""
     )
-
-
-def _api(url: str, served, names: list[str]) -> dict[str, dict]:
-    with httpx.Client(base_url=url, timeout=60) as client:
-        return {
-            n: client.post(
-                "/v1/predict", files={"file": (n, (served.folder / n).read_bytes())}
-            ).json()
-            for n in names
-        }
 
 
 def _wait_for(page, n: int) -> None:
@@ -63,46 +83,124 @@ def _wait_for(page, n: int) -> None:
     expect(page.locator("#results tbody tr[data-done]")).to_have_count(n, timeout=60_000)
 
 
-def test_dropped_photos_show_the_apis_rows_and_download_as_csv(served, tmp_path):
+def _drop(page, files: list[tuple[str, bytes, str]]) -> None:
+    """A real drop on the drop zone: a DataTransfer holding Files built in the page."""
+    items = [(name, base64.b64encode(data).decode(), kind) for name, data, kind in files]
+    transfer = page.evaluate_handle(
+        """(items) => {
+          const transfer = new DataTransfer();
+          for (const [name, b64, type] of items) {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            transfer.items.add(new File([bytes], name, { type }));
+          }
+          return transfer;
+        }""",
+        items,
+    )
+    page.dispatch_event("#drop", "dragenter", {"dataTransfer": transfer})
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+
+
+def _png(rgb) -> bytes:
+    out = BytesIO()
+    Image.fromarray(rgb).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _predicted(served, tmp_path, pasted: bytes) -> str:
+    """predict's predictions.csv of the same four files (the pasted one named .png), its
+    name written as the page names it."""
+    folder = tmp_path / "same files"
+    folder.mkdir()
+    for name in ["good.png", *CHOSEN]:
+        shutil.copy(served.folder / name, folder / name)
+    (folder / f"{PASTED}.png").write_bytes(pasted)
+    screen(served.bundle, folder, tmp_path / "out", batch_size=1, workers=0, progress=False)
+    text = (tmp_path / "out" / "predictions.csv").read_text("utf-8")
+    return text.replace(f"{PASTED}.png,", f"{PASTED},")
+
+
+def _launch(p):
+    return p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+
+
+def _watch(page) -> list[str]:
+    """Script errors, CSP refusals and 404s: the page must run under its own CSP and ask
+    for nothing that is not there (its icon included)."""
+    broken = []
+    page.on("pageerror", lambda exc: broken.append(str(exc)))
+    page.on("console", lambda m: "Security Policy" in m.text and broken.append(m.text))
+    page.on("response", lambda r: r.status == 404 and broken.append(f"404 {r.url}"))
+    return broken
+
+
+def test_dropped_and_chosen_photos_show_the_apis_rows_and_download_predicts_csv(served, tmp_path):
     from playwright.sync_api import sync_playwright
 
+    good, pasted = (served.folder / "good.png").read_bytes(), _png(camera_frame(5)[0])
+    dropped = [("good.png", good, "image/png"), (PASTED, pasted, "image/png")]
     with background(served.app) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS, headless=True)
+        browser = _launch(p)
         try:
             page = browser.new_page()
-            broken = []  # script errors and CSP refusals: the page must run under its own CSP
-            page.on("pageerror", lambda exc: broken.append(str(exc)))
-            page.on("console", lambda m: "Security Policy" in m.text and broken.append(m.text))
+            broken = _watch(page)
             page.goto(url + "/")
             page.locator("#results-head th").first.wait_for()
-            assert "resnet10 fundus bench model" in page.text_content("#model-summary")
-            assert "threshold 0.5 (validated)" in page.text_content("#model-summary")
-            page.set_input_files("#files", [str(served.folder / n) for n in PHOTOS])
+            summary = page.text_content("#model-summary")
+            _drop(page, dropped)
             _wait_for(page, 2)
-            shown, expected = _rows(page), _api(url, served, PHOTOS)
-            page.set_input_files("#files", [str(served.folder / "truncated.jpg")])
-            _wait_for(page, 3)
+            shown = _rows(page)
+            page.set_input_files("#files", [str(served.folder / n) for n in CHOSEN])
+            _wait_for(page, 4)
             refused = _rows(page)["truncated.jpg"]
             with page.expect_download() as download:
                 page.click("#download")
-            saved = tmp_path / "predictions.csv"
-            download.value.save_as(saved)
+            saved = download.value.path().read_text("utf-8")
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         finally:
             browser.close()
+        with httpx.Client(base_url=url, timeout=60) as client:
+            files = {n: {"file": (n, data, kind)} for n, data, kind in dropped}
+            expected = {n: client.post("/v1/predict", files=f).json() for n, f in files.items()}
     assert broken == []
-    for name in PHOTOS:
-        row, answer = shown[name], expected[name]
+    assert "resnet10 fundus bench model" in summary
+    assert "decision at the validated threshold 0.5;" in summary  # the report's words
+    assert set(shown) == {"good.png", PASTED}
+    for name, row in shown.items():
+        answer = expected[name]
         assert row["status"] == answer["status"] == "scored", name
         assert row["decision"] == answer["decision"], name
         assert float(row["p_abnormal"]) == pytest.approx(answer["p_abnormal"], abs=1e-9)
         assert row["shift"] == answer["shift"] and row["gradcam_png"] == "img", name
+        assert row["tone"] == answer["tone"] and row["colour"] == REPORT[answer["tone"]]
+        assert not row["shifted"]
     assert refused["status"] == "unreadable" and "truncated" in refused["reason"]
-    with saved.open(newline="", encoding="utf-8") as f:
-        table = {r["file"]: r for r in csv.DictReader(f)}
-    assert list(table) == [*PHOTOS, "truncated.jpg"]
-    assert [table[n]["decision"] for n in PHOTOS] == [expected[n]["decision"] for n in PHOTOS]
-    assert "gradcam_png" not in next(iter(table.values()))
+    assert refused["tone"] == "unreadable"
+    assert saved == _predicted(served, tmp_path, pasted)  # predict's file, text for text
+
+
+def test_a_shifted_row_is_highlighted_in_the_reports_shift_colour(served):
+    """The server's answer is replaced by a shifted one (random_bundle stores no shift
+    reference): its row is tinted and its shift cell drawn in the report's colour."""
+    from playwright.sync_api import sync_playwright
+
+    (row,) = json.loads(served.table.loc[["good.png"]].to_json(orient="records"))
+    answer = {**row, "decision": "abnormal", "tone": "pos", "shift": "shifted"}
+    with background(served.app) as url, sync_playwright() as p:
+        browser = _launch(p)
+        try:
+            page = browser.new_page()
+            page.route("**/v1/predict*", lambda route: route.fulfill(json=answer))
+            page.goto(url + "/")
+            page.locator("#results-head th").first.wait_for()
+            page.set_input_files("#files", [str(served.folder / "good.png")])
+            _wait_for(page, 1)
+            (shown,) = _rows(page).values()
+        finally:
+            browser.close()
+    assert shown["shifted"] and shown["shift"] == "shifted"
+    assert shown["shift_colour"] == REPORT["shifted"] and shown["colour"] == REPORT["pos"]
+    assert shown["background"] not in ("rgba(0, 0, 0, 0)", "transparent", "rgb(255, 255, 255)")
 
 
 def test_api_docs_render_in_the_browser_without_a_network(served):
@@ -110,7 +208,7 @@ def test_api_docs_render_in_the_browser_without_a_network(served):
     from playwright.sync_api import expect, sync_playwright
 
     with background(served.app) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS, headless=True)
+        browser = _launch(p)
         try:
             page = browser.new_page()
             page.goto(url + "/docs")

@@ -34,13 +34,16 @@ def serve(
             "makes it reachable from the network, with no authentication)."
         ),
     ] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(help="Port, 0-65535 (default 8000; 0: one the system chooses)."),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Serve a web page and a JSON API that screen dropped photographs with BUNDLE.
 
-    Settings (--set key=value, --config FILE): max_upload_bytes, gradcam, engine,
+    Settings (--set key=value, --config FILE): max_upload_bytes, max_pixels, gradcam, engine,
     device, max_concurrent, max_waiting, quality.* (predict's quality gate).
     """
     missing = missing_serve_packages()
@@ -50,6 +53,8 @@ def serve(
     from fundusfm.serve.server import exposed
     from fundusfm.serve.server import serve as run_server
 
+    if port is not None and not 0 <= port <= 65535:  # named as typed, not as --set port
+        raise fail(f"--port {port}: a port is a number from 0 to 65535 (0: any free one)")
     settings = resolve(ServeConfig, config, set_, host=host, port=port)
     if exposed(settings.host):
         typer.secho(

@@ -26,6 +26,12 @@ class ServeConfig(Strict):
     max_upload_bytes: int = Field(
         20_000_000, ge=1, description="largest request body accepted (413 above it)"
     )
+    max_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        description="largest image accepted, in pixels (width x height, read from its "
+        "header before decoding; 413 above it): each pixel decodes to 3 bytes or more",
+    )
     gradcam: bool = Field(True, description="allow `gradcam=true` (Grad-CAM overlays)")
     engine: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto",

@@ -52,6 +52,7 @@ from fundusfm.inference import Scorer, scorer
 from fundusfm.models.loaded import Bundle, load_bundle
 from fundusfm.screen.quality import assess
 from fundusfm.screen.report import write_report
+from fundusfm.tasks.shift import COLUMNS as SHIFT_COLUMNS
 from fundusfm.tasks.shift import ShiftScorer, flag_summary, shift_line, shift_scorer
 
 MEASURES = ("fov_fraction", "brightness", "saturated", "focus")
@@ -222,6 +223,19 @@ def score_items(bundle: Bundle, score: Scorer, shift: ShiftScorer, items: list[d
     }
 
 
+def predictions_table(rows: list[dict], classes: list) -> pd.DataFrame:
+    """`predictions.csv` as a table: one row per file, sorted by file, the columns in one
+    order whatever kind of row comes first (file, status, reason, p_<class>, decision, the
+    shift columns, the quality measures; anything else after them). `serve` writes its CSV
+    with it too, so a file gets the same line from both."""
+    order = ["file", "status", "reason", *(f"p_{c}" for c in classes), "decision"]
+    order += [*SHIFT_COLUMNS, *MEASURES]
+    seen = list(dict.fromkeys(k for r in rows for k in r)) or ["file", "status"]
+    columns = [c for c in order if c in seen] + [c for c in seen if c not in order]
+    table = pd.DataFrame(rows, columns=columns)
+    return table.sort_values("file", kind="stable").reset_index(drop=True)
+
+
 def item_row(bundle: Bundle, item: dict, file: str, scored: tuple | None) -> dict:
     """The predictions.csv row of one item (`scored`: its entry of `score_items`, if any)."""
     row = {"file": file, "status": item["status"], "reason": printable(item["reason"])}
@@ -332,7 +346,7 @@ def screen(
         collate_fn=list,
     )
     rows = _rows(run, files, images, loader, progress)
-    table = pd.DataFrame(rows).sort_values("file", kind="stable").reset_index(drop=True)
+    table = predictions_table(rows, bundle.classes)
     table.to_csv(out / "predictions.csv", index=False)
     said = _shift_notes(run, table)
     sources, cams = _report_files(files, images, folder, out, gradcam)

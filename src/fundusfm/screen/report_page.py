@@ -14,6 +14,19 @@ from __future__ import annotations
 import html
 import re
 
+# The status and decision colours of the report (and of `fundusfm serve`'s page): a class
+# `.pos` sets `--c`, which the counts, rows, histogram bars and group headings draw with.
+TONES = {
+    "pos": "#c62828",
+    "neg": "#2e7d32",
+    "ungradable": "#ef6c00",
+    "unreadable": "#616161",
+    "unsupported": "#78909c",
+    "shifted": "#6a1b9a",
+}
+TONE_RULES = "".join(f".{name}{{--c:{colour}}}" for name, colour in TONES.items())
+TONE_ROOT = ":root{" + "".join(f"--{name}:{colour};" for name, colour in TONES.items()) + "}"
+
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
 h1{margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
@@ -22,13 +35,12 @@ h1{margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin
 .card td,.card th{border:1px solid #ccc;padding:2px 6px}code{background:#eee;padding:0 3px}
 .threshold{font-size:1.1em}.counts{list-style:none;padding:0;display:flex;flex-wrap:wrap;gap:8px}
 .counts li{padding:6px 12px;border-radius:4px;color:#fff;font-weight:600}
-.pos{--c:#c62828}.neg{--c:#2e7d32}.ungradable{--c:#ef6c00}.unreadable{--c:#616161}
-.unsupported{--c:#78909c}.shifted{--c:#6a1b9a}.counts li{background:var(--c)}
+.counts li{background:var(--c)}
 table.scored th,table.scored td{border-bottom:1px solid #ddd;padding:3px 8px;text-align:left}
 table.scored th[data-sort]{cursor:pointer;user-select:none;background:#f0f0f0}
 th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
 table.scored tr td:first-child{border-left:6px solid var(--c)}td.num{text-align:right}
-.decision{color:var(--c);font-weight:600}.flag{color:#6a1b9a;font-weight:600}
+.decision{color:var(--c);font-weight:600}.flag{color:var(--shifted);font-weight:600}
 .filters{margin:.6em 0;display:flex;gap:10px;align-items:center}
 .files{list-style:none;padding:0}.files li{margin:4px 0;display:flex;gap:10px;align-items:center}
 h3.group{color:var(--c)}img.thumb{width:96px;height:96px;border-radius:3px}
@@ -94,7 +106,7 @@ def page(title: str, body: str) -> str:
     return (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width,initial-scale=1'>"
-        f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
+        f"<title>{esc(title)}</title><style>{TONE_ROOT}{TONE_RULES}{STYLE}</style></head><body>"
         f"<h1>{esc(title)}</h1>{body}<script>{SCRIPT}</script></body></html>"
     )
 

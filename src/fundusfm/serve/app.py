@@ -1,110 +1,81 @@
 """The web app and JSON API of `fundusfm serve` (`create_app`).
 
-    GET  /             the page (page.html, page.js, page.css: plain files, no build step)
+    GET  /             the page (`assets`: page.html, page.js, page.css, the report's colours
+                       as tones.css; /favicon.ico, so the browser asks nothing in vain)
     GET  /v1/model     the bundle's model card as JSON (`model_info`)
-    POST /v1/predict   one image (multipart field `file`) -> its predictions.csv row as JSON;
-                       `?gradcam=true` adds `gradcam_png`, a base64 PNG overlay
+    POST /v1/predict   one image (multipart field `file`) -> its predictions.csv row as JSON
+                       (plus `tone`, its colour); `?gradcam=true` adds `gradcam_png`, a
+                       base64 PNG overlay
+    POST /v1/csv       rows of /v1/predict ({"rows": [...]}) -> the predictions.csv that
+                       `fundusfm predict` writes for the same files (`table`)
     GET  /docs         the OpenAPI page (/openapi.json) in Swagger UI, its files served
                        from the fastapi-offline package (FastAPI's default loads them from
                        a CDN: a blank page on a machine without internet); /redoc likewise
-Every refusal is a JSON `{"error": NAME, "detail": WHAT TO DO, "file": ...}` with a 4xx
-status (503 when too many uploads wait), and the server keeps serving. The bundle, its
-scorer and its shift scorer are loaded once, in `create_app`; each upload is scored in a
-pool of `max_concurrent` threads, and the others wait their turn (at most `max_waiting`).
+Every refusal, an unknown path's 404 included, is a JSON `{"error": NAME, "detail": WHAT TO
+DO, "file": ...}` with a 4xx status (503 when too many uploads wait), and the server keeps
+serving. The bundle, its scorer and its shift scorer are loaded once, in `create_app`; a
+request takes its turn at the `gate.Gate` before its body is read, so at most
+`max_concurrent` bodies are in memory and scored at once, and at most `max_waiting` wait.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from importlib.resources import files
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException
 
 from fundusfm import __version__
 from fundusfm.config.serve import ServeConfig
+from fundusfm.data.manifest import printable
+from fundusfm.io import json_safe
 from fundusfm.models.loaded import load_bundle
-from fundusfm.serve.model_info import json_safe, model_info
+from fundusfm.serve.assets import (
+    ASSETS,
+    FAVICON,
+    PAGE_HEADERS,
+    REFUSALS,
+    ROWS_BODY,
+    UPLOAD_BODY,
+    read_assets,
+)
+from fundusfm.serve.gate import Gate
+from fundusfm.serve.model_info import model_info
 from fundusfm.serve.screening import Screener
-from fundusfm.serve.upload import FIELD, UploadRefused, read_upload
+from fundusfm.serve.table import parse_rows, predictions_csv
+from fundusfm.serve.upload import UploadRefused, check_length, read_body, read_upload
 
-ASSETS = {"page.js": "text/javascript", "page.css": "text/css"}
-# The page loads nothing from elsewhere; overlays arrive as data: URLs
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:",
-    "X-Content-Type-Options": "nosniff",
-}
-UPLOAD_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {FIELD: {"type": "string", "format": "binary"}},
-                    "required": [FIELD],
-                }
-            }
-        },
-    }
-}
-REFUSALS = {
-    400: {"description": "not a multipart form, no `file` field, or a bad query"},
-    413: {"description": "the upload is over max_upload_bytes"},
-    415: {"description": "not an image format fundusfm reads (the file name's suffix)"},
-    422: {"description": "unreadable: truncated, empty, not an image, decompression bomb"},
-    503: {"description": "too many uploads waiting; retry later"},
-}
+ROUTES = "the page is /, the API POST /v1/predict, POST /v1/csv and GET /v1/model, its help /docs"
+HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed"}
 
 
-class Gate:
-    """At most `concurrent` uploads scored at once, in threads; `waiting` more may queue."""
-
-    def __init__(self, concurrent: int, waiting: int):
-        self.concurrent, self.room = concurrent, concurrent + waiting
-        self.inside, self.lock, self.pool = 0, threading.Lock(), None
-
-    async def run(self, fn, *args):
-        with self.lock:
-            if self.inside >= self.room:
-                busy = f"the server is busy: {self.inside} uploads are being scored or wait"
-                raise UploadRefused(503, "busy", busy + " (setting max_waiting); retry soon")
-            self.inside += 1
-            if self.pool is None:  # first upload, or the first since the server stopped
-                self.pool = ThreadPoolExecutor(self.concurrent, "fundusfm-serve")
-            pool = self.pool
-        try:
-            return await asyncio.wrap_future(pool.submit(fn, *args))
-        finally:
-            with self.lock:
-                self.inside -= 1
-
-    def close(self) -> None:
-        """Stop the threads (when the server stops); a later upload starts new ones."""
-        with self.lock:
-            pool, self.pool = self.pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+def _error(status: int, error: str, detail: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
-def _asset(name: str) -> str:
-    return (files("fundusfm.serve") / name).read_text("utf-8")
-
-
-def _error(status: int, error: str, detail: str) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail}, status_code=status)
+def _http_detail(request: Request, status: int, said: str) -> str:
+    where = printable(request.url.path)
+    if status == 404:
+        return f"nothing at {where}: {ROUTES}"
+    if status == 405:
+        return f"{request.method} is not answered at {where}: {ROUTES}"
+    return said
 
 
 def _handlers(app: FastAPI) -> None:
     @app.exception_handler(UploadRefused)
     async def refused(_: Request, exc: UploadRefused) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http(request: Request, exc: HTTPException) -> JSONResponse:
+        code, said = exc.status_code, str(exc.detail)
+        detail = _http_detail(request, code, said)
+        return _error(code, HTTP_ERRORS.get(code, "http_error"), detail, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -117,27 +88,24 @@ def _handlers(app: FastAPI) -> None:
 
 
 def _pages(app: FastAPI) -> None:
-    page, assets = _asset("page.html"), {name: _asset(name) for name in ASSETS}
+    assets = read_assets()
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
-        return HTMLResponse(page, headers=PAGE_HEADERS)
+        return HTMLResponse(assets["page.html"], headers=PAGE_HEADERS)
 
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: str) -> Response:
-        if name not in assets:
-            return _error(404, "not_found", f"no such file: {name}")
+        if name not in ASSETS:
+            return _error(404, "not_found", f"no such file: {printable(name)}")
         return Response(assets[name], media_type=ASSETS[name], headers=PAGE_HEADERS)
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(FAVICON, media_type="image/svg+xml")
 
-def _api(app: FastAPI, screener: Screener, info: dict, settings: ServeConfig) -> None:
-    gate = Gate(settings.max_concurrent, settings.max_waiting)
-    app.state.gate = gate
 
-    @app.get("/v1/model", summary="The bundle's model card")
-    async def model() -> JSONResponse:
-        return JSONResponse(info)
-
+def _predict(app: FastAPI, screener: Screener, gate: Gate, settings: ServeConfig) -> None:
     @app.post(
         "/v1/predict",
         summary="Screen one photograph: its predictions.csv row",
@@ -150,14 +118,31 @@ def _api(app: FastAPI, screener: Screener, info: dict, settings: ServeConfig) ->
     ) -> JSONResponse:
         if gradcam and not settings.gradcam:
             raise UploadRefused(400, "gradcam_off", "Grad-CAM is off here (setting gradcam)")
-        headers = request.headers
-        upload = await read_upload(
-            request.stream(),
-            headers.get("content-type", ""),
-            headers.get("content-length"),
-            settings.max_upload_bytes,
-        )
-        return JSONResponse(json_safe(await gate.run(screener.row, upload, gradcam)))
+        headers, limit = request.headers, settings.max_upload_bytes
+        check_length(headers.get("content-length"), limit)  # refused without waiting
+        async with gate.turn():  # the body is read in its turn: bounded memory
+            kind, length = headers.get("content-type", ""), headers.get("content-length")
+            upload = await read_upload(request.stream(), kind, length, limit)
+            row = await gate.score(screener.row, upload, gradcam)
+        return JSONResponse(json_safe(row))
+
+
+def _table(app: FastAPI, gate: Gate, settings: ServeConfig, classes: list) -> None:
+    @app.post(
+        "/v1/csv",
+        summary="Rows of /v1/predict as the predictions.csv `fundusfm predict` writes",
+        openapi_extra=ROWS_BODY,
+        response_class=Response,
+        responses={200: {"content": {"text/csv": {}}}, 400: {"description": "not rows"}},
+    )
+    async def table(request: Request) -> Response:
+        length, limit = request.headers.get("content-length"), settings.max_upload_bytes
+        check_length(length, limit)
+        async with gate.turn():
+            body = await read_body(request.stream(), length, limit)
+            text = await gate.score(lambda: predictions_csv(parse_rows(body), classes))
+        disposition = {"Content-Disposition": 'attachment; filename="predictions.csv"'}
+        return Response(text, media_type="text/csv; charset=utf-8", headers=disposition)
 
 
 def create_app(bundle_path: Path, settings: ServeConfig | None = None) -> FastAPI:
@@ -165,11 +150,12 @@ def create_app(bundle_path: Path, settings: ServeConfig | None = None) -> FastAP
     settings = settings or ServeConfig()
     screener = Screener(load_bundle(bundle_path, settings.device), settings)
     info = model_info(screener.bundle, screener.score.engine, screener.notes, settings)
+    gate = Gate(settings.max_concurrent, settings.max_waiting)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(_: FastAPI):
         yield
-        app.state.gate.close()
+        gate.close()
 
     app = FastAPIOffline(  # FastAPI, with /docs and /redoc from local files
         title="fundusfm serve",
@@ -177,7 +163,14 @@ def create_app(bundle_path: Path, settings: ServeConfig | None = None) -> FastAP
         description=f"Screening with {info['name']}: one photograph per request.",
         lifespan=lifespan,
     )
+    app.state.gate = gate
     _handlers(app)
     _pages(app)
-    _api(app, screener, info, settings)
+
+    @app.get("/v1/model", summary="The bundle's model card")
+    async def model() -> JSONResponse:
+        return JSONResponse(info)
+
+    _predict(app, screener, gate, settings)
+    _table(app, gate, settings, screener.bundle.classes)
     return app

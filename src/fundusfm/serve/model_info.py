@@ -4,30 +4,22 @@ The fields are what `fundusfm weights info` prints (`card.model_card`), taken fr
 places: bundle.json (task, classes, thresholds and whether they were `validated`,
 preprocessing, provenance, shift reference) and the metrics the card reports
 (`weights.card_metrics`: the training run's metrics.json when the bundle is a run's
-`bundle/`). What the bundle does not record is null, never guessed.
+`bundle/`). What the bundle does not record is null, never guessed. `threshold.words` is
+the decision rule as the screening report writes it (`report_page.threshold_words`: a
+threshold to 3 decimals, validated or not), so the page and report.html say it alike.
 """
 
 from __future__ import annotations
-
-import math
 
 from fundusfm.bundle import bundle_notes
 from fundusfm.card import model_card
 from fundusfm.card_metrics import config_summary, short_path
 from fundusfm.config.serve import ServeConfig
+from fundusfm.io import json_safe
 from fundusfm.models.loaded import Bundle
+from fundusfm.screen.report import cuts
+from fundusfm.screen.report_page import threshold_words
 from fundusfm.weights import shown_metrics
-
-
-def json_safe(value):
-    """`value` with NaN and infinities as None (JSON has no such numbers)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def _preprocessing(bundle: Bundle) -> dict:
@@ -53,6 +45,17 @@ def _training_data(bundle: Bundle) -> dict:
     }
 
 
+def decision_words(bundle: Bundle) -> str:
+    """The decision rule in the report's words (`threshold_words` of `report.cuts`)."""
+    drawn = cuts(bundle)
+    if bundle.kind == "binary":
+        ((_, (cut, validated)),) = drawn.items()
+        return threshold_words(cut, validated)
+    if bundle.kind == "multilabel":
+        return ", ".join(f"{c}: {threshold_words(t, v)}" for c, (t, v) in drawn.items())
+    return "the class of highest probability (multiclass: no threshold)"
+
+
 def model_info(bundle: Bundle, engine: str, notes: list[str], settings: ServeConfig) -> dict:
     """The card's fields, the server's engine and settings, notes, and the card's text."""
     meta, task = bundle.meta, bundle.meta.task
@@ -66,6 +69,7 @@ def model_info(bundle: Bundle, engine: str, notes: list[str], settings: ServeCon
             "values": bundle.thresholds,
             "validated": bundle.thresholds_validated,
             "note": task.thresholds_note,
+            "words": decision_words(bundle),
         },
         "preprocessing": _preprocessing(bundle),
         "training_data": _training_data(bundle),
@@ -80,6 +84,7 @@ def model_info(bundle: Bundle, engine: str, notes: list[str], settings: ServeCon
             "engine": engine,
             "gradcam": settings.gradcam,
             "max_upload_bytes": settings.max_upload_bytes,
+            "max_pixels": settings.max_pixels,
             "max_concurrent": settings.max_concurrent,
         },
         "card": model_card(meta, sum(p.numel() for p in bundle.model.parameters()), metrics),

@@ -1,7 +1,10 @@
 // fundusfm serve: drop photographs, see each one's row, download them as CSV.
 // Plain JavaScript, no build step and nothing loaded from elsewhere. Each file is sent to
 // POST /v1/predict (as many at a time as the server scores at once: max_concurrent); a
-// refused file gets a row with the error the API names.
+// refused file gets a row with the error the API names. Rows are coloured as report.html
+// colours them (the row's `tone`, the report's colours in /static/tones.css) and a shifted
+// row is highlighted. The CSV is written by the server (POST /v1/csv), with the pandas call
+// of `fundusfm predict`, so that it is predict's predictions.csv text for text.
 "use strict";
 
 const state = { model: null, rows: [], queue: [], running: 0 };
@@ -19,11 +22,9 @@ function el(tag, attrs = {}, text = "") {
 
 function showModel(info) {
   state.model = info;
-  const t = info.threshold;
-  const cut = t.values.length ? `threshold ${t.values.join(", ")} ` +
-    (t.validated ? "(validated)" : "(NOT validated on data)") : "argmax decision";
   document.getElementById("model-summary").textContent =
-    `${info.name}: ${info.task.kind}, classes ${info.classes.join(", ")}; ${cut}; ` +
+    `${info.name}: ${info.task.kind}, classes ${info.classes.join(", ")}; ` +
+    `decision at the ${info.threshold.words}; ` +
     `${info.preprocessing.resolution} px; engine ${info.server.engine}`;
   const notes = document.getElementById("model-notes");
   for (const note of info.notes) notes.appendChild(el("li", {}, note));
@@ -45,6 +46,8 @@ function columns() {
 function cell(col, row) {
   const td = el("td", { "data-col": col.key });
   const value = row[col.key];
+  if (col.key === "decision") td.className = "decision";
+  if (col.key === "shift" && value === "shifted") td.className = "shifted flag";
   if (col.key === "gradcam_png") {
     if (value) td.appendChild(el("img", { src: `data:image/png;base64,${value}`, alt: "Grad-CAM" }));
   } else if (col.num && typeof value === "number") {
@@ -57,11 +60,21 @@ function cell(col, row) {
   return td;
 }
 
+// The report's colour class of a finished row: the API's `tone` (pos, neg, ungradable),
+// else the refusal's (unsupported, or unreadable: grey, not scored).
+function tone(entry) {
+  if (entry.row.tone) return entry.row.tone;
+  return entry.row.status === "unsupported" ? "unsupported" : "unreadable";
+}
+
 function draw(entry) {
   const tr = entry.tr;
   tr.replaceChildren(...columns().map((col) => cell(col, entry.row)));
-  tr.className = entry.done ? (entry.ok ? entry.row.status : "error") : "pending";
-  if (entry.done) tr.setAttribute("data-done", "1");
+  tr.className = entry.done ? tone(entry) : "pending";
+  if (!entry.done) return;
+  tr.setAttribute("data-done", "1");
+  tr.setAttribute("data-tone", tone(entry));
+  tr.setAttribute("data-shift", entry.row.shift || "");
 }
 
 async function score(entry) {
@@ -115,24 +128,29 @@ async function add(files) {
   pump();
 }
 
-function csvField(value) {
-  const text = value == null ? "" : String(value);
-  return /[",\r\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
+// predictions.csv of the finished rows, written by the server as `fundusfm predict` writes it
+async function csv() {
+  const rows = state.rows.filter((e) => e.done).map((e) => {
+    const { gradcam_png: _, ...row } = e.row;  // the overlay is not a column
+    return row;
+  });
+  const response = await fetch("/v1/csv", {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ rows }),
+  });
+  if (!response.ok) throw new Error((await response.json()).detail);
+  return response.text();
 }
 
-function csv() {
-  const rows = state.rows.filter((e) => e.done).map((e) => e.row);
-  const keys = [];
-  for (const row of rows) {
-    for (const k of Object.keys(row)) if (k !== "gradcam_png" && !keys.includes(k)) keys.push(k);
+async function download() {
+  let text;
+  try {
+    text = await csv();
+  } catch (err) {
+    document.getElementById("progress").textContent = `cannot write the CSV: ${err.message}`;
+    return;
   }
-  const lines = [keys.map(csvField).join(",")];
-  for (const row of rows) lines.push(keys.map((k) => csvField(row[k])).join(","));
-  return lines.join("\r\n") + "\r\n";
-}
-
-function download() {
-  const url = URL.createObjectURL(new Blob([csv()], { type: "text/csv" }));
+  const url = URL.createObjectURL(new Blob([text], { type: "text/csv" }));
   const link = el("a", { href: url, download: "predictions.csv" });
   document.body.appendChild(link);
   link.click();

@@ -1,12 +1,19 @@
 """One upload, one `predictions.csv` row: what `fundusfm predict` gives the same file.
 
-The upload's bytes are written into a fresh `tempfile.TemporaryDirectory` (removed when the
-row is made, whatever happens) and go through `screen.predict`'s own per-file functions:
-`prepare_item` (decode, quality gate, crop), `score_items` (probabilities, decision at the
-bundle's validated threshold, shift) and `item_row`. Statuses become answers:
+The upload is first judged from its header (`sniff`): an upload whose name has no image
+suffix is taken by its part's Content-Type or its bytes' format, and one whose header
+declares more than `max_pixels` is refused before decoding. Its bytes are then written into
+a fresh `tempfile.TemporaryDirectory` (removed when the row is made, whatever happens) and
+go through `screen.predict`'s own per-file functions: `prepare_item` (decode, quality gate,
+crop), `score_items` (probabilities, decision at the bundle's validated threshold, shift)
+and `item_row`. Statuses become answers:
     scored, ungradable   200, the row (ungradable rows say why and carry no probabilities)
-    unsupported          415, `predict`'s reason (the file name's suffix is not an image's)
+    unsupported          415, `predict`'s reason (the suffix) and what else was seen
+    too many pixels      413, the image's size and the limit
     unreadable           422, `predict`'s reason (truncated, empty, not an image, bomb)
+Beside predict's columns a row carries `tone`, the report's colour of it (`report_tables.
+tone`: pos or neg for a scored row, else its status), and `gradcam_png` when asked for;
+neither is a column of predictions.csv (`table.SHOWN_ONLY`).
 The model is used by one request at a time (`Screener.model_lock`): Grad-CAM hooks the
 backbone's last stage, and a forward pass of another request meanwhile would mix into its
 activations; decoding and the quality gate run outside the lock, in parallel.
@@ -28,17 +35,14 @@ from fundusfm.data.manifest import printable
 from fundusfm.errors import WeightsError
 from fundusfm.inference import scorer
 from fundusfm.models.loaded import Bundle
-from fundusfm.screen.predict import (
-    decision_overlays,
-    item_row,
-    prepare_item,
-    score_items,
-    unsupported_reason,
-)
+from fundusfm.screen.predict import decision_overlays, item_row, prepare_item, score_items
+from fundusfm.screen.report_tables import tone
+from fundusfm.serve.sniff import check_pixels, header, image_suffix
 from fundusfm.serve.upload import Upload, UploadRefused
 from fundusfm.tasks.shift import shift_scorer
 
 GRADCAM_KEY = "gradcam_png"  # base64 PNG of the overlay, only when asked for
+TONE_KEY = "tone"  # the report's colour class of the row (pos, neg, ungradable)
 
 
 class Screener:
@@ -50,7 +54,7 @@ class Screener:
                 "serve screens with classifiers; this bundle segments vessels "
                 "(use `fundusfm segment eval`)"
             )
-        self.bundle, self.quality = bundle, settings.quality
+        self.bundle, self.quality, self.max_pixels = bundle, settings.quality, settings.max_pixels
         self.pre = bundle.preprocessing.config()
         self.score = scorer(bundle, settings.engine)
         self.shift = shift_scorer(bundle, self.score.engine)
@@ -63,16 +67,17 @@ class Screener:
     def row(self, upload: Upload, gradcam: bool = False) -> dict:
         """The upload's row (plus `gradcam_png` when asked), or UploadRefused saying why not."""
         name = printable(upload.name)
-        why = unsupported_reason(Path(upload.name))
-        if why is not None:
-            raise UploadRefused(415, "unsupported", why, name)
-        item = self._prepare(upload, Path(upload.name).suffix.lower())
+        head = header(upload.data)
+        suffix = image_suffix(upload, head)
+        check_pixels(head, self.max_pixels, name)
+        item = self._prepare(upload, suffix)
         if item["status"] == "unreadable":
             raise UploadRefused(422, "unreadable", printable(item["reason"]), name)
         with self.model_lock:
             scored = score_items(self.bundle, self.score, self.shift, [item])
             cam = self._overlay(item, scored[0][0]) if gradcam and scored else None
         row = item_row(self.bundle, item, name, scored.get(0))
+        row[TONE_KEY] = tone(self.bundle, row["decision"]) if 0 in scored else row["status"]
         if cam is not None:
             row[GRADCAM_KEY] = cam
         return row

@@ -1,11 +1,14 @@
-"""Reading one uploaded file from a request body, in memory, within a size limit.
+"""Reading one uploaded file (or a JSON body) from a request, in memory, within a size limit.
 
 The body is streamed and counted as it arrives: a `Content-Length` over the limit is refused
 before any of it is read, and a body that grows past the limit (chunked, or a lying header)
-is refused at the chunk that crosses it. The multipart form is parsed here, with
-python-multipart's streaming parser, rather than by FastAPI's `UploadFile`, which spools
-files over 1 MB to the system's temporary directory: nothing of an upload reaches the disk
-before `screening.Screener` writes it into its own temporary folder.
+is refused at the chunk that crosses it. It is read only once the request has its turn at
+the gate (`gate.Gate`), so at most `max_concurrent` bodies are in memory at once. The
+multipart form is parsed here, with python-multipart's streaming parser, rather than by
+FastAPI's `UploadFile`, which spools files over 1 MB to the system's temporary directory:
+nothing of an upload reaches the disk before `screening.Screener` writes it into its own
+temporary folder. The file part's Content-Type is kept (`Upload.content_type`): an upload
+whose name is no image's is judged by it (`sniff`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class UploadRefused(DataError):
 class Upload:
     name: str  # the file name the client sent (undecodable bytes as surrogate escapes)
     data: bytes
+    content_type: str = ""  # the part's Content-Type, lower case without parameters
 
 
 def too_large(limit: int) -> UploadRefused:
@@ -93,10 +97,22 @@ def _file_part(parts: list[dict]) -> Upload:
         _, params = parse_options_header(part["headers"].get(b"content-disposition", b""))
         if params.get(b"name") == FIELD.encode():
             name = params.get(b"filename", b"").decode("utf-8", "surrogateescape")
-            return Upload(name, bytes(part["data"]))
+            kind, _ = parse_options_header(part["headers"].get(b"content-type", b""))
+            return Upload(name, bytes(part["data"]), kind.decode("latin-1").lower())
     raise UploadRefused(
         400, "no_file", f"the form has no field {FIELD!r}: send the image as {FIELD}=@photo.jpg"
     )
+
+
+async def read_body(chunks: AsyncIterator[bytes], length: str | None, limit: int) -> bytes:
+    """The whole body (a JSON request's), refused with 413 as soon as it passes `limit`."""
+    check_length(length, limit)
+    body = bytearray()
+    async for chunk in chunks:
+        body.extend(chunk)
+        if len(body) > limit:
+            raise too_large(limit)
+    return bytes(body)
 
 
 async def read_upload(
