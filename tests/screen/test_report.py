@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import importlib.util
 import io
 import json
 import re
@@ -31,6 +30,7 @@ from fundusfm.screen.predict import screen
 from fundusfm.screen.report import overlay_uri, thumbnail_order, write_report
 from fundusfm.screen.report_page import H, bin_counts, histogram_svg
 from fundusfm.screen.report_tables import reason_group
+from tests.browser import launch, need_browser
 from tests.conftest import TINY_ARCH
 from tests.fakes import fundus
 
@@ -417,20 +417,14 @@ def test_multiclass_and_multilabel_get_one_histogram_per_class(tmp_path):
     assert re.search(r'<li class="neg" data-status="scored" data-decision="" data-count="1">', page)
 
 
-CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
-FLAGS += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
 @pytest.mark.slow
 def test_clicks_sort_and_typing_filters_in_a_browser(run):
-    if importlib.util.find_spec("playwright") is None or not CHROMIUM.is_file():
-        pytest.skip("needs playwright and /usr/bin/chromium")
+    need_browser()
     from playwright.sync_api import sync_playwright
 
     table = run["table"].set_index("file")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS, headless=True)
+        browser = launch(p)
         try:
             page, broken = browser.new_page(), []
             page.on("pageerror", lambda exc: broken.append(str(exc)))

@@ -13,9 +13,7 @@ their absence is an error: CI never skips them.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
-import os
 import shutil
 from io import BytesIO
 
@@ -25,39 +23,16 @@ from PIL import Image
 
 from fundusfm.screen.predict import screen
 from fundusfm.serve.server import background
+from tests.browser import launch, need_browser
 from tests.fakes import camera_frame
 
 pytestmark = pytest.mark.slow
-CHROMIUM = os.environ.get("FUNDUSFM_CHROMIUM") or shutil.which("chromium")
-# Without the background-networking flags chromium's own connections are refused by a
-# closed network, and it can stall; the rest keep it quiet and headless as root.
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 CHOSEN = ["exif rotated.jpg", "truncated.jpg"]  # set on the file input
 PASTED = "pasted image"  # a dropped PNG named as a paste names it: no suffix
 REPORT = {"pos": "rgb(198, 40, 40)", "neg": "rgb(46, 125, 50)", "shifted": "rgb(106, 27, 154)"}
 
 
-def _missing() -> str | None:
-    if importlib.util.find_spec("playwright") is None:
-        return "playwright is not installed (pip install -e '.[dev]')"
-    if CHROMIUM is None:
-        return "no chromium on PATH nor in $FUNDUSFM_CHROMIUM (apt-get install chromium)"
-    return None
-
-
-if _missing():
-    if os.environ.get("FUNDUSFM_REQUIRE_BROWSER"):
-        pytest.fail(f"the browser tests cannot run: {_missing()}", pytrace=False)
-    pytest.skip(_missing(), allow_module_level=True)
+need_browser()
 
 
 def _rows(page) -> dict[str, dict[str, str]]:
@@ -120,10 +95,6 @@ def _predicted(served, tmp_path, pasted: bytes) -> str:
     return text.replace(f"{PASTED}.png,", f"{PASTED},")
 
 
-def _launch(p):
-    return p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-
-
 def _watch(page) -> list[str]:
     """Script errors, CSP refusals and 404s: the page must run under its own CSP and ask
     for nothing that is not there (its icon included)."""
@@ -140,7 +111,7 @@ def test_dropped_and_chosen_photos_show_the_apis_rows_and_download_predicts_csv(
     good, pasted = (served.folder / "good.png").read_bytes(), _png(camera_frame(5)[0])
     dropped = [("good.png", good, "image/png"), (PASTED, pasted, "image/png")]
     with background(served.app) as url, sync_playwright() as p:
-        browser = _launch(p)
+        browser = launch(p)
         try:
             page = browser.new_page()
             broken = _watch(page)
@@ -187,7 +158,7 @@ def test_a_shifted_row_is_highlighted_in_the_reports_shift_colour(served):
     (row,) = json.loads(served.table.loc[["good.png"]].to_json(orient="records"))
     answer = {**row, "decision": "abnormal", "tone": "pos", "shift": "shifted"}
     with background(served.app) as url, sync_playwright() as p:
-        browser = _launch(p)
+        browser = launch(p)
         try:
             page = browser.new_page()
             page.route("**/v1/predict*", lambda route: route.fulfill(json=answer))
@@ -208,7 +179,7 @@ def test_api_docs_render_in_the_browser_without_a_network(served):
     from playwright.sync_api import expect, sync_playwright
 
     with background(served.app) as url, sync_playwright() as p:
-        browser = _launch(p)
+        browser = launch(p)
         try:
             page = browser.new_page()
             page.goto(url + "/docs")
