@@ -98,3 +98,40 @@ def test_only_accepts_letters_and_names():
     assert parse_only(None) == ["a", "b", "c", "d"]
     with pytest.raises(ConfigError, match="unknown row 'x'"):
         parse_only("a,x")
+
+
+def test_onnxruntime_on_cuda_says_when_its_provider_is_missing(monkeypatch, tmp_path: Path):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    cuda = screening.ScreenSetting("resnet18", 32, 1, 1, device="cuda")
+    with pytest.raises(screening.ProviderMissing, match="pip install onnxruntime-gpu"):
+        screening._onnxruntime(tmp_path / "bundle", tmp_path, cuda)
+
+    def missing(*_):
+        raise screening.ProviderMissing("onnxruntime has no CUDAExecutionProvider here")
+
+    monkeypatch.setitem(screening.MAKERS, "onnxruntime", missing)
+    monkeypatch.setitem(screening.MAKERS, "torch.compile", missing)
+    results = screening.bench_screening(screening.ScreenSetting("resnet18", 32, 1, 1))
+    assert results["eager"]["status"] == "ok"
+    assert results["onnxruntime"]["status"] == "not installed"  # a row that says so, no crash
+    assert "CUDAExecutionProvider" in results["onnxruntime"]["reason"]
+
+
+def test_presets_by_name_and_the_gpu_preset_without_cuda(monkeypatch):
+    import torch
+
+    from fundusfm.bench.presets import PRESETS, preset_named
+    from fundusfm.bench.runner import run_bench
+
+    assert preset_named(None) is PRESETS["default"] and preset_named(None, True).name == "quick"
+    assert preset_named("gpu").screen_device == "cuda"
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        preset_named("huge")
+    with pytest.raises(ConfigError, match="choose one"):
+        preset_named("gpu", quick=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (row,) = run_bench(PRESETS["gpu"], ["c"])["rows"]
+    assert row["status"] == "skipped" and row["reason"] == "no CUDA device"
+    assert "cuda" in row["setting"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -108,6 +109,39 @@ def test_single_process_needs_no_torchrun():
     assert local_batch(6) == 6
     model = torch.nn.Linear(2, 2)
     assert wrap(model, torch.device("cpu"), sync_batchnorm=True) is model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_one_process_torchrun_job_joins_a_group_and_trains_through_ddp(monkeypatch):
+    """`torchrun --nproc_per_node 1` (what the GPU check runs with NCCL and SyncBatchNorm)
+    takes the distributed path: a process group, DDP, sync_batchnorm refused on CPU."""
+    import torch.distributed as dist
+
+    from fundusfm.engine.distributed import launched, setup
+
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in {**env, "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    assert not launched()  # WORLD_SIZE=1 set by hand is no torchrun job
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    assert launched()
+    try:
+        assert setup(torch.device("cpu")) == torch.device("cpu")
+        assert dist.is_initialized() and dist.get_backend() == "gloo"
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+        wrapped = wrap(model, torch.device("cpu"), sync_batchnorm=False)
+        assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+        assert wrapped.module is model
+        with pytest.raises(ConfigError, match="sync_batchnorm needs CUDA"):
+            wrap(model, torch.device("cpu"), sync_batchnorm=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def kill_after_first_checkpoint(args: list[str], out: Path) -> None:

@@ -1,5 +1,5 @@
-"""Row (c): screening throughput on the CPU - PyTorch eager vs ONNX Runtime vs torch.compile,
-then `fundusfm predict` end to end (`bench_predict`, described there).
+"""Row (c): screening throughput - PyTorch eager vs ONNX Runtime vs torch.compile, then
+`fundusfm predict` end to end (`bench_predict`, described there) - on the CPU or on CUDA.
 
 All three run the same computation: the model `fundusfm export --format onnx` writes (float
 images in [0, 1], normalised inside, class probabilities out), built from a bundle with
@@ -10,6 +10,12 @@ inference) and static shapes. Set-up (export, compilation) is reported but not c
 images/s. The backends take turns, one timed batch each, for `rounds` rounds, after one
 untimed warm-up call each. A backend that cannot run here (ONNX packages not installed,
 no C++ compiler for Inductor) gets a row that says why instead of a figure.
+
+On CUDA (`device="cuda"`) eager and torch.compile run in channels_last under autocast
+(bf16 where the GPU has it, as `train.amp=auto`) and ONNX Runtime runs the same fp32 graph
+on its CUDAExecutionProvider (`onnxruntime-gpu`; without it the row says so). Every backend
+takes the same batch from host memory and hands back a NumPy array, so each figure counts
+the copies to and from the GPU.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import torch
 from fundusfm.bundle import BundleMeta, save_bundle
 from fundusfm.config.core import SynthConfig
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fundusfm.engine.device import Runtime
+from fundusfm.errors import ConfigError
 from fundusfm.inference import missing_onnx_packages, onnx_graph
 from fundusfm.models.loaded import build_model, load_bundle
 from fundusfm.screen.predict import default_workers, screen
@@ -41,9 +49,15 @@ class ScreenSetting:
     resolution: int = 224
     batch_size: int = 8
     rounds: int = 3
+    device: str = "cpu"  # or cuda: AMP + channels_last, ONNX Runtime's CUDA provider
 
     def describe(self) -> str:
-        return f"{self.arch}, {self.resolution} px, batch {self.batch_size}, cpu"
+        extra = ", AMP, channels_last" if self.device == "cuda" else ""
+        return f"{self.arch}, {self.resolution} px, batch {self.batch_size}{extra}, {self.device}"
+
+    def runtime(self) -> Runtime:
+        """Autocast and memory format of eager and torch.compile: `auto`, as training."""
+        return Runtime.of(torch.device(self.device), "auto", "auto", self.batch_size)
 
 
 def random_bundle(arch: str, resolution: int, folder: Path) -> Path:
@@ -69,41 +83,65 @@ def random_bundle(arch: str, resolution: int, folder: Path) -> Path:
     return save_bundle(build_model(meta), folder, meta)
 
 
-def _exported_module(bundle_path: Path) -> torch.nn.Module:
+def _exported_module(bundle_path: Path, rt: Runtime) -> torch.nn.Module:
+    """The exported module (its normalisation buffers too) on the device, in its format."""
+    fmt = torch.channels_last if rt.channels_last else torch.preserve_format
+    return exported_module(load_bundle(bundle_path)).to(rt.device, memory_format=fmt)
 
-    return exported_module(load_bundle(bundle_path))
 
-
-def _eager(bundle_path: Path, _: Path) -> Callable[[torch.Tensor], np.ndarray]:
-    module = _exported_module(bundle_path)
+def _on_device(module: Callable, rt: Runtime) -> Callable[[torch.Tensor], np.ndarray]:
+    """Host batch in, NumPy out: to the device, in its memory format, under its autocast."""
+    fmt = torch.channels_last if rt.channels_last else torch.contiguous_format
 
     def run(x: torch.Tensor) -> np.ndarray:
-        with torch.no_grad():
-            return module(x).numpy()
+        with torch.no_grad(), rt.autocast():
+            out = module(x.to(rt.device).contiguous(memory_format=fmt))
+        return out.float().cpu().numpy()
 
     return run
 
 
-def _onnxruntime(bundle_path: Path, tmp: Path) -> Callable[[torch.Tensor], np.ndarray]:
+def _eager(bundle_path: Path, _: Path, s: ScreenSetting) -> Callable[[torch.Tensor], np.ndarray]:
+    rt = s.runtime()
+    return _on_device(_exported_module(bundle_path, rt), rt)
+
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+class ProviderMissing(ConfigError):
+    """ONNX Runtime is installed without the provider the device needs (a row, not a crash)."""
+
+
+def _onnxruntime(bundle_path: Path, tmp: Path, s: ScreenSetting):
     import onnxruntime as ort
 
+    providers = ["CPUExecutionProvider"]
+    if s.device == "cuda":
+        if CUDA_PROVIDER not in ort.get_available_providers():
+            raise ProviderMissing(
+                f"onnxruntime has no {CUDA_PROVIDER} here: pip install onnxruntime-gpu"
+            )
+        providers.insert(0, CUDA_PROVIDER)
     path = export(bundle_path, "onnx", tmp / "model.onnx")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), providers=providers)
+    if session.get_providers()[0] != providers[0]:  # ORT falls back without raising
+        raise ConfigError(f"{providers[0]} did not start (CUDA libraries?)")
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x.numpy()})[0]
 
 
-def _compiled(bundle_path: Path, _: Path) -> Callable[[torch.Tensor], np.ndarray]:
+def _compiled(bundle_path: Path, _: Path, s: ScreenSetting):
     import torch._inductor.config as inductor
 
-    module = _exported_module(bundle_path)
-    compiled = torch.compile(module, dynamic=False)
+    rt = s.runtime()
+    run = _on_device(torch.compile(_exported_module(bundle_path, rt), dynamic=False), rt)
 
-    def run(x: torch.Tensor) -> np.ndarray:
-        with torch.no_grad(), inductor.patch(freezing=True):
-            return compiled(x).numpy()
+    def frozen(x: torch.Tensor) -> np.ndarray:
+        with inductor.patch(freezing=True):
+            return run(x)
 
-    return run
+    return frozen
 
 
 MAKERS = {"eager": _eager, "onnxruntime": _onnxruntime, "torch.compile": _compiled}
@@ -135,8 +173,11 @@ def bench_screening(s: ScreenSetting) -> dict[str, dict]:
                 continue
             start = time.perf_counter()
             try:
-                run = MAKERS[name](bundle_path, Path(tmp))
+                run = MAKERS[name](bundle_path, Path(tmp), s)
                 out = run(x)  # first call: Inductor compiles here; untimed warm-up for all
+            except ProviderMissing as exc:
+                results[name].update(status="not installed", reason=str(exc))
+                continue
             except Exception as exc:  # a backend failing is a finding, not a crash
                 results[name].update(status="failed", reason=_reason(exc))
                 continue
@@ -170,11 +211,12 @@ class PredictSetting:
     synth_size: int = 512  # side of the generated photographs
     batch_size: int = 32  # `fundusfm predict`'s default
     rounds: int = 1
+    device: str = "cpu"  # `predict --device`; on CUDA `auto` runs torch
 
     def describe(self) -> str:
         return (
             f"{self.arch}, {self.resolution} px, {self.images} generated {self.synth_size} px "
-            f"images, batch {self.batch_size}, cpu"
+            f"images, batch {self.batch_size}, {self.device}"
         )
 
 
@@ -188,7 +230,7 @@ def _screen_timed(bundle_path: Path, folder: Path, out: Path, s: PredictSetting,
     engine, workers = PREDICT_RUNS[name]
     start = time.perf_counter()
     done = screen(
-        bundle_path, folder, out, None, True, False, s.batch_size, workers, "cpu", False, engine
+        bundle_path, folder, out, None, True, False, s.batch_size, workers, s.device, False, engine
     )
     return done, time.perf_counter() - start
 
@@ -209,7 +251,7 @@ def bench_predict(s: PredictSetting) -> dict:
             (root / "warm" / image.name).hardlink_to(image)
         bundle_path = random_bundle(s.arch, s.resolution, root / "bundle")
         build = None
-        if not missing_onnx_packages():  # what `auto` runs; else it runs torch
+        if s.device == "cpu" and not missing_onnx_packages():  # what `auto` runs, else torch
             start = time.perf_counter()
             onnx_graph(load_bundle(bundle_path))
             build = time.perf_counter() - start

@@ -23,6 +23,13 @@ def bench_run_cmd(
     quick: Annotated[
         bool, typer.Option("--quick", help="Smoke-test preset: ResNet-10, tiny sizes.")
     ] = False,
+    preset_name: Annotated[
+        str | None,
+        typer.Option(
+            "--preset",
+            help="Sizes: default, quick (= --quick), gpu (rows a and c on CUDA at 512 px).",
+        ),
+    ] = None,
     only: Annotated[
         str | None,
         typer.Option(help="Rows to run, e.g. a,c: a pipeline, b lf, c screen, d memory."),
@@ -43,16 +50,18 @@ def bench_run_cmd(
     """
     import dataclasses
 
-    from fundusfm.bench.runner import PRESETS, format_table, parse_only, run_bench
+    from fundusfm.bench.presets import preset_named
+    from fundusfm.bench.runner import format_table, parse_only, run_bench
 
-    preset = PRESETS["quick" if quick else "default"]
-    changes = {"workers": workers, "rounds": rounds, "arch": arch}
-    preset = dataclasses.replace(preset, **{k: v for k, v in changes.items() if v is not None})
     command = "fundusfm bench run" + "".join(f" {flag}" for flag, on in [("--quick", quick)] if on)
-    for flag, value in [("--only", only), ("--workers", workers), ("--rounds", rounds)]:
+    for flag, value in [("--preset", preset_name), ("--only", only), ("--workers", workers)]:
         command += f" {flag} {value}" if value is not None else ""
+    command += f" --rounds {rounds}" if rounds is not None else ""
     command += f" --arch {arch}" if arch else ""
     with user_errors():
+        preset = preset_named(preset_name, quick)
+        changes = {"workers": workers, "rounds": rounds, "arch": arch}
+        preset = dataclasses.replace(preset, **{k: v for k, v in changes.items() if v is not None})
         rows = parse_only(only)
         report = run_bench(preset, rows, say=lambda m: typer.echo(m, err=True), command=command)
     typer.echo(format_table(report))

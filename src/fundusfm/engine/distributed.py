@@ -16,7 +16,8 @@ Contracts kept here:
   must be on a filesystem every process sees (always so on one machine).
 - Validation and test predictions are computed on each rank's share and gathered, so every
   metric is of every image, in the same order as with one process.
-- With one process (no torchrun) every function here is a no-op.
+- Without torchrun every function here is a no-op; a one-process torchrun job joins a
+  process group (NCCL or gloo) and trains through DDP, as each rank of a larger job does.
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ def is_main() -> bool:
 
 
 def launched() -> bool:
-    """True in a process started by torchrun with more than one process in the job."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True in a process started by torchrun, even a job of one process: it joins a process
+    group and trains through DDP like every rank of a larger job (`torchrun --nproc_per_node 1`
+    checks the NCCL and SyncBatchNorm path on a single GPU)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def setup(device: torch.device) -> torch.device:
@@ -171,12 +174,13 @@ def sum_all(*values: float) -> list[float]:
 
 
 def wrap(model: nn.Module, device: torch.device, sync_batchnorm: bool) -> nn.Module:
-    """The module to train: DDP around `model` with several processes, else `model` itself.
+    """The module to train: DDP around `model` under torchrun (any number of processes), else
+    `model` itself.
 
     `model` stays the unwrapped module for saving and inference. SyncBatchNorm converts the
     BatchNorm layers in place (same parameters and buffers); PyTorch runs it on GPUs only.
     """
-    if world_size() == 1:
+    if world_size() == 1 and not (dist.is_available() and dist.is_initialized()):
         return model
     if sync_batchnorm:
         if device.type != "cuda":
