@@ -9,7 +9,10 @@ unchanged) recording what inference needs and where the model came from:
                    was chosen on, their Dice). A segmentation bundle without it was made
                    before thresholds were chosen: it loads with its stored threshold (0.5)
                    marked not validated
-    preprocessing  resolution, FOV crop (with its resampling), FOV rule, normalisation mean/std
+    preprocessing  resolution, FOV crop (with its resampling), FOV rule, normalisation mean/std;
+                   segmentation: `fov_diameter` (images scaled so the FOV is that wide),
+                   `input` (rgb, green or clahe) and `tta_flips` (segment eval's default),
+                   absent in bundles made before them: square resize, rgb, no flips
     provenance     resolved config, git commit, manifest sha256, package versions, created;
                    for imported checkpoints the source file and its sha256; the
                    weights' licence when known (`card.py` writes it on the model card)
@@ -50,6 +53,7 @@ from safetensors.torch import load_file, save_file
 
 from fundusfm import __version__
 from fundusfm.config.core import CropConfig, PreprocessConfig, Strict
+from fundusfm.config.segment import InputMode
 from fundusfm.data.preprocess import FOV_RULE
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fundusfm.errors import BundleError
@@ -102,6 +106,9 @@ class PreprocessingInfo(Strict):
     mean: Triple | None = None
     std: Triple | None = None
     resize: str | None = None  # segmentation: how images are brought to the resolution
+    fov_diameter: int | None = Field(None, gt=0)  # segmentation: FOV width in the square
+    input: InputMode | None = None  # segmentation: the input form
+    tta_flips: bool | None = None  # segmentation: predictions averaged over flips
 
 
 class Provenance(Strict):
@@ -272,6 +279,9 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     defaulted: tuple[str, ...] = ()  # the keys the bundle lacked and the defaults filled in
+    fov_diameter: int | None = None  # segmentation (`data.vessel_frame`); None: square resize
+    input: InputMode = "rgb"  # segmentation (`data.vessel_input`)
+    tta_flips: bool = False  # segmentation: average the four flips' probabilities
 
     def config(self, workers: int = 0) -> PreprocessConfig:
         """The settings `fundusfm preprocess` uses to produce this model's input images."""
@@ -297,7 +307,16 @@ def read_preprocessing(meta: BundleMeta) -> Preprocessing:
         if recorded is None:
             defaulted.append(key)
         values[key] = tuple(float(v) for v in (recorded or default))
-    return Preprocessing(block.resolution, crop, values["mean"], values["std"], tuple(defaulted))
+    return Preprocessing(
+        block.resolution,
+        crop,
+        values["mean"],
+        values["std"],
+        tuple(defaulted),
+        fov_diameter=block.fov_diameter,
+        input=block.input or "rgb",
+        tta_flips=bool(block.tta_flips),
+    )
 
 
 def bundle_notes(meta: BundleMeta) -> list[str]:

@@ -156,7 +156,11 @@ def _unvalidated(meta: BundleMeta) -> str:
 def _preprocessing(meta: BundleMeta) -> str:
     p = read_preprocessing(meta)
     if p.crop is None:
-        return f"padded to a square and resized to {p.resolution} px"
+        size = f"padded to a square and resized to {p.resolution} px"
+        if p.fov_diameter is not None:
+            size = f"scaled so the FOV is {p.fov_diameter} px wide, on a {p.resolution} px square"
+        flips = ", predictions averaged over flips" if p.tta_flips else ""
+        return f"{size}; input {p.input}{flips}"
     c, rule = p.crop, meta.preprocessing.fov_rule
     return (
         f"field-of-view crop (threshold {c.fov_threshold}, min fraction "

@@ -86,8 +86,10 @@ def test_every_shipped_config_loads(path: Path):
 
 
 # Where configs/pretrain.yaml and finetune.yaml (the paper's GPU setting: ResNet-50 at 512 px,
-# already the defaults) differ from the defaults, and nowhere else.
+# already the defaults) and segment.yaml (the FOV scaled to DRIVE's 540 px, on 576 px) differ
+# from the defaults, and nowhere else.
 PAPER_SETTINGS = {
+    "segment": {"data.resolution": 576, "data.fov_diameter": 540},
     "pretrain": {"data.task": "abnormal", "train.epochs": 30, "train.workers": 8},
     "finetune": {
         "model.init": "imagenet",

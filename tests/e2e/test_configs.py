@@ -174,8 +174,9 @@ def finetune(c: Ctx) -> Commands:
     return [["finetune", "--config", CONFIGS / "finetune.yaml", *sets(*overrides), "-q"]]
 
 
-def segment(c: Ctx) -> Commands:  # init unset: imagenet, as shipped
-    overrides = [*seg_shrink(c), "data.resolution=64", *imagenet18(c), f"run.out={c.tmp / 'run'}"]
+def segment(c: Ctx) -> Commands:  # init unset: imagenet, as shipped; FOV scaled, smaller
+    small = ["data.resolution=64", "data.fov_diameter=60"]
+    overrides = [*seg_shrink(c), *small, *imagenet18(c), f"run.out={c.tmp / 'run'}"]
     return [["segment", "train", "--config", CONFIGS / "segment.yaml", *sets(*overrides), "-q"]]
 
 
@@ -184,6 +185,7 @@ def segment_cpu(c: Ctx) -> Commands:  # patches as shipped, smaller: 32 px of 64
         *seg_shrink(c),
         f"model.arch={TINY_ARCH}",
         "data.resolution=64",
+        "data.fov_diameter=60",
         "data.patch=32",
         "data.patches_per_image=1",
         f"run.out={c.tmp / 'run'}",
@@ -263,6 +265,8 @@ def check_segment(c: Ctx, outputs: list[str]) -> None:
     check_bundle(c, outputs)
     metrics = json.loads((c.tmp / "run" / "metrics.json").read_text())
     assert math.isfinite(metrics["test"]["dice"]), metrics["test"]
+    meta = json.loads((c.tmp / "run" / "bundle" / "bundle.json").read_text())
+    assert meta["preprocessing"]["fov_diameter"] == metrics["inference"]["fov_diameter"] == 60
 
 
 def check_segment_cpu(c: Ctx, outputs: list[str]) -> None:

@@ -84,14 +84,23 @@ def evaluate(
         str, typer.Option(help="Rows of this split column value; 'all' for every row.")
     ] = "test",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    tta_flips: Annotated[
+        bool | None,
+        typer.Option(
+            "--tta-flips/--no-tta-flips",
+            help="Average the probabilities over horizontal and vertical flips "
+            "(default: as the bundle was tested, its eval.tta_flips).",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Score a segmentation bundle on another manifest: metrics, per-image table, PNGs."""
+    """Score a segmentation bundle on another manifest: metrics, per-image table, PNGs.
+    Images are scaled, fed and predicted as the bundle records (FOV diameter, input form)."""
     from fundusfm.tasks.segment import evaluate_segmentation
 
     with user_errors():
         metrics = evaluate_segmentation(
-            bundle, manifest, out, None if split == "all" else split, device, not quiet
+            bundle, manifest, out, None if split == "all" else split, device, not quiet, tta_flips
         )
     typer.echo(_line(f"{metrics['images']} images", metrics["external"]))
     for line in _threshold_lines(metrics):

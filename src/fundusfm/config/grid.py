@@ -208,10 +208,15 @@ class SegmentationGrid(GridBase):
                 "axes.fold: without segment.data.splits the official split is the only "
                 "fold; set axes.fold: [0] or make splits with `fundusfm split`"
             )
-        patch = self.segment.data.patch
+        patch, fov = self.segment.data.patch, self.segment.data.fov_diameter
         for r in self.axes.resolution:
             if r % 32 or (patch is not None and patch > r):
                 raise ValueError(f"axes.resolution {r}: needs a multiple of 32 >= the patch")
+            if fov is not None and fov > r:
+                raise ValueError(
+                    f"axes.resolution {r}: smaller than segment.data.fov_diameter={fov}; "
+                    "the FOV must fit the square"
+                )
         return self
 
 

@@ -13,13 +13,22 @@ from pydantic import Field, field_validator, model_validator
 
 from fundusfm.config.core import EncoderInit, LoopConfig, RunConfig, Strict
 
+InputMode = Literal["rgb", "green", "clahe"]  # data.input (`data.vessel_input`)
+
 
 class SegDataConfig(Strict):
-    """Which images train and test, at which size.
+    """Which images train and test, at which size, in which input form.
 
     Without `splits` the manifest's `split` column decides (the dataset's official
     train/test split, written by `fundusfm data import`); with `splits` (from
     `fundusfm split`) fold k's training, validation and test parts are used.
+
+    Size: unset `fov_diameter` pads each image to a centred square and resizes it to
+    `resolution`, whatever its field of view. With `fov_diameter` each image (and its masks)
+    is scaled so that its FOV (the bounding box of the FOV mask, shipped or derived) is that
+    many pixels wide, then cropped or padded to a `resolution` square centred on the FOV:
+    vessels keep one width in pixels across cameras whose FOV fills the frame differently.
+    Predictions are mapped back to native pixels and scored there either way.
     """
 
     manifest: Path | None = Field(None, description="vessel manifest (fundusfm data import)")
@@ -40,6 +49,17 @@ class SegDataConfig(Strict):
         None, ge=32, description="train on random square patches of this size (unset: whole)"
     )
     patches_per_image: int = Field(1, ge=1, description="patches drawn per image and epoch")
+    fov_diameter: int | None = Field(
+        None,
+        ge=32,
+        description="scale each image so its FOV is this many px wide, centred on the "
+        "resolution square (unset: pad square and resize the whole image to resolution)",
+    )
+    input: InputMode = Field(
+        "rgb",
+        description="green: the green channel on all three; clahe: the green channel after "
+        "CLAHE (skimage equalize_adapthist) on all three; applied at inference too",
+    )
 
     @model_validator(mode="after")
     def _sizes(self) -> SegDataConfig:
@@ -49,6 +69,12 @@ class SegDataConfig(Strict):
                 raise ValueError(f"{name}={value}: the U-Net needs a multiple of 32")
         if self.patch is not None and self.patch > self.resolution:
             raise ValueError(f"patch={self.patch} is larger than resolution={self.resolution}")
+        if self.fov_diameter is not None and self.fov_diameter > self.resolution:
+            raise ValueError(
+                f"fov_diameter={self.fov_diameter} is larger than resolution="
+                f"{self.resolution}: the FOV must fit the network's square; raise resolution "
+                "or lower fov_diameter"
+            )
         return self
 
 
@@ -66,12 +92,23 @@ class SegModelConfig(EncoderInit):
 
 
 class SegAugmentConfig(Strict):
-    """Applied to image and masks together (geometry) or to the image alone (colour)."""
+    """Applied to image and masks together (geometry) or to the image alone (what changes
+    between cameras: brightness, contrast, gamma, colour balance, blur, noise). Each setting
+    at 0 (flip: false) is off."""
 
     flip: bool = True
     rotate: float = Field(20.0, ge=0, le=180, description="max degrees")
     brightness: float = Field(0.2, ge=0, le=1)
     contrast: float = Field(0.2, ge=0, le=1)
+    gamma: float = Field(0.3, ge=0, le=2, description="gamma drawn log-uniform in [1/(1+g), 1+g]")
+    colour_gain: float = Field(
+        0.1, ge=0, lt=1, description="per-channel gain drawn in [1-g, 1+g] (colour balance)"
+    )
+    blur_sigma: float = Field(1.0, ge=0, le=10, description="max Gaussian blur sigma, px")
+    blur_p: float = Field(0.3, ge=0, le=1, description="probability of blurring a sample")
+    noise: float = Field(
+        0.02, ge=0, le=0.5, description="max std of Gaussian noise (0-1 intensity scale)"
+    )
 
 
 class SegThresholdConfig(Strict):
@@ -125,10 +162,21 @@ class SegTrainConfig(LoopConfig):
         return self
 
 
+class SegEvalConfig(Strict):
+    """How the run's test images (and the threshold's images) are predicted."""
+
+    tta_flips: bool = Field(
+        False,
+        description="average the probabilities of the image and its horizontal, vertical and "
+        "double flips; recorded in the bundle as `segment eval`'s default",
+    )
+
+
 class SegmentConfig(Strict):
     """`fundusfm segment train`: one U-Net on one fold and fraction."""
 
     data: SegDataConfig = SegDataConfig()
     model: SegModelConfig = SegModelConfig()
     train: SegTrainConfig = SegTrainConfig()
+    eval: SegEvalConfig = SegEvalConfig()
     run: RunConfig = RunConfig(out=Path("runs/segment"))

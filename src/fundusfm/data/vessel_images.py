@@ -1,15 +1,18 @@
 """Vessel data for segmentation: which images train and test, read at one square size.
 
-Images and masks are padded to a square (centred, black) and resized to `resolution`
-(bilinear for the image, nearest for masks), so the U-Net sees the whole field of view.
-Predictions are mapped back to each image's own size (`to_native`), and every metric is
-computed there, against the masks as the dataset ships them: resizing never changes a score.
+Images and masks are brought to the `resolution` square as `data.vessel_frame` says: padded
+to a square and resized (the default), or scaled so that the FOV is `fov_diameter` px wide
+and centred (bilinear for the image, nearest for masks). Predictions are mapped back to each
+image's own size (`vessel_frame.back_to_native`), and every metric is computed there,
+against the masks as the dataset ships them: resizing never changes a score.
 Metrics count FOV pixels only; a row without `fov_path` gets its FOV derived from the image.
 A row without `vessel_path` (a dataset copy missing some masks) is left out of every part
 and counted (`SegParts.skipped`); a manifest with no mask at all is a DataError.
 
-Training samples apply the geometric augmentation to the image and both masks together
-(torchvision.transforms.v2 with `Mask`) and the colour augmentation to the image alone.
+Training samples get the camera-shift augmentation (`vessel_input.CameraShift`) and the
+input form (`data.input`) on the image alone, then the geometric augmentation (flips,
+rotation, the patch crop) on the image and both masks together (torchvision.transforms.v2
+with `Mask`), so image and masks stay aligned.
 """
 
 from __future__ import annotations
@@ -21,47 +24,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from fundusfm.config.segment import SegAugmentConfig, SegDataConfig
+from fundusfm.config.segment import InputMode, SegAugmentConfig, SegDataConfig
 from fundusfm.data.adapters.vessels import derive_fov
 from fundusfm.data.decode import read_mask, read_rgb
 from fundusfm.data.manifest import Manifest
 from fundusfm.data.splits import fold_sets
+from fundusfm.data.vessel_frame import fov_frame, into_frame, square
+from fundusfm.data.vessel_frame import to_native as to_native  # re-exported: older callers
+from fundusfm.data.vessel_input import CameraShift, to_input
 from fundusfm.errors import ConfigError, DataError
 
 TRAIN_NAMES = {"train", "training"}
 TEST_NAMES = {"test", "testing"}
-
-
-def square(arr: np.ndarray, size: int, nearest: bool) -> np.ndarray:
-    """Pad to a centred square with zeros, then resize to size x size."""
-    h, w = arr.shape[:2]
-    side = max(h, w)
-    top, left = (side - h) // 2, (side - w) // 2
-    padded = np.zeros((side, side, *arr.shape[2:]), dtype=arr.dtype)
-    padded[top : top + h, left : left + w] = arr
-    if side == size:
-        return padded
-    mode = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
-    if arr.dtype == bool:
-        return np.array(Image.fromarray(padded).resize((size, size), mode)).astype(bool)
-    return np.array(Image.fromarray(padded).resize((size, size), mode))
-
-
-def to_native(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Undo `square` for a probability map: resize back to the square side and crop."""
-    h, w = shape
-    side = max(h, w)
-    top, left = (side - h) // 2, (side - w) // 2
-    if prob.shape[0] != side:
-        img = Image.fromarray(prob.astype(np.float32), mode="F")
-        prob = np.asarray(img.resize((side, side), Image.Resampling.BILINEAR))
-    return np.clip(prob[top : top + h, left : left + w], 0.0, 1.0)
 
 
 @dataclass
@@ -107,42 +86,56 @@ def native_masks(manifest: Manifest, row: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 _MEMO: dict[tuple, VesselImage] = {}
-_MEMO_SETS: list[tuple[str, int]] = []  # (manifest, size) pairs held, most recent last
+_MEMO_SETS: list[tuple] = []  # (manifest, size, fov_diameter) sets held, most recent last
 MEMO_SETS = 2  # a grid cell reads its training set and one external set at one size
 
 
-def load_images(
-    manifest: Manifest, rows: np.ndarray, size: int, progress: bool = True
-) -> list[VesselImage]:
-    """Read and square the given rows (kept in memory for the process: grids reuse them)."""
-    out = []
-    stamp = Path(manifest.path).stat().st_mtime_ns
-    current = (str(manifest.path), size)
+def _remember(current: tuple) -> None:
+    """Mark a set as the most recently used; drop the least recently used beyond MEMO_SETS."""
     if current in _MEMO_SETS:
         _MEMO_SETS.remove(current)
     _MEMO_SETS.append(current)
-    while len(_MEMO_SETS) > MEMO_SETS:  # bounded: drop the least recently used set
+    while len(_MEMO_SETS) > MEMO_SETS:
         gone = _MEMO_SETS.pop(0)
-        for key in [k for k in _MEMO if (k[0], k[3]) == gone]:
+        for key in [k for k in _MEMO if (k[0], *k[3:]) == gone]:
             del _MEMO[key]
+
+
+def read_vessel_image(
+    manifest: Manifest, row: int, size: int, fov_diameter: int | None = None
+) -> VesselImage:
+    """One manifest row at the network's size (`vessel_frame`: square, or FOV-scaled)."""
+    t = manifest.table.iloc[row]
+    image = read_rgb(manifest.image_path(t["path"]))
+    vessel, fov = native_masks(manifest, row)
+    where = f"{manifest.path} line {manifest.line(row)}"
+    if image.shape[:2] != vessel.shape:
+        raise DataError(
+            f"{where}: image {image.shape[:2]} and vessel mask {vessel.shape} differ in size"
+        )
+    if fov_diameter is None:
+        framed = [square(a, size, nearest=a.dtype == bool) for a in (image, vessel, fov)]
+    else:
+        frame = fov_frame(fov, size, fov_diameter, where)
+        framed = [into_frame(a, frame, nearest=a.dtype == bool) for a in (image, vessel, fov)]
+    return VesselImage(str(t["image_id"]), *framed, vessel.shape)
+
+
+def load_images(
+    manifest: Manifest,
+    rows: np.ndarray,
+    size: int,
+    progress: bool = True,
+    fov_diameter: int | None = None,
+) -> list[VesselImage]:
+    """Read and frame the given rows (kept in memory for the process: grids reuse them)."""
+    stamp = Path(manifest.path).stat().st_mtime_ns
+    _remember((str(manifest.path), size, fov_diameter))
+    out = []
     for row in tqdm(rows, desc=f"reading images at {size}px", disable=not progress, leave=False):
-        key = (str(manifest.path), stamp, int(row), size)
+        key = (str(manifest.path), stamp, int(row), size, fov_diameter)
         if key not in _MEMO:
-            t = manifest.table.iloc[row]
-            image = read_rgb(manifest.image_path(t["path"]))
-            vessel, fov = native_masks(manifest, row)
-            if image.shape[:2] != vessel.shape:
-                raise DataError(
-                    f"{manifest.path} line {manifest.line(row)}: image {image.shape[:2]} and "
-                    f"vessel mask {vessel.shape} differ in size"
-                )
-            _MEMO[key] = VesselImage(
-                str(t["image_id"]),
-                square(image, size, nearest=False),
-                square(vessel, size, nearest=True),
-                square(fov, size, nearest=True),
-                vessel.shape,
-            )
+            _MEMO[key] = read_vessel_image(manifest, int(row), size, fov_diameter)
         out.append(_MEMO[key])
     return out
 
@@ -245,9 +238,10 @@ def seg_parts(cfg: SegDataConfig, manifest: Manifest, seed: int) -> SegParts:
 class VesselTrainSet(Dataset):
     """Augmented (image, vessel, fov) tensors; `patches_per_image` random crops per image.
 
-    Crops, flips, rotation and colour are drawn from a generator seeded by (seed, epoch,
-    index), as `CachedImages` does: the same images whatever the number of loader workers or
-    processes, and a resumed run sees what an uninterrupted one would.
+    The camera shift and the input form act on the whole image, then flips, rotation and
+    the crop on image and masks together. Every draw comes from a generator seeded by
+    (seed, epoch, index), as `CachedImages` does: the same images whatever the number of
+    loader workers or processes, and a resumed run sees what an uninterrupted one would.
     """
 
     def __init__(
@@ -257,8 +251,10 @@ class VesselTrainSet(Dataset):
         patch: int | None = None,
         patches_per_image: int = 1,
         seed: int = 0,
+        input: InputMode = "rgb",
     ):
         self.images, self.patch, self.per_image, self.seed = images, patch, patches_per_image, seed
+        self.input = input
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # seen by workers
         geometric = []
         if augment.flip:
@@ -267,8 +263,8 @@ class VesselTrainSet(Dataset):
             geometric.append(v2.RandomRotation(augment.rotate))
         if patch is not None:
             geometric.append(v2.RandomCrop(patch))
-        self.geometric = v2.Compose(geometric)
-        self.colour = v2.ColorJitter(augment.brightness, augment.contrast)
+        self.geometric = v2.Compose(geometric or [v2.Identity()])
+        self.camera = CameraShift(augment)
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(epoch)
@@ -278,13 +274,13 @@ class VesselTrainSet(Dataset):
 
     def __getitem__(self, i: int):
         s = self.images[i // self.per_image]
-        image = tv_tensors.Image(torch.from_numpy(s.image).permute(2, 0, 1).contiguous())
+        image = torch.from_numpy(s.image).permute(2, 0, 1).contiguous()
         masks = tv_tensors.Mask(torch.from_numpy(np.stack([s.vessel, s.fov])).to(torch.uint8))
         draw = np.random.default_rng([self.seed, int(self._epoch), i]).integers(2**63)
         with torch.random.fork_rng(devices=[]):  # torchvision draws from the global generator
             torch.manual_seed(int(draw))
+            image = tv_tensors.Image(to_input(self.camera(image), self.input))
             image, masks = self.geometric(image, masks)
-            image = self.colour(image)
         return image.as_subclass(torch.Tensor), masks[0].float(), masks[1].float()
 
 

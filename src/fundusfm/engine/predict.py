@@ -11,11 +11,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fundusfm.config.segment import InputMode
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fundusfm.data.vessel_images import VesselImage, batch_of
+from fundusfm.data.vessel_input import to_input
 from fundusfm.engine import distributed as ddp
 from fundusfm.engine.device import Runtime
 from fundusfm.models.heads import scores_from_logits
+from fundusfm.models.unet import vessel_probabilities
 
 
 @torch.no_grad()
@@ -67,19 +70,25 @@ def predict_vessels(
     rt: Runtime,
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
+    input: InputMode = "rgb",
+    tta_flips: bool = False,
 ) -> np.ndarray:
-    """Vessel probabilities (N x R x R) at the training size; `mean`/`std`: a bundle's own."""
+    """Vessel probabilities (N x R x R) at the training size; `mean`/`std`, `input` (the
+    input form, `data.vessel_input`) and `tta_flips`: a bundle's own or the run's."""
     model.eval()
     out = []
     for i in range(0, len(images), rt.batch_size):
         x, _, _ = batch_of(images[i : i + rt.batch_size])
         with rt.autocast():
-            out.append(torch.sigmoid(model(rt.inputs(x, mean, std))[:, 0].float()).cpu().numpy())
+            probs = vessel_probabilities(model, rt.inputs(to_input(x, input), mean, std), tta_flips)
+        out.append(probs.cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 1, 1), np.float32)
 
 
-def predict_vessels_sharded(model, images: list[VesselImage], rt: Runtime) -> np.ndarray:
+def predict_vessels_sharded(
+    model, images: list[VesselImage], rt: Runtime, input: InputMode = "rgb", tta_flips=False
+) -> np.ndarray:
     """`predict_vessels` of every image; under torchrun each rank predicts a share."""
     rows = np.arange(ddp.rank(), len(images), ddp.world_size())
-    probs = predict_vessels(model, [images[i] for i in rows], rt)
+    probs = predict_vessels(model, [images[i] for i in rows], rt, input=input, tta_flips=tta_flips)
     return ddp.gather_predictions(probs, rows, rows)[0]

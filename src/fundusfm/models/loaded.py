@@ -11,10 +11,11 @@ import torch
 
 from fundusfm.bundle import BundleMeta, Preprocessing, read_bundle, read_preprocessing
 from fundusfm.data.transforms import normalise, to_tensor
+from fundusfm.data.vessel_input import to_input
 from fundusfm.errors import DataError
 from fundusfm.models.backbone import Backbone
 from fundusfm.models.heads import Classifier, make_head, scores_from_logits
-from fundusfm.models.unet import build_unet
+from fundusfm.models.unet import build_unet, vessel_probabilities
 
 
 def build_model(meta: BundleMeta) -> torch.nn.Module:
@@ -64,7 +65,9 @@ class Bundle:
     @torch.no_grad()
     def predict(self, images, batch_size: int = 32) -> np.ndarray:
         """Probabilities for preprocessed images (RxRx3 uint8 arrays or a uint8 batch):
-        (N, C) for a classifier, (N, R, R) vessel probabilities for a segmentation bundle."""
+        (N, C) for a classifier, (N, R, R) vessel probabilities for a segmentation bundle
+        (images framed as it says, `data.vessel_frame`; its input form and test-time flips
+        are applied here)."""
         if isinstance(images, torch.Tensor):
             batch = images if images.dim() == 4 else images.unsqueeze(0)
         else:
@@ -87,11 +90,12 @@ class Bundle:
         mean, std = pre.mean, pre.std
         out = []
         for i in range(0, len(batch), batch_size):
-            x = normalise(batch[i : i + batch_size].to(device), mean, std)
-            logits = self.model(x)
+            x = batch[i : i + batch_size].to(device)
             if self.kind == "segmentation":
-                out.append(torch.sigmoid(logits[:, 0]).float().cpu())
+                x = normalise(to_input(x, pre.input), mean, std)
+                out.append(vessel_probabilities(self.model, x, pre.tta_flips).cpu())
             else:
+                logits = self.model(normalise(x, mean, std))
                 out.append(scores_from_logits(logits, self.kind).float().cpu())
         return torch.cat(out).numpy()
 

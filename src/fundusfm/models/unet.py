@@ -4,6 +4,8 @@ smp's ResNet encoders are torchvision ResNets, so a backbone made by `create_bac
 (any of the four initialisations, or a bundle) loads into `unet.encoder` key for key;
 `encoder_state_equal` lets a test check that the weights really are ours.
 `encoder: frozen` stops gradients into the encoder and keeps its BatchNorm statistics.
+`vessel_probabilities` is the one place logits become vessel probabilities (with the
+test-time flips when asked), for the engine's predictions and `Bundle.predict` alike.
 """
 
 from __future__ import annotations
@@ -58,3 +60,21 @@ def encoder_state_equal(unet: nn.Module, state: dict[str, torch.Tensor]) -> bool
     own = unet.encoder.state_dict()
     theirs = {k: v for k, v in state.items() if not k.startswith("fc.")}
     return own.keys() == theirs.keys() and all(torch.equal(own[k], theirs[k]) for k in own)
+
+
+# Test-time flips: none, horizontal, vertical, both (dims of an N x C x H x W batch).
+FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+
+
+def vessel_probabilities(
+    model: nn.Module, x: torch.Tensor, tta_flips: bool = False
+) -> torch.Tensor:
+    """Vessel probabilities (N x H x W, float32) of a normalised batch; with `tta_flips`
+    the mean of the four flips' probabilities, each flipped back."""
+    if not tta_flips:
+        return torch.sigmoid(model(x)[:, 0].float())
+    total = torch.zeros_like(x[:, 0], dtype=torch.float32)
+    for dims in FLIPS:
+        p = torch.sigmoid(model(x.flip(dims) if dims else x)[:, 0].float())
+        total += p.flip(dims) if dims else p
+    return total / len(FLIPS)

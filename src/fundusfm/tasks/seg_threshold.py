@@ -18,7 +18,8 @@ import numpy as np
 from fundusfm.bundle import TaskInfo, ThresholdChoice
 from fundusfm.config.segment import SegThresholdConfig
 from fundusfm.data.manifest import Manifest
-from fundusfm.data.vessel_images import VesselImage, native_masks, to_native
+from fundusfm.data.vessel_frame import back_to_native
+from fundusfm.data.vessel_images import VesselImage, native_masks
 from fundusfm.errors import ConfigError, DataError
 from fundusfm.evaluation.seg_metrics import (
     BINS,
@@ -58,13 +59,16 @@ def check_choosable(part: str | None, images: list[VesselImage]) -> None:
         )
 
 
-def choose_threshold_on(manifest: Manifest, rows: np.ndarray, probs: np.ndarray) -> ThresholdPick:
-    """The max-Dice threshold of these rows' probability maps, scored at each image's own
-    size against its masks as shipped (as every metric is)."""
+def choose_threshold_on(
+    manifest: Manifest, rows: np.ndarray, probs: np.ndarray, fov_diameter: int | None = None
+) -> ThresholdPick:
+    """The max-Dice threshold of these rows' probability maps (framed with `fov_diameter`,
+    `data.vessel_frame`), scored at each image's own size against its masks as shipped (as
+    every metric is)."""
     pos, neg = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
     for row, prob in zip(rows, probs, strict=True):
         vessel, fov = native_masks(manifest, int(row))
-        p, n = fov_histograms(to_native(prob, vessel.shape), vessel, fov)
+        p, n = fov_histograms(back_to_native(prob, fov, fov_diameter), vessel, fov)
         pos, neg = pos + p, neg + n
     return best_threshold(pos, neg, images=len(rows))
 

@@ -6,7 +6,11 @@ observer where the dataset has one), `metrics.json` (pooled and mean metrics, hi
 `probabilities/<image_id>.png` (8-bit vessel probability at the image's own size) and
 `bundle/` (task kind `segmentation`). Loss: BCE + soft Dice, both inside the FOV only.
 
-Images are binarised with the threshold chosen after training and stored in the bundle
+Images are framed as `data.fov_diameter` says (`data.vessel_frame`: a square resize, or the
+FOV scaled to a fixed width), fed in the `data.input` form, predicted with the test-time
+flips of `eval.tta_flips`, and mapped back to native pixels before scoring; the bundle
+records all three, so `segment eval` treats another dataset the same way. Images are
+binarised with the threshold chosen after training and stored in the bundle
 (`tasks.seg_threshold`). Rows without a vessel mask (a partial copy of a dataset) are left
 out of training and scoring, and the run says how many ("skipped 3 images without a vessel
 mask"; metrics.json `skipped_no_mask`).
@@ -24,10 +28,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from fundusfm.bundle import BundleMeta, bundle_notes, provenance, save_bundle
-from fundusfm.config.segment import SegmentConfig
+from fundusfm.config.segment import InputMode, SegmentConfig
 from fundusfm.data.decode import read_mask
 from fundusfm.data.manifest import Manifest, load_manifest
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fundusfm.data.vessel_frame import back_to_native
 from fundusfm.data.vessel_images import (
     TEST_NAMES,
     VesselImage,
@@ -37,7 +42,6 @@ from fundusfm.data.vessel_images import (
     native_masks,
     rows_without_fov,
     seg_parts,
-    to_native,
 )
 from fundusfm.engine import distributed as ddp
 from fundusfm.engine.device import Runtime, resolve_device
@@ -69,10 +73,13 @@ def seg_loss(logits, vessel, fov, bce_weight: float, dice_weight: float) -> torc
     return bce_weight * bce / inside + dice_weight * dice
 
 
-def _val_dice(model, images: list[VesselImage], rt: Runtime, threshold: float) -> float:
-    """Pooled validation Dice; under torchrun each rank counts its share and all are summed."""
+def _val_dice(
+    model, images: list[VesselImage], rt: Runtime, threshold: float, input: InputMode = "rgb"
+) -> float:
+    """Pooled validation Dice (at the training size, no test-time flips); under torchrun each
+    rank counts its share and all are summed."""
     mine = images[ddp.rank() :: ddp.world_size()]
-    probs = predict_vessels(model, mine, rt)
+    probs = predict_vessels(model, mine, rt, input=input)
     total = Counts()
     for c in ddp.gather_list(
         [count(p, s.vessel, s.fov, threshold) for s, p in zip(mine, probs, strict=True)]
@@ -99,10 +106,11 @@ def segmentation_job(model, train_images, val_images, cfg: SegmentConfig) -> Job
         return seg_loss(logits, vessel, fov, t.bce_weight, t.dice_weight)
 
     def validate(m, rt: Runtime) -> dict[str, float]:
-        return {"dice": _val_dice(m, val_images, rt, t.threshold.value)}
+        return {"dice": _val_dice(m, val_images, rt, t.threshold.value, cfg.data.input)}
 
+    d = cfg.data
     train_set = VesselTrainSet(
-        train_images, t.augment, cfg.data.patch, cfg.data.patches_per_image, t.seed
+        train_images, t.augment, d.patch, d.patches_per_image, t.seed, d.input
     )
     return Job(
         model=model,
@@ -121,15 +129,18 @@ def score_images(
     threshold: float,
     out: Path,
     split: str = "test",
+    fov_diameter: int | None = None,
 ) -> tuple[pd.DataFrame, dict]:
-    """Map probabilities to native size, save PNGs, score against observer 1 (and 2)."""
+    """Map probabilities to native size (framed with `fov_diameter`), save PNGs, score
+    against observer 1 (and 2)."""
     (out / "probabilities").mkdir(parents=True, exist_ok=True)
     t = manifest.table
     second = "vessel2_path" in t.columns
     table, model_counts, observer_counts = [], [], []
     for row, prob in zip(rows, probs, strict=True):
         vessel, fov = native_masks(manifest, row)
-        native = to_native(prob, vessel.shape)
+        at = f"{manifest.path} line {manifest.line(row)}"
+        native = back_to_native(prob, fov, fov_diameter, at)
         iid = str(t.iloc[row]["image_id"])
         Image.fromarray(np.round(native * 255).astype(np.uint8)).save(
             out / "probabilities" / f"{iid}.png"
@@ -166,6 +177,12 @@ def note_derived_fov(manifest: Manifest, rows: np.ndarray) -> int:
     return n
 
 
+RESIZE = {
+    "square": "pad to a centred square, then resize",
+    "fov": "scale so the FOV is fov_diameter px wide, then the centred resolution square",
+}
+
+
 def _bundle_meta(cfg: SegmentConfig, thresholds: dict) -> BundleMeta:
     """bundle.json of a U-Net run; `thresholds`: `seg_threshold.task_thresholds`."""
     raw = {
@@ -183,7 +200,10 @@ def _bundle_meta(cfg: SegmentConfig, thresholds: dict) -> BundleMeta:
         },
         "preprocessing": {
             "resolution": cfg.data.resolution,
-            "resize": "pad to a centred square, then resize",
+            "resize": RESIZE["square" if cfg.data.fov_diameter is None else "fov"],
+            "fov_diameter": cfg.data.fov_diameter,
+            "input": cfg.data.input,
+            "tta_flips": cfg.eval.tta_flips,
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
         },
@@ -208,9 +228,29 @@ def _chosen_thresholds(
     part = threshold_part(cfg.train.threshold, parts)
     pick = None
     if part is not None:
-        probs = predict_vessels_sharded(model, images[part], rt)
-        pick = choose_threshold_on(manifest, parts[part], probs) if ddp.is_main() else None
+        probs = predict_vessels_sharded(model, images[part], rt, *_fed(cfg))
+        if ddp.is_main():
+            pick = choose_threshold_on(manifest, parts[part], probs, cfg.data.fov_diameter)
     return task_thresholds(cfg.train.threshold, part, pick)
+
+
+def _fed(cfg: SegmentConfig) -> tuple[InputMode, bool]:
+    """How the run's model is fed at prediction time: (input form, test-time flips)."""
+    return cfg.data.input, cfg.eval.tta_flips
+
+
+def _inference_record(fov_diameter: int | None, input: InputMode, tta_flips: bool) -> dict:
+    """metrics.json's `inference`: how the scored images were framed, fed and predicted."""
+    return {"fov_diameter": fov_diameter, "input": input, "tta_flips": tta_flips}
+
+
+def _load_parts(cfg: SegmentConfig, manifest: Manifest, parts: dict, progress: bool) -> dict:
+    """Every part's images, framed as `data` says."""
+    d = cfg.data
+    return {
+        p: load_images(manifest, rows, d.resolution, progress, d.fov_diameter)
+        for p, rows in parts.items()
+    }
 
 
 def train_segmentation(cfg: SegmentConfig) -> Path:
@@ -227,9 +267,9 @@ def train_segmentation(cfg: SegmentConfig) -> Path:
     split = seg_parts(cfg.data, manifest, cfg.train.seed)
     parts = split.rows
     _say(split.skipped_line())
-    size, progress = cfg.data.resolution, cfg.run.progress and ddp.is_main()
+    progress = cfg.run.progress and ddp.is_main()
     fov_derived = note_derived_fov(manifest, np.concatenate(list(parts.values())))
-    images = {p: load_images(manifest, rows, size, progress) for p, rows in parts.items()}
+    images = _load_parts(cfg, manifest, parts, progress)
     part = threshold_part(cfg.train.threshold, parts)  # settings the data cannot meet fail
     check_choosable(part, images.get(part or "", []))  # before training, not after
     torch.manual_seed(cfg.train.seed)
@@ -237,16 +277,15 @@ def train_segmentation(cfg: SegmentConfig) -> Path:
     job = segmentation_job(model, images["train"], images["val"], cfg)
     result = fit(job, cfg.train, out, cfg.run.resume, progress)
     thresholds = _chosen_thresholds(cfg, manifest, parts, images, model, rt)
-    probs = predict_vessels_sharded(model, images["test"], rt)
+    probs = predict_vessels_sharded(model, images["test"], rt, *_fed(cfg))
     if not ddp.is_main():
         ddp.barrier()  # rank 0 scores and writes the run folder
         return out
     meta = _bundle_meta(cfg, thresholds)
-    table, metrics = score_images(manifest, parts["test"], probs, meta.task.thresholds[0], out)
-    write_csv(out / "per_image.csv", table)
+    metrics = _score_test(cfg, manifest, parts["test"], probs, meta, out)
     metrics.update(best_epoch=result.best_epoch, history=result.history)
-    metrics.update(threshold=threshold_record(meta.task), skipped_no_mask=split.skipped)
-    metrics.update(parts={p: len(r) for p, r in parts.items()}, fov_derived=fov_derived)
+    metrics.update(skipped_no_mask=split.skipped, fov_derived=fov_derived)
+    metrics.update(parts={p: len(r) for p, r in parts.items()})
     save_bundle(model.cpu(), out / "bundle", meta)
     write_json(out / "metrics.json", metrics)
     if not cfg.run.keep_checkpoint:
@@ -254,6 +293,19 @@ def train_segmentation(cfg: SegmentConfig) -> Path:
             (out / name).unlink(missing_ok=True)
     ddp.barrier()
     return out
+
+
+def _score_test(
+    cfg: SegmentConfig, manifest: Manifest, rows: np.ndarray, probs, meta: BundleMeta, out: Path
+) -> dict:
+    """Score the run's test images with its chosen threshold; writes per_image.csv."""
+    d = cfg.data
+    threshold = meta.task.thresholds[0]
+    table, metrics = score_images(manifest, rows, probs, threshold, out, "test", d.fov_diameter)
+    write_csv(out / "per_image.csv", table)
+    metrics.update(threshold=threshold_record(meta.task))
+    metrics["inference"] = _inference_record(d.fov_diameter, *_fed(cfg))
+    return metrics
 
 
 def _scored_rows(manifest: Manifest, split: str | None) -> tuple[np.ndarray, int]:
@@ -283,9 +335,11 @@ def evaluate_segmentation(
     split: str | None = "test",
     device: str = "auto",
     progress: bool = True,
+    tta_flips: bool | None = None,
 ) -> dict:
     """Score a segmentation bundle on a manifest's images with vessel masks (all or one
-    split), binarised with the bundle's stored threshold."""
+    split), framed and fed as the bundle records and binarised with its stored threshold;
+    `tta_flips` None: the bundle's own setting."""
     bundle = load_bundle(bundle_path)
     if bundle.kind != "segmentation":
         raise WeightsError(f"{bundle_path} is a {bundle.kind} bundle; use `fundusfm evaluate`")
@@ -293,18 +347,34 @@ def evaluate_segmentation(
     rows, skipped = _scored_rows(manifest, split)
     _say(f"skipped {skipped} images without a vessel mask" if skipped else None)
     fov_derived = note_derived_fov(manifest, rows)
-    images = load_images(manifest, rows, bundle.resolution, progress)
+    pre = bundle.preprocessing
+    flips = pre.tta_flips if tta_flips is None else tta_flips
+    images = load_images(manifest, rows, pre.resolution, progress, pre.fov_diameter)
     rt = Runtime.of(resolve_device(device), "auto", "auto", batch_size=4)
     model = bundle.model.to(rt.device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
-    pre = bundle.preprocessing
-    probs = predict_vessels(model, images, rt, pre.mean, pre.std)
+    probs = predict_vessels(model, images, rt, pre.mean, pre.std, pre.input, flips)
     record = threshold_record(bundle.meta.task)
-    table, metrics = score_images(manifest, rows, probs, record["value"], Path(out), "external")
+    table, metrics = score_images(
+        manifest, rows, probs, record["value"], Path(out), "external", pre.fov_diameter
+    )
     write_csv(Path(out) / "per_image.csv", table)
     metrics["bundle"], metrics["manifest"] = str(bundle_path), str(manifest_path)
     metrics.update(threshold=record, skipped_no_mask=skipped, fov_derived=fov_derived)
-    metrics["notes"] = bundle_notes(bundle.meta)
+    metrics["inference"] = _inference_record(pre.fov_diameter, pre.input, flips)
+    metrics["notes"] = bundle_notes(bundle.meta) + _flip_note(pre.tta_flips, flips)
     write_json(Path(out) / "metrics.json", metrics)
     return metrics
+
+
+def _flip_note(recorded: bool, used: bool) -> list[str]:
+    """A note when test-time flips differ from those the bundle's threshold was chosen with."""
+    if recorded == used:
+        return []
+    how = "with" if used else "without"
+    made = "with" if recorded else "without"
+    return [
+        f"predicted {how} test-time flips; the bundle's threshold was chosen {made} them, "
+        "so it may not be the best for these probabilities"
+    ]
