@@ -13,6 +13,8 @@ import pytest
 from benchmarks import check_runner, gpu_check
 from benchmarks.check_runner import Check, Skipped, StepFailed, needs, run_steps
 
+from tests.bench.test_bench import QUICK_ROWS, check_quick_rows
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
 
 
@@ -116,10 +118,16 @@ def dry_run(*args: str | Path) -> tuple[int, str]:
 
 @pytest.mark.slow
 def test_cpu_dry_run_passes_every_step_end_to_end(tmp_path: Path):
-    out = tmp_path / "dry.json"
-    code, output = dry_run("--json", out)
+    out, work = tmp_path / "dry.json", tmp_path / "work"
+    code, output = dry_run("--json", out, "--work", work)
     report = json.loads(out.read_text())
     steps = report["steps"]
+    # `bench run --quick`'s rows a and c run here only (test_bench.py runs b and d)
+    for group in ("a", "c"):
+        rows = {r["id"]: r for r in json.loads((work / f"bench_{group}.json").read_text())["rows"]}
+        check_quick_rows(rows, [r for r in QUICK_ROWS if r.startswith(group)])
+    predict = rows["c.predict.64"]["values"]
+    assert predict["same_decisions"] and predict["max_abs_diff_vs_eager"] <= 1e-4
     assert list(steps) == list(gpu_check.STEPS), output
     compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not compiler:  # Inductor needs a C++ compiler: row c's torch.compile fails, by name
