@@ -248,7 +248,7 @@ def test_training_beats_a_trivial_baseline_and_cli_eval(vessel_set: dict, tmp_pa
 @pytest.mark.slow
 def test_segmentation_grid_runs_and_reports(vessel_set: dict, tmp_path: Path):
     from fundusfm.config.grid import GridConfig
-    from fundusfm.grid.cells import expand, status
+    from fundusfm.grid.cells import cell_dir, expand, status
     from fundusfm.grid.report import build_report
     from fundusfm.grid.runner import run_grid
 
@@ -287,6 +287,19 @@ def test_segmentation_grid_runs_and_reports(vessel_set: dict, tmp_path: Path):
     assert set(comparisons.fraction) == {0.5, 1.0}
     # the same init under two labels trains the same network: no difference at all
     assert (comparisons.difference == 0).all() and (comparisons.wilcoxon_p == 1.0).all()
+    # the cross-dataset matrix: each group's mean over folds of its cells' external Dice
+    transfer = pd.read_csv(out / "transfer.csv")
+    assert len(transfer) == 4 and (transfer.folds == 2).all()
+    assert (transfer.ext_again_folds == 2).all()
+    ext = [
+        json.loads((cell_dir(cfg, c) / "external" / "again" / "metrics.json").read_text())
+        for c in cells
+        if (c.init_label, c.fraction) == ("a", 1.0)
+    ]
+    row = transfer[(transfer.init == "a") & (transfer.fraction == 1.0)].iloc[0]
+    assert row.ext_again_dice_mean == pytest.approx(np.mean([e["external"]["dice"] for e in ext]))
+    assert row.ext_again_images == len(load_manifest(vessel_set["manifest"]).table)
+    assert 'id="transfer"' in report.read_text()
 
 
 def test_segmentation_grid_refuses_classification_methods():

@@ -78,7 +78,13 @@ def train(
 @app.command("eval")
 def evaluate(
     bundle: Annotated[Path, typer.Argument(help="Segmentation bundle folder.")],
-    manifest: Annotated[Path, typer.Argument(help="Vessel manifest (fundusfm data import).")],
+    manifests: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Vessel manifest(s) (fundusfm data import); with several, each is scored "
+            "into OUT/<dataset>/ and OUT/transfer.csv and transfer.png compare them."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/segment_eval"),
     split: Annotated[
         str, typer.Option(help="Rows of this split column value; 'all' for every row.")
@@ -94,13 +100,18 @@ def evaluate(
     ] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Score a segmentation bundle on another manifest: metrics, per-image table, PNGs.
-    Images are scaled, fed and predicted as the bundle records (FOV diameter, input form)."""
+    """Score a segmentation bundle on other manifests: metrics, per-image table, PNGs.
+    Images are scaled, fed and predicted as the bundle records (FOV diameter, input form),
+    and binarised with its stored threshold."""
+    chosen = None if split == "all" else split
+    if len(manifests) > 1:
+        _evaluate_many(bundle, manifests, out, chosen, device, not quiet, tta_flips)
+        return
     from fundusfm.tasks.segment import evaluate_segmentation
 
     with user_errors():
         metrics = evaluate_segmentation(
-            bundle, manifest, out, None if split == "all" else split, device, not quiet, tta_flips
+            bundle, manifests[0], out, chosen, device, not quiet, tta_flips
         )
     typer.echo(_line(f"{metrics['images']} images", metrics["external"]))
     for line in _threshold_lines(metrics):
@@ -109,3 +120,26 @@ def evaluate(
         typer.echo(_line("second observer", metrics["observer2"]))
     say_notes(metrics.get("notes", []))
     typer.echo(f"wrote {out / 'metrics.json'}, {out / 'per_image.csv'}, {out / 'probabilities'}/")
+
+
+TABLE = ["dataset", "images", "skipped_no_mask", *SHOWN, "dice_at_own_best_threshold"]
+SHORT = {"skipped_no_mask": "no_mask", "dice_at_own_best_threshold": "dice_own_best"}
+
+
+def _evaluate_many(bundle, manifests, out, split, device, progress, tta_flips) -> None:
+    """`segment eval` on several manifests: each into OUT/<dataset>/, then the table."""
+    from fundusfm.tasks.seg_transfer import evaluate_transfer
+
+    with user_errors():
+        table, notes = evaluate_transfer(bundle, manifests, out, split, device, progress, tta_flips)
+    shown = table[TABLE].rename(columns=SHORT)
+    threshold = table["threshold"].iloc[0]
+    typer.echo(f"pooled inside the FOV, at the bundle's threshold {threshold:g}:")
+    typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
+    typer.echo(
+        "no_mask: images left out for having no vessel mask; dice_own_best: at each "
+        "dataset's own best threshold (optimistic, not a result)"
+    )
+    say_notes(notes)
+    folders = ", ".join(f"{name}/" for name in table["dataset"])
+    typer.echo(f"wrote {out / 'transfer.csv'}, {out / 'transfer.png'} and in {out}: {folders}")

@@ -30,6 +30,10 @@ ENSEMBLE = (  # how a classification grid reports its external sets
     "; the ensemble of the fold models (the mean score per image) is reported with a "
     "patient-bootstrap interval"
 )
+ACROSS = (  # how a segmentation grid reports its external sets
+    " with the threshold stored with it; their pooled Dice and AUROC inside the field of "
+    "view are reported as mean and sd over the folds' models, beside the folds' own test sets"
+)
 TEST_WORDS = {
     DELONG: "DeLong's test for two correlated AUROCs (every patient contributed one image)",
     CLUSTERED_DELONG: "Obuchowski's clustered extension of DeLong's test with patients as "
@@ -277,7 +281,7 @@ def segmentation_methods(cfg: SegmentationGrid, facts: dict, n_boot: int) -> str
         f"Labelled fractions {_list(cfg.axes.fraction)} of the training patients were used.",
         _unet(cfg),
         _tests([WILCOXON], n_boot, what),
-        _external(cfg, "segmented"),
+        _external(cfg, "segmented", ACROSS),
         f"Computed with fundusfm {__version__} (`fundusfm grid report`).",
     ]
     return " ".join(x for x in sentences if x)

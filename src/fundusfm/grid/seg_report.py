@@ -14,6 +14,9 @@ Writes into `<grid out>/report/`:
                      pairs of inits at one method, resolution and fraction); incomplete
                      groups are left out unless `allow_incomplete`
     observer.csv     the second observer scored like a model (the human reference line)
+    transfer.csv     with external sets: per group, the mean and sd over folds of pooled Dice
+                     and AUROC on the folds' own test parts and on each external set (the
+                     "Across datasets" matrix, `grid.seg_matrix`)
     dice_vs_fraction.png (the paper's Fig. 4), dice_vs_resolution.png (mean per-image Dice
                      with its 95% interval band), report.html (headline, figures, tables,
                      methods paragraph: as the classification report's)
@@ -36,6 +39,7 @@ from fundusfm.grid.figures import curve_figures
 from fundusfm.grid.findings import DICE, comparison_view, headline, sections, summary_view
 from fundusfm.grid.html import PROTOCOL, page
 from fundusfm.grid.methods import segmentation_methods, split_facts
+from fundusfm.grid.seg_matrix import datasets, external_images, transfer_matrix, transfer_section
 from fundusfm.grid.tables import (
     KEYS,
     add_holm,
@@ -62,7 +66,7 @@ def collect(cfg: SegmentationGrid) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataF
         metrics = read_json(d / "metrics.json")
         row = {"cell": cell.id, **cell.coordinates(), "test_images": metrics.get("images")}
         row.update({f"test_{k}": v for k, v in metrics.get("test", {}).items()})
-        rows.append({**row, **external_metrics(cfg, d)})
+        rows.append({**row, **external_metrics(cfg, d), **external_images(cfg, d)})
         table = pd.read_csv(d / "per_image.csv", dtype={"image_id": str})
         for key, value in cell.coordinates().items():
             table[key] = value
@@ -139,6 +143,18 @@ def observer_table(observer: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame([{"images": len(unique), **unique[metrics].mean().to_dict()}])
 
 
+def _transfer(cfg: SegmentationGrid, results: pd.DataFrame, out: Path) -> list:
+    """The 'Across datasets' section, with transfer.csv, when the grid has external sets
+    (without, none: a transfer.csv of an earlier report is removed)."""
+    if not cfg.external:
+        (out / "transfer.csv").unlink(missing_ok=True)
+        return []
+    names = datasets(cfg)
+    matrix = transfer_matrix(results, names)
+    write_csv(out / "transfer.csv", matrix)
+    return [transfer_section(matrix, names)]
+
+
 def build_seg_report(
     cfg: SegmentationGrid, n_boot: int = 1000, allow_incomplete: bool = False
 ) -> Path:
@@ -191,5 +207,6 @@ def build_seg_report(
         incomplete_lines(groups),
         allow_incomplete,
     )
+    parts[3:3] = _transfer(cfg, results, out)
     html = page(f"fundusfm segmentation grid report: {cfg.name}", PROTOCOL, parts)
     return write_text_atomic(out / "report.html", html)
