@@ -53,7 +53,7 @@ def test_override_needs_equals():
 
 
 def test_dump_round_trip(tmp_path: Path):
-    cfg = load_config(DemoConfig, None, ["split.folds=4"])
+    cfg = load_config(DemoConfig, None, ["split.folds=4", "grid.axes.fold=[0, 1, 2, 3]"])
     path = dump_config(cfg, tmp_path / "run" / "config.yaml")
     assert yaml.safe_load(path.read_text())["split"]["folds"] == 4
     assert load_config(DemoConfig, path) == cfg
@@ -119,6 +119,7 @@ def test_demo_cpu_grid_config_matches_what_the_demo_runs():
     demo = DemoConfig().grid
     for field in ("method", "resolution", "fraction", "fold"):
         assert getattr(shipped.axes, field) == getattr(demo.axes, field), field
+    assert (shipped.name, shipped.out.parts[-2:]) == (demo.name, ("runs", "grid"))  # resumes
     assert shipped.base.train == demo.base.train
     assert shipped.base.model.arch == demo.base.model.arch
     assert shipped.base.data.resolution == demo.base.data.resolution
@@ -201,3 +202,20 @@ def test_a_grid_config_round_trips_as_its_kind(tmp_path: Path):
     cfg = load_config(GridConfig, CONFIGS / "grid_segment.yaml")
     again = load_config(GridConfig, dump_config(cfg, tmp_path / "grid.yaml"))
     assert isinstance(again, SegmentationGrid) and again == cfg
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ("grid.axes.fraction=[0.1, 1.0]", "not in split.fractions"),
+        ("grid.axes.fold=[0, 1, 2, 3, 4, 5]", "needs split.folds > 5"),
+        ("grid.base.model.arch=resnet18", "differs from pretrain.model.arch"),
+    ],
+)
+def test_the_demos_settings_stated_twice_must_agree(setting: str, words: str):
+    """A grid fraction the splits lack, a fold they do not have or a grid arch other than
+    the pretrained one would fail every such cell only at the end of the demo."""
+    from fundusfm.config.grid import DemoConfig
+
+    with pytest.raises(ConfigError, match=words):
+        load_config(DemoConfig, None, [setting])

@@ -135,9 +135,10 @@ def test_gradcam_is_a_png_overlay_at_the_bundles_resolution(served):
 
 def test_model_card_holds_the_threshold_validated_and_the_cards_text(served):
     info = served.client.get("/v1/model").json()
-    words = threshold_words(0.5, True)  # the screening report's words: one rule
-    assert words == "validated threshold 0.5"
-    assert info["threshold"] == {"values": [0.5], "validated": True, "note": None, "words": words}
+    words = threshold_words(0.5, False)  # the screening report's words: one rule
+    assert words == "threshold 0.5 (not validated)"  # random weights: nothing validated
+    note = "0.5: a benchmark bundle with random weights"
+    assert info["threshold"] == {"values": [0.5], "validated": False, "note": note, "words": words}
     assert info["classes"] == ["normal", "abnormal"] and info["task"]["kind"] == "binary"
     assert info["preprocessing"]["resolution"] == 64 and info["preprocessing"]["crop"]
     assert info["server"]["engine"] == "torch" and info["server"]["max_upload_bytes"] > 0

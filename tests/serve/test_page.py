@@ -135,7 +135,7 @@ def test_dropped_and_chosen_photos_show_the_apis_rows_and_download_predicts_csv(
             expected = {n: client.post("/v1/predict", files=f).json() for n, f in files.items()}
     assert broken == []
     assert "resnet10 fundus bench model" in summary
-    assert "decision at the validated threshold 0.5;" in summary  # the report's words
+    assert "decision at the threshold 0.5 (not validated);" in summary  # the report's words
     assert set(shown) == {"good.png", PASTED}
     for name, row in shown.items():
         answer = expected[name]

@@ -70,6 +70,8 @@ def random_bundle(arch: str, resolution: int, folder: Path) -> Path:
                 "kind": "binary",
                 "classes": ["normal", "abnormal"],
                 "thresholds": [0.5],
+                "thresholds_validated": False,  # random weights: nothing was validated
+                "thresholds_note": "0.5: a benchmark bundle with random weights",
             },
             "preprocessing": {
                 "resolution": resolution,

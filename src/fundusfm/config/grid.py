@@ -294,3 +294,26 @@ class DemoConfig(Strict):
         "auto", description="auto: use or download ImageNet weights; offline: never download"
     )
     n_boot: int = Field(1000, ge=10)
+
+    @model_validator(mode="after")
+    def _one_protocol(self) -> DemoConfig:
+        """The settings the demo states twice must agree, or cells fail only at the end."""
+        axes, split = self.grid.axes, self.split
+        extra = sorted(set(axes.fraction) - set(split.fractions))
+        if extra:
+            raise ValueError(
+                f"grid.axes.fraction {extra} not in split.fractions {split.fractions}: "
+                "set both to the same list"
+            )
+        if max(axes.fold) >= split.folds:
+            raise ValueError(
+                f"grid.axes.fold {axes.fold} needs split.folds > {max(axes.fold)} "
+                f"(it is {split.folds})"
+            )
+        if self.grid.base.model.arch != self.pretrain.model.arch:
+            raise ValueError(
+                f"grid.base.model.arch {self.grid.base.model.arch} differs from "
+                f"pretrain.model.arch {self.pretrain.model.arch}: the Fundus init is the "
+                "pretrained backbone, so set both"
+            )
+        return self

@@ -106,7 +106,7 @@ def open_image(path: Path, draft_size: int | None = None) -> Image.Image:
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not a recognised image format (JPEG/PNG/TIFF/BMP/GIF)") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"decompression bomb refused: {exc}") from exc
+        raise ImageDecodeError(f"decompression bomb refused ({exc})") from exc
     except OSError as exc:
         raise ImageDecodeError(f"cannot decode ({exc}); the file may be truncated") from exc
     except (ValueError, SyntaxError, MemoryError) as exc:

@@ -171,8 +171,11 @@ def _check_folders(folder: Path, out: Path, overwrite: bool) -> None:
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
         raise DataError(f"{folder} {what}; give the folder that holds the photographs to screen")
-    if out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents:
+    there, screened = out.resolve(), folder.resolve()
+    if there == screened or there in screened.parents:
         raise ConfigError(f"--out {out} would hold the input folder {folder}; choose another")
+    if screened in there.parents:  # its overlays and report would be screened next time
+        raise ConfigError(f"--out {out} is inside the folder screened ({folder}); choose another")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:

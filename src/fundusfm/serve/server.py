@@ -65,11 +65,12 @@ def url(host: str, port: int) -> str:
 
 
 def serve(bundle_path: Path, settings: ServeConfig, say: Callable[[str], object] = print) -> None:
-    """Load the bundle, bind the port, say where the page is, then serve until Ctrl-C."""
-    app = create_app(bundle_path, settings)
+    """Bind the port (a port in use is said at once), load the bundle, say where the page
+    is, then serve until Ctrl-C."""
     sock = bind(settings.host, settings.port)
     port = sock.getsockname()[1]
     try:
+        app = create_app(bundle_path, settings)
         say(f"fundusfm serve: {url(settings.host, port)}/ (Ctrl-C stops it)")
         config = uvicorn.Config(app, host=settings.host, port=port, log_level="info")
         uvicorn.Server(config).run(sockets=[sock])
