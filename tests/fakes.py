@@ -64,3 +64,28 @@ def drive_tree(root: Path, missing: tuple[int, ...] = ()) -> Path:
             if n not in missing:
                 mask(root / split / "1st_manual" / f"{n:02d}_manual1.gif")
     return root
+
+
+def tiny_segment_config(manifest: Path, out: Path, *extra: str):
+    """A ResNet-10 U-Net, one epoch at 64 px, on fold 0 of `manifest` (4 patient-grouped
+    folds with validation parts, written to out/splits.csv); `extra` are more --set lines."""
+    from fundusfm.config.core import SplitConfig, load_config
+    from fundusfm.config.segment import SegmentConfig
+    from fundusfm.data.manifest import load_manifest
+    from fundusfm.data.splits import make_splits
+
+    splits = make_splits(load_manifest(manifest), SplitConfig(folds=4, val_fraction=0.15))
+    splits.to_csv(out / "splits.csv", index=False)
+    sets = [
+        f"data.manifest={manifest}",
+        f"data.splits={out / 'splits.csv'}",
+        "data.resolution=64",
+        "model.arch=resnet10",  # tests/conftest.py's TINY_ARCH
+        "model.init=scratch",
+        "model.decoder_channels=[32, 16, 16, 8, 8]",
+        "train.epochs=1",
+        "train.batch_size=8",
+        f"run.out={out / 'run'}",
+        "run.progress=false",
+    ]
+    return load_config(SegmentConfig, None, [*sets, *extra])

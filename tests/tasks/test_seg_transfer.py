@@ -11,35 +11,19 @@ import pytest
 from typer.testing import CliRunner
 
 from fundusfm.cli import app
-from fundusfm.config.core import SplitConfig, SynthConfig, load_config
-from fundusfm.config.segment import SegmentConfig
+from fundusfm.config.core import SynthConfig
 from fundusfm.data.manifest import load_manifest, save_manifest
-from fundusfm.data.splits import make_splits
 from fundusfm.synthetic.generate import generate
 from fundusfm.tasks.seg_transfer import METRICS, dataset_name, unique_names
 from fundusfm.tasks.segment import train_segmentation
-from tests.conftest import TINY_ARCH
+from tests.fakes import tiny_segment_config
 
 
 @pytest.fixture(scope="module")
 def tiny_bundle(synth_set: Path, tmp_path_factory) -> Path:
     """A ResNet-10 U-Net trained one epoch at 64 px on the synthetic set."""
     out = tmp_path_factory.mktemp("seg_bundle")
-    splits = make_splits(load_manifest(synth_set), SplitConfig(folds=4, val_fraction=0.15))
-    splits.to_csv(out / "splits.csv", index=False)
-    sets = [
-        f"data.manifest={synth_set}",
-        f"data.splits={out / 'splits.csv'}",
-        "data.resolution=64",
-        f"model.arch={TINY_ARCH}",
-        "model.init=scratch",
-        "model.decoder_channels=[32, 16, 16, 8, 8]",
-        "train.epochs=1",
-        "train.batch_size=8",
-        f"run.out={out / 'run'}",
-        "run.progress=false",
-    ]
-    return train_segmentation(load_config(SegmentConfig, None, sets)) / "bundle"
+    return train_segmentation(tiny_segment_config(synth_set, out)) / "bundle"
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,7 @@ from PIL import Image
 from torch import nn
 
 from fundusfm.bundle import parse_meta, read_preprocessing
-from fundusfm.config.core import SplitConfig, load_config
-from fundusfm.config.segment import SegmentConfig
 from fundusfm.data.manifest import load_manifest
-from fundusfm.data.splits import make_splits
 from fundusfm.data.transforms import normalise
 from fundusfm.data.vessel_images import batch_of, load_images
 from fundusfm.data.vessel_input import to_input
@@ -25,7 +22,7 @@ from fundusfm.engine.predict import predict_vessels
 from fundusfm.models.loaded import load_bundle
 from fundusfm.models.unet import vessel_probabilities
 from fundusfm.tasks.segment import evaluate_segmentation, train_segmentation
-from tests.conftest import TINY_ARCH
+from tests.fakes import tiny_segment_config
 
 CPU = Runtime.of(torch.device("cpu"), "auto", "auto", 8)
 
@@ -58,24 +55,8 @@ def test_a_bundle_without_the_new_fields_reads_as_before():
 def framed_run(synth_set: Path, tmp_path_factory) -> dict:
     """One epoch of a tiny U-Net with the FOV scaled to 48 px, CLAHE input and flips."""
     out = tmp_path_factory.mktemp("framed")
-    splits = make_splits(load_manifest(synth_set), SplitConfig(folds=4, val_fraction=0.15))
-    splits.to_csv(out / "splits.csv", index=False)
-    sets = [
-        f"data.manifest={synth_set}",
-        f"data.splits={out / 'splits.csv'}",
-        "data.resolution=64",
-        "data.fov_diameter=48",
-        "data.input=clahe",
-        "eval.tta_flips=true",
-        f"model.arch={TINY_ARCH}",
-        "model.init=scratch",
-        "model.decoder_channels=[32, 16, 16, 8, 8]",
-        "train.epochs=1",
-        "train.batch_size=8",
-        f"run.out={out / 'run'}",
-        "run.progress=false",
-    ]
-    cfg = load_config(SegmentConfig, None, sets)
+    extra = ["data.fov_diameter=48", "data.input=clahe", "eval.tta_flips=true"]
+    cfg = tiny_segment_config(synth_set, out, *extra)
     return {"cfg": cfg, "run": train_segmentation(cfg), "manifest": synth_set, "out": out}
 
 

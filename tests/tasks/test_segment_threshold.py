@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from fundusfm.bundle import bundle_notes, parse_meta
-from fundusfm.config.core import SplitConfig, load_config
+from fundusfm.config.core import load_config
 from fundusfm.config.segment import SegmentConfig, SegThresholdConfig
 from fundusfm.data.adapters.vessels import import_vessels
 from fundusfm.data.manifest import load_manifest
-from fundusfm.data.splits import make_splits
 from fundusfm.data.vessel_images import (
     VesselImage,
     load_images,
@@ -44,7 +43,7 @@ from fundusfm.tasks.seg_threshold import (
 )
 from fundusfm.tasks.segment import _bundle_meta, evaluate_segmentation, train_segmentation
 from tests.conftest import TINY_ARCH
-from tests.fakes import drive_tree
+from tests.fakes import drive_tree, tiny_segment_config
 
 
 def _pixels(values: dict[float, int]) -> np.ndarray:
@@ -153,21 +152,7 @@ def test_a_segmentation_bundle_made_before_thresholds_were_chosen_loads_unvalida
 def tiny_run(synth_set: Path, tmp_path_factory) -> dict:
     """One epoch of a tiny U-Net on fold 0 of the generated set (it has validation parts)."""
     out = tmp_path_factory.mktemp("thr")
-    splits = make_splits(load_manifest(synth_set), SplitConfig(folds=4, val_fraction=0.15))
-    splits.to_csv(out / "splits.csv", index=False)
-    sets = [
-        f"data.manifest={synth_set}",
-        f"data.splits={out / 'splits.csv'}",
-        "data.resolution=64",
-        f"model.arch={TINY_ARCH}",
-        "model.init=scratch",
-        "model.decoder_channels=[32, 16, 16, 8, 8]",
-        "train.epochs=1",
-        "train.batch_size=8",
-        f"run.out={out / 'run'}",
-        "run.progress=false",
-    ]
-    cfg = load_config(SegmentConfig, None, sets)
+    cfg = tiny_segment_config(synth_set, out)
     return {"cfg": cfg, "run": train_segmentation(cfg), "manifest": synth_set}
 
 
