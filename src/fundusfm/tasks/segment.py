@@ -221,11 +221,11 @@ def _chosen_thresholds(
     images: dict[str, list[VesselImage]],
     model: torch.nn.Module,
     rt: Runtime,
+    part: str | None,
 ) -> dict:
     """The bundle's threshold fields: chosen by max Dice on the best weights' probabilities
-    of `train.threshold.choose_on`, or fixed. Every rank predicts its share; rank 0 chooses
-    (the others' result is never written)."""
-    part = threshold_part(cfg.train.threshold, parts)
+    of `part` (`threshold_part`: the images `train.threshold.choose_on` names; None: fixed).
+    Every rank predicts its share; rank 0 chooses (the others' result is never written)."""
     pick = None
     if part is not None:
         probs = predict_vessels_sharded(model, images[part], rt, *_fed(cfg))
@@ -276,7 +276,7 @@ def train_segmentation(cfg: SegmentConfig) -> Path:
     model = create_unet(cfg.model)
     job = segmentation_job(model, images["train"], images["val"], cfg)
     result = fit(job, cfg.train, out, cfg.run.resume, progress)
-    thresholds = _chosen_thresholds(cfg, manifest, parts, images, model, rt)
+    thresholds = _chosen_thresholds(cfg, manifest, parts, images, model, rt, part)
     probs = predict_vessels_sharded(model, images["test"], rt, *_fed(cfg))
     if not ddp.is_main():
         ddp.barrier()  # rank 0 scores and writes the run folder
