@@ -64,15 +64,24 @@ Triple = tuple[float, float, float]
 
 
 class Architecture(Strict):
-    """The network: a classifier (torchvision ResNet + head) or a U-Net on the same encoder."""
+    """The network: a classifier (backbone + head), a U-Net on a ResNet encoder, or a backbone
+    alone (an imported foundation model: its pooled features). The backbone is a
+    torchvision ResNet or `timm:NAME`, built with `timm_kwargs`, pooled by `pool`
+    (`models.timm_backbone`), fed images it maps from ImageNet's normalisation to
+    `input_mean`/`input_std` when its weights expect others (`models.input_norm`)."""
 
     arch: str
-    type: Literal["classifier", "unet"] = "classifier"
+    type: Literal["classifier", "unet", "backbone"] = "classifier"
     head: Literal["linear", "mlp"] | None = None
     hidden: int = 512
     dropout: float = 0.0
-    outputs: int = Field(ge=1)
+    outputs: int = Field(ge=0)  # 0 for a backbone alone; its features: `features`
     decoder_channels: list[int] | None = None
+    timm_kwargs: dict[str, str | int | float | bool] | None = None
+    pool: Literal["timm", "cls_last4"] | None = None
+    input_mean: Triple | None = None
+    input_std: Triple | None = None
+    features: int | None = Field(None, ge=1)  # width of the pooled features
 
 
 class ThresholdChoice(Strict):
@@ -86,10 +95,11 @@ class ThresholdChoice(Strict):
 
 
 class TaskInfo(Strict):
-    """What the outputs mean and the decision rule (binary: threshold of the positive class)."""
+    """What the outputs mean and the decision rule (binary: threshold of the positive class);
+    `features` for a backbone alone (no classes: fine-tune it, or probe its features)."""
 
     name: str
-    kind: Literal["binary", "multiclass", "multilabel", "segmentation"]
+    kind: Literal["binary", "multiclass", "multilabel", "segmentation", "features"]
     classes: list[str]
     thresholds: list[float] = Field(default_factory=list)
     thresholds_validated: bool = True
@@ -111,6 +121,25 @@ class PreprocessingInfo(Strict):
     tta_flips: bool | None = None  # segmentation: predictions averaged over flips
 
 
+class InitSource(Strict):
+    """The published checkpoint a backbone started from (`models.peers`): the file and its
+    sha256, and the preprocessing and feature rule its publisher uses. fundusfm feeds it its
+    own FOV crop at the run's resolution, normalised as the source expects; `notes` say what
+    was adapted on load (e.g. position embeddings resampled to another resolution)."""
+
+    init: str | None = None
+    file: str | None = None
+    sha256: str | None = None
+    title: str | None = None
+    resolution: int | None = None
+    mean: Triple | None = None
+    std: Triple | None = None
+    interpolation: str | None = None
+    resize: str | None = None
+    notes: list[str] = Field(default_factory=list)
+    bundle: str | None = None  # when it came through a bundle of its own
+
+
 class Provenance(Strict):
     """Where the weights came from: the resolved config, code, data and package versions."""
 
@@ -125,6 +154,7 @@ class Provenance(Strict):
     loaded_by: str | None = None
     made_by: str | None = None
     license: str | None = None  # the weights' licence (a hub id, e.g. cc-by-nc-4.0), if known
+    init_source: InitSource | None = None  # backbones started from a published checkpoint
 
 
 class Pretraining(Strict):

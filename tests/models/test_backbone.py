@@ -43,4 +43,4 @@ def test_a_wrong_setting_or_wrong_weights_are_typed_errors(tiny_arch):
         create_backbone(tiny_arch, "no/such/init")
     wider = create_backbone("resnet18", "scratch").net.state_dict()
     with pytest.raises(WeightsError, match="another architecture"):
-        create_backbone(tiny_arch, "scratch").load_torchvision_state(wider)
+        create_backbone(tiny_arch, "scratch").load_net_state(wider)

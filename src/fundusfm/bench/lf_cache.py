@@ -28,7 +28,7 @@ from fundusfm.engine.device import Runtime, resolve_device
 from fundusfm.engine.loop import Job, Trainer, batches_per_epoch, training_loader
 from fundusfm.errors import ConfigError
 from fundusfm.models.heads import Classifier, make_head
-from fundusfm.models.inits import create_backbone
+from fundusfm.models.inits import config_backbone
 from fundusfm.tasks.classify_job import classification_loss, make_loss, set_trainable
 from fundusfm.tasks.features import extract
 from fundusfm.tasks.probe import fit_probe
@@ -147,9 +147,7 @@ def bench_lf(
     data = load_fold(cfg.data, progress=False)
     m = cfg.model
     torch.manual_seed(0)
-    backbone = create_backbone(
-        m.arch, m.init_name, m.imagenet_version, m.imagenet_file, m.init_bundle
-    )
+    backbone = config_backbone(m, cfg.data.resolution)
     rows = np.arange(len(data.manifest.table))
     dataset = CachedImages(data.cache, data.sources(rows), data.labels[rows])
     start = time.perf_counter()

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+)
 
 from fundusfm.errors import ConfigError
 from fundusfm.io import write_text_atomic
@@ -113,13 +121,32 @@ class DataConfig(Strict):
         )
 
 
-class EncoderInit(Strict):
-    """Which ResNet and which of the four initialisations (or a bundle) it starts from."""
+RESNETS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101")
 
-    arch: Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
-    init: str | None = Field(
-        None, description="scratch | imagenet | fundus | imagenet+fundus | path; unset: imagenet"
+
+class EncoderInit(Strict):
+    """Which backbone and which initialisation it starts from (`models.inits`)."""
+
+    arch: str = Field(
+        "resnet50",
+        description=f"{' | '.join(RESNETS)} (torchvision) or timm:NAME (any timm model); "
+        "a published init (retfound, flair, ...) brings its own",
     )
+    init: str | None = Field(
+        None,
+        description="scratch | imagenet | fundus | imagenet+fundus | retfound | "
+        "retfound-dinov2 | flair | keepfit | visionfm | urfound | file | path; unset: imagenet",
+    )
+    init_file: Path | None = Field(
+        None, description="the checkpoint file of a published init (retfound, ...) or `file`"
+    )
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_named(cls, value: str) -> str:
+        if value in RESNETS or (value.startswith("timm:") and len(value) > 5):
+            return value
+        raise ValueError(f"expected one of {', '.join(RESNETS)} or timm:NAME")
 
     @property
     def init_name(self) -> str:

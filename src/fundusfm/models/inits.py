@@ -6,7 +6,17 @@ Inits, named the same in configs, grid axes and reports:
                      (or `imagenet_file`); never downloaded here, and never silently skipped
     fundus           the backbone of a bundle made by `fundusfm pretrain --set strategy=fundus`
     imagenet+fundus  the same, pretrained with `strategy=imagenet+fundus`
-    <path>           the backbone of any bundle folder (a U-Net's encoder too)
+    <path>           the backbone of any bundle folder (a U-Net's encoder too, an imported
+                     foundation model's: `fundusfm weights import`)
+    retfound, retfound-dinov2, flair, keepfit, visionfm, urfound
+                     a published foundation model from the file its publisher releases
+                     (`model.init_file`), keys mapped by `models.peers`; it brings its own
+                     architecture (model.arch replaces it only with one of the same family:
+                     a timm: name for a ViT, a ResNet for a ResNet), pooling and normalisation
+    file             a plain state dict of model.arch in timm's or torchvision's layout
+                     (`model.init_file`)
+A ViT is built at the run's resolution (`img_size`); position embeddings made at another are
+resampled on load, and the backbone's `origin` (written to the bundle's provenance) says so.
 """
 
 from __future__ import annotations
@@ -20,9 +30,13 @@ from safetensors.torch import load_file
 
 from fundusfm.bundle import read_bundle
 from fundusfm.errors import ConfigError, WeightsError, WeightsNotFound
-from fundusfm.models.backbone import ARCHS, Backbone
+from fundusfm.io import file_sha256
+from fundusfm.models.backbone import ARCHS, Backbone, build_backbone
+from fundusfm.models.peers import IMAGENET, PEERS, PeerInfo, peer_state, read_checkpoint
+from fundusfm.models.timm_backbone import TIMM_PREFIX, TimmBackbone
 
-INITS = ("scratch", "imagenet", "fundus", "imagenet+fundus")
+INITS = ("scratch", "imagenet", "fundus", "imagenet+fundus", *PEERS, "file")
+FILE_INITS = (*PEERS, "file")
 
 
 def imagenet_state(arch: str, version: str = "IMAGENET1K_V1", file: Path | None = None) -> dict:
@@ -100,28 +114,96 @@ def resolve_bundle(init: str, init_bundle: Path | None) -> Path:
     )
 
 
+def peer_arch(info: PeerInfo, arch: str) -> str:
+    """The architecture a published init is built as: its own, unless `arch` is of the same
+    family (a timm name for a timm model, a ResNet for a ResNet: e.g. a smaller ViT)."""
+    same_family = arch.startswith(TIMM_PREFIX) == info.arch.startswith(TIMM_PREFIX)
+    return arch if same_family or not info.arch else info.arch
+
+
+def file_backbone(
+    init: str, file: Path | None, arch: str, img_size: int | None
+) -> Backbone | TimmBackbone:
+    """A published foundation model (or a plain state dict, `file`) from its file."""
+    if file is None:
+        where = PEERS[init][0].source if init in PEERS else "a state dict of model.arch"
+        raise ConfigError(f"init {init!r} needs model.init_file=PATH: the checkpoint ({where})")
+    info, state = peer_state(init, read_checkpoint(Path(file)))
+    arch = peer_arch(info, arch)
+    own_norm = (info.mean, info.std) != IMAGENET
+    timm_model = arch.startswith(TIMM_PREFIX)
+    backbone = build_backbone(
+        arch,
+        img_size,
+        info.timm_kwargs if timm_model else None,
+        info.pool if timm_model else None,
+        info.mean if own_norm else None,
+        info.std if own_norm else None,
+    )
+    notes = backbone.load_net_state(state)
+    backbone.origin = {
+        "init": init,
+        "file": Path(file).name,
+        "sha256": file_sha256(Path(file)),
+        "title": info.title,
+        "resolution": info.resolution,
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "interpolation": info.interpolation,
+        "resize": info.resize,
+        "notes": notes,
+    }
+    return backbone
+
+
+def _bundle_backbone(init: str, init_bundle: Path | None, arch: str, img_size: int | None):
+    meta, state = read_bundle(resolve_bundle(init, init_bundle))
+    a = meta.architecture
+    if a.arch != arch and not a.arch.startswith(TIMM_PREFIX):
+        raise WeightsError(
+            f"init {init!r} holds a {a.arch} backbone, not {arch}; set model.arch={a.arch}"
+        )
+    backbone = build_backbone(a.arch, img_size, a.timm_kwargs, a.pool, a.input_mean, a.input_std)
+    prefix = "encoder." if meta.segmentation else "backbone.net."  # a U-Net's encoder is a ResNet
+    notes = backbone.load_net_state(
+        {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    )
+    origin = meta.provenance.init_source
+    backbone.origin = {**(origin.model_dump() if origin else {}), "bundle": str(init)}
+    backbone.origin["notes"] = [*backbone.origin.get("notes", []), *notes]
+    return backbone
+
+
 def create_backbone(
     arch: str = "resnet50",
     init: str = "scratch",
     imagenet_version: str = "IMAGENET1K_V1",
     imagenet_file: Path | None = None,
     init_bundle: Path | None = None,
-) -> Backbone:
-    """A backbone with the named initialisation (see module docstring)."""
-    backbone = Backbone(arch)
-    if init == "scratch":
-        return backbone
+    init_file: Path | None = None,
+    img_size: int | None = None,
+) -> Backbone | TimmBackbone:
+    """A backbone with the named initialisation (see module docstring); `img_size`: the
+    input resolution a ViT is built for."""
+    if init in FILE_INITS:
+        return file_backbone(init, init_file, arch, img_size)
+    if init not in ("scratch", "imagenet"):
+        return _bundle_backbone(init, init_bundle, arch, img_size)
+    backbone = build_backbone(arch, img_size)
     if init == "imagenet":
-        backbone.load_torchvision_state(imagenet_state(arch, imagenet_version, imagenet_file))
-        return backbone
-    meta, state = read_bundle(resolve_bundle(init, init_bundle))
-    if meta.architecture.arch != arch:
-        raise WeightsError(
-            f"init {init!r} holds a {meta.architecture.arch} backbone, not {arch}; "
-            f"set model.arch={meta.architecture.arch}"
-        )
-    prefix = "encoder." if meta.segmentation else "backbone.net."  # a U-Net's encoder is a ResNet
-    backbone.load_torchvision_state(
-        {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    )
+        if isinstance(backbone, TimmBackbone):
+            raise ConfigError(
+                f"init imagenet loads torchvision's ResNet weights; for {arch} give timm's "
+                "ImageNet weights as a file: model.init=file, model.init_file=PATH"
+            )
+        backbone.load_net_state(imagenet_state(arch, imagenet_version, imagenet_file))
     return backbone
+
+
+def config_backbone(m, img_size: int | None, init: str | None = None) -> Backbone | TimmBackbone:
+    """The backbone a config's model section names (`config.core.EncoderInit`): its init
+    (or `init`, e.g. a pretraining strategy's), built for `img_size` inputs."""
+    return create_backbone(
+        m.arch, init or m.init_name, m.imagenet_version, m.imagenet_file, m.init_bundle,
+        m.init_file, img_size,
+    )  # fmt: skip

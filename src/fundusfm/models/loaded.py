@@ -13,17 +13,32 @@ from fundusfm.bundle import BundleMeta, Preprocessing, read_bundle, read_preproc
 from fundusfm.data.transforms import normalise, to_tensor
 from fundusfm.data.vessel_input import to_input
 from fundusfm.errors import DataError
-from fundusfm.models.backbone import Backbone
+from fundusfm.models.backbone import build_backbone
 from fundusfm.models.heads import Classifier, make_head, scores_from_logits
 from fundusfm.models.unet import build_unet, vessel_probabilities
 
 
+class Features(torch.nn.Module):
+    """A backbone alone (an imported foundation model): its pooled features."""
+
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.pool(x)
+
+
 def build_model(meta: BundleMeta) -> torch.nn.Module:
-    """An untrained model with the architecture a bundle describes (Classifier or U-Net)."""
+    """An untrained model with the architecture a bundle describes (Classifier, U-Net or a
+    backbone alone)."""
     a = meta.architecture
     if meta.segmentation:
         return build_unet(a.arch, a.decoder_channels)
-    backbone = Backbone(a.arch)
+    resolution = meta.preprocessing.resolution
+    backbone = build_backbone(a.arch, resolution, a.timm_kwargs, a.pool, a.input_mean, a.input_std)
+    if a.type == "backbone":
+        return Features(backbone)
     head = make_head(a.head or "linear", backbone.num_features, a.outputs, a.hidden, a.dropout)
     return Classifier(backbone, head)
 
@@ -65,7 +80,8 @@ class Bundle:
     @torch.no_grad()
     def predict(self, images, batch_size: int = 32) -> np.ndarray:
         """Probabilities for preprocessed images (RxRx3 uint8 arrays or a uint8 batch):
-        (N, C) for a classifier, (N, R, R) vessel probabilities for a segmentation bundle
+        (N, C) for a classifier, (N, F) pooled features for a backbone alone, (N, R, R)
+        vessel probabilities for a segmentation bundle
         (images framed as it says, `data.vessel_frame`; its input form and test-time flips
         are applied here)."""
         if isinstance(images, torch.Tensor):
@@ -94,6 +110,8 @@ class Bundle:
             if self.kind == "segmentation":
                 x = normalise(to_input(x, pre.input), mean, std)
                 out.append(vessel_probabilities(self.model, x, pre.tta_flips).cpu())
+            elif self.kind == "features":
+                out.append(self.model(normalise(x, mean, std)).float().cpu())
             else:
                 logits = self.model(normalise(x, mean, std))
                 out.append(scores_from_logits(logits, self.kind).float().cpu())

@@ -16,7 +16,9 @@ import torchvision
 from torch import nn
 
 from fundusfm.config.segment import SegModelConfig
-from fundusfm.models.inits import create_backbone
+from fundusfm.errors import ConfigError
+from fundusfm.models.backbone import ARCHS, Backbone
+from fundusfm.models.inits import config_backbone
 
 # smp knows torchvision's ResNets by name; ResNet-10 (models/backbone.py) is added the way
 # smp lists its own: the same encoder class with one BasicBlock per stage.
@@ -36,6 +38,11 @@ smp.encoders.encoders.setdefault(
 
 def build_unet(arch: str, decoder_channels: list[int]) -> smp.Unet:
     """An untrained U-Net (random encoder; nothing is downloaded)."""
+    if arch not in ARCHS:
+        raise ConfigError(
+            f"the U-Net segments with torchvision ResNet encoders ({', '.join(ARCHS)}); "
+            f"{arch} has no encoder here (ViTs have no feature pyramid in fundusfm yet)"
+        )
     return smp.Unet(
         encoder_name=arch,
         encoder_weights=None,
@@ -48,9 +55,18 @@ def create_unet(cfg: SegModelConfig) -> smp.Unet:
     """A U-Net whose encoder holds the configured initialisation."""
     unet = build_unet(cfg.arch, cfg.decoder_channels)
     if cfg.init_name != "scratch":
-        backbone = create_backbone(
-            cfg.arch, cfg.init_name, cfg.imagenet_version, cfg.imagenet_file, cfg.init_bundle
-        )
+        backbone = config_backbone(cfg, None)
+        if not isinstance(backbone, Backbone) or backbone.arch != cfg.arch:
+            raise ConfigError(
+                f"init {cfg.init_name!r} is a {backbone.arch} backbone; the U-Net segments "
+                f"with {cfg.arch} encoders only (torchvision ResNets: {', '.join(ARCHS)})"
+            )
+        if not backbone.input_norm.identity:
+            raise ConfigError(
+                f"init {cfg.init_name!r} expects inputs normalised with mean "
+                f"{backbone.input_norm.mean} and std {backbone.input_norm.std}, which the "
+                "U-Net's encoder does not apply: segment from an ImageNet-normalised init"
+            )
         unet.encoder.load_state_dict(backbone.net.state_dict())
     return unet
 

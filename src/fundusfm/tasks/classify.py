@@ -37,7 +37,7 @@ from fundusfm.evaluation.metrics import (
 )
 from fundusfm.io import write_csv, write_json
 from fundusfm.models.heads import Classifier, make_head
-from fundusfm.models.inits import create_backbone
+from fundusfm.models.inits import config_backbone
 from fundusfm.tasks.classify_job import classification_job
 from fundusfm.tasks.features import cached_features
 from fundusfm.tasks.probe import fit_probe
@@ -49,17 +49,18 @@ STRATEGY_INIT = {"fundus": "scratch", "imagenet+fundus": "imagenet"}
 def _build_model(cfg: FinetuneConfig, init: str, n_classes: int) -> Classifier:
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
-    backbone = create_backbone(m.arch, init, m.imagenet_version, m.imagenet_file, m.init_bundle)
+    backbone = config_backbone(m, cfg.data.resolution, init)
     head = make_head(m.head, backbone.num_features, n_classes, m.hidden, m.dropout)
     return Classifier(backbone, head)
 
 
 def _bundle_meta(
-    cfg: FinetuneConfig, data: FoldData, thresholds: Thresholds, extra: dict
+    cfg: FinetuneConfig, data: FoldData, thresholds: Thresholds, extra: dict, backbone
 ) -> BundleMeta:
+    origin = getattr(backbone, "origin", None)
     raw = {
         "architecture": {
-            "arch": cfg.model.arch,
+            **backbone.spec(),
             "head": cfg.model.head,
             "hidden": cfg.model.hidden,
             "dropout": cfg.model.dropout,
@@ -80,7 +81,10 @@ def _bundle_meta(
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
         },
-        "provenance": provenance(cfg.model_dump(mode="json"), Path(cfg.data.manifest)),
+        "provenance": {
+            **provenance(cfg.model_dump(mode="json"), Path(cfg.data.manifest)),
+            "init_source": origin,
+        },
         **extra,
     }
     return BundleMeta.model_validate(raw)
@@ -166,7 +170,7 @@ def write_run(
         ).to_dict("records")
     write_csv(out / "predictions.csv", pd.concat(frames))
     extra = {**extra, **_shift_entry(cfg, data, out, model, val_features)}
-    save_bundle(model, out / "bundle", _bundle_meta(cfg, data, chosen, extra))
+    save_bundle(model, out / "bundle", _bundle_meta(cfg, data, chosen, extra, model.backbone))
     write_json(out / "metrics.json", metrics)
     return out
 
@@ -199,9 +203,7 @@ def probe_finetune(cfg: FinetuneConfig, probe: ProbeConfig, features_root: Path)
     kind, n_classes = data.task.kind, len(data.task.class_names)
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
-    backbone = create_backbone(
-        m.arch, m.init_name, m.imagenet_version, m.imagenet_file, m.init_bundle
-    )
+    backbone = config_backbone(m, cfg.data.resolution)
     device = resolve_device(cfg.train.device)
     features, _ = cached_features(
         backbone, data, features_root, cfg.train.batch_size, device, cfg.run.progress

@@ -4,8 +4,8 @@ The linear protocol (LF) of the grid fits every fold x fraction head on the same
 so the backbone runs once per init and resolution instead of once per epoch per cell
 (DINOv2's practice). Features are pooled in eval mode, without augmentation, and stored as
 `<root>/<key>.npy` with `<key>.json` naming the rows; the key hashes the backbone weights,
-the preprocessing settings and every image's path, size and modification time, so a changed
-input can never return stale features.
+the backbone's pooling and input normalisation, the preprocessing settings and every image's
+path, size and modification time, so a changed input can never return stale features.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def feature_key(backbone: Backbone, data: FoldData) -> str:
         entry = data.cache.index[str(source)]
         rows.append([str(source), int(entry["size"]), int(entry["mtime_ns"])])
     blob = {"weights": weights_digest(backbone), "cache": data.cache.dir.name, "rows": rows}
+    if backbone.spec() != {"arch": backbone.arch, "input_mean": None, "input_std": None}:
+        blob["spec"] = backbone.spec()  # pooling and normalisation (a ResNet's keys unchanged)
     return value_sha256(blob)[:20]
 
 
