@@ -19,7 +19,17 @@ ROOT = Path(fundusfm.__file__).parent
 LAYERS = [
     ["cli", "__main__"],
     ["grid", "demo", "bench", "serve"],
-    ["tasks", "explain", "screen", "legacy", "weights", "inference", "card", "card_metrics"],
+    [
+        "tasks",
+        "explain",
+        "screen",
+        "legacy",
+        "weights",
+        "weights_import",
+        "inference",
+        "card",
+        "card_metrics",
+    ],
     ["engine"],
     ["models", "bundle"],
     ["evaluation"],

@@ -103,6 +103,8 @@ def _front_matter(meta: BundleMeta, licence: str | None) -> str:
         head["library_name"] = "timm"
     head["license"] = licence.lower() if licence else "unknown"
     kind = "image-segmentation" if meta.segmentation else "image-classification"
+    if meta.task.kind == "features":
+        kind = "image-feature-extraction"
     tags = [kind, *(["timm"] if timm_exportable(meta) else []), "fundus", "retina"]
     head["tags"] = [*tags, "ophthalmology", "medical-imaging", "fundusfm", meta.architecture.arch]
     if timm_exportable(meta):  # what the timm folder holds: the classifier or features
@@ -114,30 +116,50 @@ def _front_matter(meta: BundleMeta, licence: str | None) -> str:
 def _description(meta: BundleMeta, parameters: int) -> str:
     a, t, p = meta.architecture, meta.task, read_preprocessing(meta)
     hidden = f" (hidden {a.hidden})" if a.head == "mlp" else ""
-    model = (
-        f"U-Net on a {a.arch} encoder"
-        if meta.segmentation
-        else f"{a.arch} + {a.head or 'linear'} head"
-    )
+    model = f"{a.arch} + {a.head or 'linear'} head"
+    if meta.segmentation:
+        model = f"U-Net on a {a.arch} encoder"
+    elif a.type == "backbone":
+        model, hidden = f"{a.arch} backbone alone ({a.features}-d pooled features)", ""
     defaulted = f" ({', '.join(p.defaulted)}: not recorded, defaults used)" if p.defaulted else ""
     lines = [
         "## Model description",
         "",
         f"- **Model:** {model}{hidden}, {parameters:,} parameters",
-        f"- **Task:** {t.name} ({t.kind}): {', '.join(map(str, t.classes))}",
+        f"- **Task:** {t.name} ({t.kind}): {', '.join(map(str, t.classes)) or 'no classes'}",
         f"- **Decision rule:** {_decision(meta)}",
         f"- **Input:** {p.resolution} px, mean {list(p.mean)}, std {list(p.std)}{defaulted}",
         f"- **Preprocessing:** {_preprocessing(meta)}",
+        *_source(meta),
         *_training_facts(meta),
         f"- **Weights:** sha256 {meta.weights_sha256} (the bundle's model.safetensors)",
     ]
     return "\n".join(lines)
 
 
+def _source(meta: BundleMeta) -> list[str]:
+    """The published checkpoint the backbone started from, and its publisher's recipe."""
+    src = meta.provenance.init_source
+    if src is None:
+        return []
+    recipe = (
+        f"{src.resize}, {src.resolution} px, interpolation {src.interpolation or 'not stated'}, "
+        f"mean {list(src.mean or ())}, std {list(src.std or ())} (the backbone maps fundusfm's "
+        "ImageNet-normalised input to these)"
+    )
+    notes = f"; on load: {'; '.join(src.notes)}" if src.notes else ""
+    return [
+        f"- **Starts from:** {src.title} ({src.init}), file {src.file}, sha256 {src.sha256}",
+        f"- **Its publisher's preprocessing:** {recipe}{notes}",
+    ]
+
+
 def _decision(meta: BundleMeta) -> str:
     t = meta.task
     if meta.segmentation:
         return "vessel probability per pixel (sigmoid)"
+    if t.kind == "features":
+        return "none: pooled features, no classes (fine-tune it or probe its features)"
     if t.kind == "multiclass":
         return "the class of highest probability (argmax; softmax over the classes)"
     how = "chosen on validation data" if t.thresholds_validated else _unvalidated(meta)

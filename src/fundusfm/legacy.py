@@ -10,7 +10,6 @@ Exports and the card are `weights.py`'s.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -23,27 +22,12 @@ from fundusfm.bundle import (
     save_bundle,
 )
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from fundusfm.errors import ConfigError, PickleRefused, WeightsError, WeightsNotFound
+from fundusfm.errors import ConfigError, WeightsError, WeightsNotFound
 from fundusfm.models.loaded import build_model
+from fundusfm.models.peers import read_checkpoint
 
 ARCH_BLOCKS = {(1, 1, 1, 1): "resnet10", (2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34"}
 BOTTLENECK_BLOCKS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
-
-
-def _load_checkpoint(path: Path, trust_pickle: bool):
-    """Tensors only (PyTorch's weights-only loader); full unpickling only with --trust-pickle."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError) as exc:
-        refused = exc
-    if trust_pickle:  # the one place that unpickles: the user vouched for the file
-        return torch.load(path, map_location="cpu", weights_only=False)
-    raise PickleRefused(
-        f"{path} holds pickled Python objects (a whole model, not only tensors). "
-        "Unpickling runs code stored in the file, so it is refused by default; if you "
-        "trust the file's source (e.g. the authors' release, checked against its "
-        "published hash), add --trust-pickle"
-    ) from refused
 
 
 def _state_of(obj) -> dict[str, torch.Tensor]:
@@ -131,7 +115,7 @@ def import_legacy(
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFound(f"checkpoint not found: {path}")
-    state = _state_of(_load_checkpoint(path, trust_pickle))
+    state = _state_of(read_checkpoint(path, trust_pickle))
     arch = _arch_of(state)
     head, hidden, outputs = _head_of(state)
     classes = _class_names(outputs, classes)

@@ -166,8 +166,14 @@ def export(
             "with a model card); the torchvision and onnx exports carry no card"
         )
     meta = read_meta(bundle_path)  # refusals first, before the weights are read
-    if meta.segmentation:
-        raise WeightsError("export supports classification bundles; this one segments vessels")
+    if meta.segmentation or meta.task.kind == "features":
+        what = "segments vessels" if meta.segmentation else "is a backbone alone (no classes)"
+        raise WeightsError(f"export supports classification bundles; this one {what}")
+    if fmt == "torchvision" and meta.architecture.arch.startswith("timm:"):
+        raise WeightsError(
+            f"{meta.architecture.arch} is a timm model, not a torchvision ResNet: export it "
+            "with --format onnx"
+        )
     if fmt == "timm":
         check_timm_exportable(meta, backbone_only)
     bundle = load_bundle(bundle_path)

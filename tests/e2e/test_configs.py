@@ -27,6 +27,7 @@ from fundusfm.config.core import SplitConfig
 from fundusfm.data.manifest import load_manifest, save_manifest
 from fundusfm.data.splits import make_splits
 from tests.conftest import TINY_ARCH
+from tests.models.test_peers import mae_checkpoint, vit_state
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -217,6 +218,21 @@ def grid_segment(c: Ctx) -> Commands:
     return grid_commands("grid_segment", [*seg, *one_cell(c, "frozen"), external])
 
 
+def grid_compare_models(c: Ctx) -> Commands:
+    """A RETFound-layout checkpoint (random, ViT-Ti width) imported as the header says, then a
+    grid of it beside scratch, LF and FF: ResNet and ViT inits mixed in one grid."""
+    checkpoint = c.tmp / "RETFound_cfp_weights.pth"
+    torch.save(mae_checkpoint(vit_state(width=192, depth=12, patch=16, grid=14)), checkpoint)
+    bundle = c.tmp / "weights" / "retfound"
+    cls = [*train_shrink(c, "base."), f"base.data.splits={c.splits}"]
+    cells = [*one_cell(c, "lf"), "axes.method=[lf, ff]"]
+    inits = f"axes.init={{scratch: scratch, retfound: {bundle}}}"
+    overrides = [*cls, f"base.model.arch={TINY_ARCH}", *cells, inits]
+    arch = ["--arch", "timm:vit_tiny_patch16_224"]  # the test's ViT-Ti width, not ViT-L
+    imported = ["weights", "import", "retfound", checkpoint, "--out", bundle, *arch]
+    return [imported, *grid_commands("grid_compare_models", overrides)]
+
+
 # --- checks: one real output of each run ------------------------------------------------------
 
 
@@ -284,6 +300,27 @@ def check_grid(c: Ctx, outputs: list[str]) -> None:
     assert len(pd.read_csv(out / "summary.csv")) == 1
 
 
+def check_compare_models(c: Ctx, outputs: list[str]) -> None:
+    imported, ran, _status, _report = outputs
+    assert "RETFound (MAE, colour fundus)" in imported
+    assert "4 ran, 0 failed, 0 pending" in ran, ran
+    out = c.tmp / "grid" / "report"
+    summary = pd.read_csv(out / "summary.csv")
+    assert sorted(zip(summary.init, summary.method, strict=True)) == [
+        ("retfound", "ff"), ("retfound", "lf"), ("scratch", "ff"), ("scratch", "lf"),
+    ]  # fmt: skip
+    pairs = pd.read_csv(out / "comparisons.csv")
+    assert {frozenset((a, b)) for a, b in zip(pairs.init_a, pairs.init_b, strict=True)} == {
+        frozenset(("retfound", "scratch"))
+    }
+    assert "p_holm" in pairs.columns and len(pairs) == 2  # one pair per method
+    cell = next((c.tmp / "grid" / "cells").rglob("init=retfound/method=ff*"))
+    meta = json.loads(next(cell.rglob("bundle.json")).read_text())
+    assert meta["architecture"]["arch"] == "timm:vit_tiny_patch16_224"
+    notes = meta["provenance"]["init_source"]["notes"]
+    assert notes == ["position embeddings resampled 14x14 -> 4x4 (bicubic)"]
+
+
 Check = Callable[[Ctx, list[str]], None]
 RUNS: dict[str, tuple[Callable[[Ctx], Commands], Check]] = {
     "synth": (synth, check_synth),
@@ -296,6 +333,7 @@ RUNS: dict[str, tuple[Callable[[Ctx], Commands], Check]] = {
     "grid_paper": (grid_paper, check_grid),
     "grid_cpu": (grid_cpu, check_grid),
     "grid_segment": (grid_segment, check_grid),
+    "grid_compare_models": (grid_compare_models, check_compare_models),
 }
 
 

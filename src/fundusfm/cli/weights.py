@@ -60,6 +60,59 @@ def import_legacy(
     typer.echo(card(bundle))
 
 
+@app.command("import")
+def import_(
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="retfound, retfound-dinov2, flair, keepfit, visionfm, urfound, file (a timm "
+            "or torchvision state dict of --arch) or legacy (the paper authors' classifiers)."
+        ),
+    ],
+    checkpoint: Annotated[Path, typer.Argument(help="The checkpoint file as downloaded.")],
+    out: Annotated[Path, typer.Option(help="Bundle folder to write.")],
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            help="Architecture: needed for `file`; for a published model, one of "
+            "the same family replaces its own (e.g. another ViT size)."
+        ),
+    ] = None,
+    resolution: Annotated[
+        int | None,
+        typer.Option(
+            help="Input size (a ViT's position embeddings are resampled to it); "
+            "default: the source's own (224 for the ViTs, 512 for FLAIR/KeepFIT)."
+        ),
+    ] = None,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickle",
+            help="Allow unpickling objects beyond tensors (runs code from the file).",
+        ),
+    ] = False,
+    license_: Annotated[
+        str | None,
+        typer.Option("--license", help="The weights' licence; default: the publisher's."),
+    ] = None,
+) -> None:
+    """Turn a published foundation-model checkpoint into a bundle (the backbone alone, for
+    `model.init=BUNDLE`, LF features and fine-tuning), and print its card."""
+    from fundusfm.errors import PickleRefused
+    from fundusfm.weights import card
+    from fundusfm.weights_import import import_checkpoint
+
+    with user_errors():
+        try:
+            bundle = import_checkpoint(
+                name, checkpoint, out, arch, resolution, trust_pickle, license_
+            )
+        except PickleRefused as exc:
+            raise fail(str(exc)) from exc
+    typer.echo(card(bundle))
+
+
 @app.command("info")
 def info(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],

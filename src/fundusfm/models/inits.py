@@ -122,13 +122,14 @@ def peer_arch(info: PeerInfo, arch: str) -> str:
 
 
 def file_backbone(
-    init: str, file: Path | None, arch: str, img_size: int | None
+    init: str, file: Path | None, arch: str, img_size: int | None, trust_pickle: bool = False
 ) -> Backbone | TimmBackbone:
-    """A published foundation model (or a plain state dict, `file`) from its file."""
+    """A published foundation model (or a plain state dict, `file`) from its file; pickled
+    objects other than tensors load only with `trust_pickle` (`peers.read_checkpoint`)."""
     if file is None:
         where = PEERS[init][0].source if init in PEERS else "a state dict of model.arch"
         raise ConfigError(f"init {init!r} needs model.init_file=PATH: the checkpoint ({where})")
-    info, state = peer_state(init, read_checkpoint(Path(file)))
+    info, state = peer_state(init, read_checkpoint(Path(file), trust_pickle))
     arch = peer_arch(info, arch)
     own_norm = (info.mean, info.std) != IMAGENET
     timm_model = arch.startswith(TIMM_PREFIX)

@@ -18,8 +18,10 @@ class InputNorm(nn.Module):
         super().__init__()
         self.mean = tuple(mean) if mean is not None else None
         self.std = tuple(std) if std is not None else None
-        m_in, s_in = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-        m, s = torch.tensor(self.mean or IMAGENET_MEAN), torch.tensor(self.std or IMAGENET_STD)
+        f64 = torch.float64  # the factors exact; cast to the input's dtype when applied
+        m_in, s_in = torch.tensor(IMAGENET_MEAN, dtype=f64), torch.tensor(IMAGENET_STD, dtype=f64)
+        m = torch.tensor(self.mean or IMAGENET_MEAN, dtype=f64)
+        s = torch.tensor(self.std or IMAGENET_STD, dtype=f64)
         self.register_buffer("scale", (s_in / s).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("shift", ((m_in - m) / s).view(1, 3, 1, 1), persistent=False)
 

@@ -12,7 +12,7 @@ import torch
 from fundusfm.bundle import BundleMeta, Preprocessing, read_bundle, read_preprocessing
 from fundusfm.data.transforms import normalise, to_tensor
 from fundusfm.data.vessel_input import to_input
-from fundusfm.errors import DataError
+from fundusfm.errors import DataError, WeightsError
 from fundusfm.models.backbone import build_backbone
 from fundusfm.models.heads import Classifier, make_head, scores_from_logits
 from fundusfm.models.unet import build_unet, vessel_probabilities
@@ -58,6 +58,18 @@ class Bundle:
     @property
     def classes(self) -> list[str]:
         return list(self.meta.task.classes)
+
+    def require_classifier(self, use: str) -> None:
+        """Refuse a vessel U-Net or a backbone alone where `use` needs classes."""
+        if self.kind == "segmentation":
+            raise WeightsError(f"{use} takes classifiers; {self.path} segments vessels: "
+                               "use `fundusfm segment eval`")  # fmt: skip
+        if self.kind == "features":
+            raise WeightsError(
+                f"{use} takes classifiers; {self.path} is a backbone alone (imported "
+                "weights, no classes): fine-tune it first, e.g. `fundusfm finetune --set "
+                f"model.init={self.path}`"
+            )
 
     @property
     def preprocessing(self) -> Preprocessing:

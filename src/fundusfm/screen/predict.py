@@ -46,7 +46,7 @@ from fundusfm.data.decode import SUPPORTED_SUFFIXES
 from fundusfm.data.manifest import printable
 from fundusfm.data.preprocess import crop_resize, decode_for
 from fundusfm.data.transforms import to_tensor
-from fundusfm.errors import ConfigError, DataError, FundusError, WeightsError
+from fundusfm.errors import ConfigError, DataError, FundusError
 from fundusfm.explain.gradcam import gradcam_maps, overlay
 from fundusfm.inference import Scorer, scorer
 from fundusfm.models.loaded import Bundle, load_bundle
@@ -275,8 +275,7 @@ def _ready(bundle_path, folder: Path, out: Path, overwrite: bool, device, engine
     anything that fails before leaves a previous output folder as it was."""
     _check_folders(folder, out, overwrite)
     bundle = load_bundle(bundle_path, device)  # before --overwrite removes anything
-    if bundle.kind == "segmentation":
-        raise WeightsError("predict screens with classifiers; use `fundusfm segment eval`")
+    bundle.require_classifier("predict")
     score = scorer(bundle, engine, progress)  # a graph that cannot be built: nothing removed
     shift = shift_scorer(bundle, score.engine)
     if out.exists() and any(out.iterdir()):

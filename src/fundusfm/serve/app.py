@@ -148,7 +148,9 @@ def _table(app: FastAPI, gate: Gate, settings: ServeConfig, classes: list) -> No
 def create_app(bundle_path: Path, settings: ServeConfig | None = None) -> FastAPI:
     """The app serving `bundle_path` (a classifier bundle), loaded and ready to score."""
     settings = settings or ServeConfig()
-    screener = Screener(load_bundle(bundle_path, settings.device), settings)
+    bundle = load_bundle(bundle_path, settings.device)
+    bundle.require_classifier("serve")
+    screener = Screener(bundle, settings)
     info = model_info(screener.bundle, screener.score.engine, screener.notes, settings)
     gate = Gate(settings.max_concurrent, settings.max_waiting)
 

@@ -109,8 +109,7 @@ def evaluate(
     """
     dev = resolve_device(device)
     bundle = load_bundle(bundle_path, device=str(dev))
-    if bundle.kind == "segmentation":
-        raise ConfigError(f"{bundle_path} segments vessels; score it with `fundusfm segment eval`")
+    bundle.require_classifier("evaluate")
     manifest = load_manifest(manifest_path)
     manifest.require("image_id", "path")
     manifest.require_unique_ids()  # predictions are keyed on image_id
