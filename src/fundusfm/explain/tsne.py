@@ -142,7 +142,7 @@ def model_features(
     sources = [manifest.image_path(p).resolve() for p in manifest.table["path"]]
     dataset = CachedImages(images, sources, np.zeros(len(sources), dtype=np.int64))
     torch.manual_seed(0)  # a scratch backbone is the same random network every run
-    backbone = create_backbone(m.arch, m.spec)
+    backbone = create_backbone(m.arch, m.spec, img_size=m.pre.resolution)
     dev = resolve_device(device)
     return extract(backbone, dataset, batch_size, dev, progress, m.mean, m.std)
 
