@@ -25,11 +25,12 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler, RandomSampler
 
-from fundusfm.config.core import SplitConfig, load_config
+from fundusfm.config.core import FinetuneConfig, SplitConfig, dump_config, load_config
 from fundusfm.data.manifest import load_manifest
 from fundusfm.data.splits import make_splits
 from fundusfm.engine.distributed import local_batch, shard_order, wrap
 from fundusfm.errors import ConfigError
+from fundusfm.tasks.classify import finetune
 from tests.conftest import TINY_ARCH
 
 TOLERANCE = 1e-5  # scores of LF runs, 1 vs 2 processes (float summation order only)
@@ -217,3 +218,33 @@ def test_segmentation_under_torchrun_scores_every_test_image(setup, tmp_path):
     assert len(history) == 2 and all(np.isfinite(h["val_dice"]) for h in history)
     first, second = (load_bundle(r / "bundle").model for r in (one, two))
     assert encoder_state_equal(second, first.encoder.state_dict())  # frozen under DDP too
+
+
+@pytest.mark.slow
+def test_a_vit_fully_fine_tuned_by_two_processes_equals_one(setup, tmp_path):
+    """A timm ViT has no BatchNorm: full fine-tuning by 2 processes (gloo) takes the same
+    steps as by 1, so scores and losses agree to float rounding (ResNets only under LF)."""
+    sets = {
+        "data.manifest": setup["manifest"],
+        "data.splits": setup["splits"],
+        "data.cache": setup["cache"],
+        "data.task": "abnormal",
+        "data.resolution": 32,
+        "model.arch": "timm:vit_tiny_patch16_224",
+        "model.init": "scratch",
+        "model.head": "linear",
+        "method": "ff",
+        "train.epochs": 2,
+        "train.batch_size": 8,
+        "train.lr": 0.0005,
+        "train.select_metric": "loss",
+        "train.device": "cpu",
+        "run.progress": False,
+    }
+    one = load_config(FinetuneConfig, None, [f"{k}={v}" for k, v in sets.items()] + [
+        f"run.out={tmp_path / 'one'}"])  # fmt: skip
+    two = one.model_copy(update={"run": one.run.model_copy(update={"out": tmp_path / "two"})})
+    finetune(one)
+    args = ["finetune", "-q", "--config", str(dump_config(two, tmp_path / "two.yaml"))]
+    finished(torchrun(args))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
