@@ -16,6 +16,7 @@ from fundusfm.errors import WeightsError
 from fundusfm.models.inits import file_backbone
 from fundusfm.models.loaded import load_bundle
 from tests.models.test_peers import IMAGES, mae_checkpoint, vit_state
+from tests.test_weights import authors_model
 
 runner = CliRunner()
 VIT = "timm:vit_tiny_patch16_224"
@@ -59,3 +60,18 @@ def test_import_errors_are_one_line_naming_what_to_do(retfound_file, tmp_path):
     unknown = runner.invoke(app, ["weights", "import", "retfund", str(retfound_file), "--out",
                                   str(tmp_path / "d")])  # fmt: skip
     assert unknown.exit_code == 2 and "unknown checkpoint kind 'retfund'" in unknown.output
+
+
+def test_import_legacy_is_the_authors_classifier_import(tmp_path):
+    """`weights import legacy` is `import-legacy`: a state dict of the paper's classifier."""
+    legacy = authors_model()
+    torch.save(legacy.state_dict(), tmp_path / "fundus.pth")
+    args = ["weights", "import", "legacy", str(tmp_path / "fundus.pth"), "--out"]
+    result = runner.invoke(app, [*args, str(tmp_path / "b"), "--resolution", "64"])
+    assert result.exit_code == 0, result.output
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.kind == "binary" and bundle.classes == ["normal", "abnormal"]
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = torch.softmax(legacy(normalise(x)), 1).numpy()
+    np.testing.assert_allclose(bundle.predict(x), expected, atol=1e-5)
