@@ -227,7 +227,8 @@ def grid_compare_models(c: Ctx) -> Commands:
     cls = [*train_shrink(c, "base."), f"base.data.splits={c.splits}"]
     cells = [*one_cell(c, "lf"), "axes.method=[lf, ff]"]
     inits = f"axes.init={{scratch: scratch, retfound: {bundle}}}"
-    overrides = [*cls, f"base.model.arch={TINY_ARCH}", *cells, inits]
+    own = "axes.init_resolution={retfound: 32}"  # the ViT at its own size, the ResNet at 64
+    overrides = [*cls, f"base.model.arch={TINY_ARCH}", *cells, inits, own]
     arch = ["--arch", "timm:vit_tiny_patch16_224"]  # the test's ViT-Ti width, not ViT-L
     imported = ["weights", "import", "retfound", checkpoint, "--out", bundle, *arch]
     return [imported, *grid_commands("grid_compare_models", overrides)]
@@ -314,11 +315,14 @@ def check_compare_models(c: Ctx, outputs: list[str]) -> None:
         frozenset(("retfound", "scratch"))
     }
     assert "p_holm" in pairs.columns and len(pairs) == 2  # one pair per method
-    cell = next((c.tmp / "grid" / "cells").rglob("init=retfound/method=ff*"))
+    fed = dict(zip(pairs.init_a, pairs.resolution_a, strict=True))
+    fed |= dict(zip(pairs.init_b, pairs.resolution_b, strict=True))
+    assert fed == {"scratch": 64, "retfound": 32} and set(pairs.resolution) == {64}
+    (cell,) = (c.tmp / "grid" / "cells").glob("task=*/init=retfound/method=ff/res=32/*/*")
     meta = json.loads(next(cell.rglob("bundle.json")).read_text())
     assert meta["architecture"]["arch"] == "timm:vit_tiny_patch16_224"
     notes = meta["provenance"]["init_source"]["notes"]
-    assert notes == ["position embeddings resampled 14x14 -> 4x4 (bicubic)"]
+    assert notes == ["position embeddings resampled 14x14 -> 2x2 (bicubic)"]
 
 
 Check = Callable[[Ctx, list[str]], None]

@@ -31,6 +31,7 @@ from fundusfm.evaluation.stats import CLUSTERED_DELONG, clustered_delong_test
 from fundusfm.grid.cells import cell_dir, expand, fingerprint, parse_shard, shard, status
 from fundusfm.grid.report import build_report
 from fundusfm.grid.runner import run_grid
+from fundusfm.grid.tables import at_axis_resolutions
 from fundusfm.models.inits import create_backbone
 from fundusfm.tasks.classify import pretrain
 from fundusfm.tasks.features import feature_key
@@ -92,6 +93,22 @@ def test_expansion_and_shards(setup, tmp_path):
     assert parse_shard("3/4") == (3, 4)
     with pytest.raises(ConfigError, match=r"0\.\.N-1"):
         parse_shard("4/4")
+
+
+def test_an_init_at_its_own_resolution_runs_there_and_meets_the_others_at_each(setup, tmp_path):
+    """`axes.init_resolution`: its cells run at that size only; the report's comparisons
+    see its rows at every axis resolution, fed at its own (`at_axis_resolutions`)."""
+    own = {"axes.init": "{a: scratch, vit: scratch}", "axes.resolution": "[64, 128]"}
+    cfg = grid_config(setup, tmp_path, **own, **{"axes.init_resolution": "{vit: 32}"})
+    res = {(c.init_label, c.resolution) for c in expand(cfg)}
+    assert res == {("a", 64), ("a", 128), ("vit", 32)}
+    assert len(expand(cfg)) == 3 * 2 * 3  # (a: 2 sizes, vit: 1) x 2 fractions x 3 folds
+    preds = pd.DataFrame({"init": ["a", "a", "vit"], "resolution": [64, 128, 32]})
+    spread = at_axis_resolutions(preds, cfg)
+    rows = set(zip(spread.init, spread.resolution, spread.input_resolution, strict=True))
+    assert rows == {("a", 64, 64), ("a", 128, 128), ("vit", 64, 32), ("vit", 128, 32)}
+    with pytest.raises(ConfigError, match=r"init_resolution names \['vt'\]"):
+        grid_config(setup, tmp_path, **own, **{"axes.init_resolution": "{vt: 32}"})
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,18 @@ class ClassificationAxes(GridAxes):
     task: list[str | None] = Field(
         default_factory=lambda: [None], description="manifest tasks; null: base.data.task"
     )
+    init_resolution: dict[str, int] = Field(
+        default_factory=dict,
+        description="init label -> its own input size (e.g. 224 for a ViT): its cells run at "
+        "it alone, and the report compares it with the other inits at every axis resolution",
+    )
+
+    @model_validator(mode="after")
+    def _own_resolutions(self) -> ClassificationAxes:
+        unknown = sorted(set(self.init_resolution) - set(self.init))
+        if unknown:
+            raise ValueError(f"init_resolution names {unknown}, which are not init labels")
+        return self
 
 
 class SegmentationAxes(GridAxes):

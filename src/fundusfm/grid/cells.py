@@ -81,12 +81,13 @@ def _tasks(cfg: GridConfig) -> list[str | None]:
 def expand(cfg: GridConfig) -> list[Cell]:
     """All distinct cells, in a fixed order (the order shards are cut from)."""
     a = cfg.axes
+    own = getattr(a, "init_resolution", {})  # classification: inits at their own size
     cells: dict[str, Cell] = {}
-    for task, label, method, res, frac, fold in itertools.product(
-        _tasks(cfg), a.init, a.method, a.resolution, a.fraction, a.fold
-    ):
-        cell = Cell(task, label, a.init[label], method, res, frac, fold)
-        cells.setdefault(cell.id, cell)
+    for task, label, method in itertools.product(_tasks(cfg), a.init, a.method):
+        resolutions = [own[label]] if label in own else a.resolution
+        for res, frac, fold in itertools.product(resolutions, a.fraction, a.fold):
+            cell = Cell(task, label, a.init[label], method, res, frac, fold)
+            cells.setdefault(cell.id, cell)
     return list(cells.values())
 
 

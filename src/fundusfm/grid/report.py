@@ -16,6 +16,9 @@ Writes into `<grid out>/report/`:
                      AUROC otherwise. `test` names the test, `patients` counts the clusters,
                      `p_holm` is `p_value` adjusted by Holm's method within its family (the
                      pairs of inits at one task, method, resolution and fraction).
+                     `resolution_a`/`_b` are the sizes the two models were fed: an init
+                     with its own (`axes.init_resolution`, e.g. a ViT at 224) is compared
+                     with the others at every resolution of the axis.
                      Incomplete groups are left out unless `allow_incomplete`.
     external.csv     per group and external set: AUROC mean and sd over the folds' models,
                      and the AUROC of their ensemble (mean score per image) with a 95%
@@ -62,6 +65,7 @@ from fundusfm.grid.seg_report import build_seg_report
 from fundusfm.grid.tables import (
     KEYS,
     add_holm,
+    at_axis_resolutions,
     completeness,
     external_metrics,
     in_groups,
@@ -72,6 +76,7 @@ from fundusfm.io import read_json, write_csv, write_text_atomic
 # the header of a comparisons.csv without rows (every group incomplete, or one init)
 COMPARISON_COLUMNS = [
     *("task", "method", "resolution", "fraction", "init_a", "init_b", "images", "complete"),
+    *("resolution_a", "resolution_b"),
     *("auroc_a", "auroc_b", "difference", "p_value", "test", "patients"),
 ]
 
@@ -159,6 +164,13 @@ def _pair_test(kind, y, sa, sb, groups, n_boot) -> dict:
     }
 
 
+def _fed(frame: pd.DataFrame) -> int | None:
+    """The input size a model's rows were scored at (`tables.at_axis_resolutions`)."""
+    if "input_resolution" not in frame or frame.empty:
+        return None
+    return int(frame["input_resolution"].iloc[0])
+
+
 def compare(
     preds: pd.DataFrame,
     tasks: dict,
@@ -186,6 +198,7 @@ def compare(
             coords = dict(zip(fixed, key, strict=True))
             whole = all((coords["task"], i, *key[1:]) not in lacking for i in (a, b))
             row = {**coords, "init_a": a, "init_b": b, "images": len(common), "complete": whole}
+            row |= {f"resolution_{x}": _fed(by_init[i]) for x, i in (("a", a), ("b", b))}
             out.append({**row, **_pair_test(kind, y, sa, sb, groups, n_boot)})
     return pd.DataFrame(out) if out else pd.DataFrame(columns=COMPARISON_COLUMNS)
 
@@ -325,7 +338,9 @@ def build_report(cfg: GridConfig, n_boot: int = 1000, allow_incomplete: bool = F
     incomplete = groups[~groups["complete"]]
     summary = groups.merge(summarise(results, preds, tasks, patients, n_boot), how="left")
     compared = preds if allow_incomplete else preds[~in_groups(preds, incomplete)]
-    comparisons = add_holm(compare(compared, tasks, patients, n_boot, incomplete), "p_value")
+    compared = at_axis_resolutions(compared, cfg)
+    lacking = at_axis_resolutions(incomplete, cfg)
+    comparisons = add_holm(compare(compared, tasks, patients, n_boot, lacking), "p_value")
     external = external_table(cfg, results, tasks, n_boot)
     if not external.empty:
         external = groups[[*KEYS, "complete"]].merge(external, how="inner")

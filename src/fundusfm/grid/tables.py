@@ -55,6 +55,19 @@ def external_metrics(cfg: GridConfig, d: Path) -> dict:
     return row
 
 
+def at_axis_resolutions(frame: pd.DataFrame, cfg: GridConfig) -> pd.DataFrame:
+    """Rows of inits with their own input size (`axes.init_resolution`) repeated at every
+    resolution of the axis, so that the comparisons pair them with every other init there;
+    `input_resolution` keeps the size each model was fed."""
+    frame = frame.assign(input_resolution=frame["resolution"])
+    own = getattr(cfg.axes, "init_resolution", {})
+    if not own or frame.empty:
+        return frame
+    mine = frame["init"].isin(list(own))
+    copies = [frame[mine].assign(resolution=r) for r in cfg.axes.resolution]
+    return pd.concat([frame[~mine], *copies], ignore_index=True)
+
+
 def completeness(cfg: GridConfig) -> pd.DataFrame:
     """Per group (KEYS): folds done vs expected, `complete`, and the folds not done by state.
 
