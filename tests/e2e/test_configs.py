@@ -8,6 +8,7 @@ the file, when a config is added to configs/ without an entry in RUNS (or in ELS
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from collections.abc import Callable
@@ -318,6 +319,9 @@ def check_compare_models(c: Ctx, outputs: list[str]) -> None:
     fed = dict(zip(pairs.init_a, pairs.resolution_a, strict=True))
     fed |= dict(zip(pairs.init_b, pairs.resolution_b, strict=True))
     assert fed == {"scratch": 64, "retfound": 32} and set(pairs.resolution) == {64}
+    methods = html.unescape((out / "report.html").read_text("utf-8"))
+    assert "torchvision's ResNet-10 (timm's vit_tiny_patch16_224 for retfound)" in methods
+    assert "64 px; retfound at its own 32 px, compared with the others at each" in methods
     (cell,) = (c.tmp / "grid" / "cells").glob("task=*/init=retfound/method=ff/res=32/*/*")
     meta = json.loads(next(cell.rglob("bundle.json")).read_text())
     assert meta["architecture"]["arch"] == "timm:vit_tiny_patch16_224"

@@ -19,6 +19,7 @@ from fundusfm.errors import ConfigError
 from fundusfm.evaluation.stats import CLUSTERED_DELONG, DELONG
 from fundusfm.grid.html import count
 from fundusfm.grid.tables import ALPHA, WILCOXON
+from fundusfm.io import read_json
 
 INIT_WORDS = {
     "scratch": "random initialisation",
@@ -172,9 +173,9 @@ def _adaptation(cfg: ClassificationGrid) -> str:
     }
     aug = t.augment
     text = (
-        f"The backbone was torchvision's {m.arch.replace('resnet', 'ResNet-')}, initialised "
-        f"with {_inits(cfg)}, at input resolution {_list(cfg.axes.resolution)} px "
-        "(field-of-view crop, square padding, resize). Adaptation methods: "
+        f"The backbone was {_arch_words(m.arch)}{_own_archs(cfg)}, initialised "
+        f"with {_inits(cfg)}, at input resolution {_list(cfg.axes.resolution)} px"
+        f"{_own_sizes(cfg)} (field-of-view crop, square padding, resize). Adaptation methods: "
         f"{'; '.join(words[x] for x in cfg.axes.method)}."
     )
     if any(x != "lf" for x in cfg.axes.method) or cfg.probe.mode == "train":
@@ -185,6 +186,32 @@ def _adaptation(cfg: ClassificationGrid) -> str:
             f"{aug.brightness:g} and {aug.contrast:g}."
         )
     return text
+
+
+def _arch_words(arch: str) -> str:
+    if arch.startswith("timm:"):
+        return f"timm's {arch.removeprefix('timm:')}"
+    return f"torchvision's {arch.replace('resnet', 'ResNet-')}"
+
+
+def _own_archs(cfg: ClassificationGrid) -> str:
+    """The inits whose bundle holds another architecture than the base's (a ViT from
+    `weights import`), read from their bundle.json."""
+    own = []
+    for label, init in cfg.axes.init.items():
+        meta = Path(init) / "bundle.json"
+        arch = read_json(meta).get("architecture", {}).get("arch") if meta.is_file() else None
+        if arch and arch != cfg.base.model.arch:
+            own.append(f"{_arch_words(arch)} for {label}")
+    return f" ({'; '.join(own)})" if own else ""
+
+
+def _own_sizes(cfg: ClassificationGrid) -> str:
+    own = cfg.axes.init_resolution
+    if not own:
+        return ""
+    sizes = "; ".join(f"{label} at its own {r} px" for label, r in own.items())
+    return f"; {sizes}, compared with the others at each resolution"
 
 
 def _tests(tests: list[str], n_boot: int, what: str) -> str:
