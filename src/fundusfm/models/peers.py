@@ -29,7 +29,7 @@ import argparse
 import pickle
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -151,6 +151,18 @@ def _file(obj) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in tensors(obj, "the file").items()}
 
 
+FLAIR_INFO = PeerInfo(
+    "flair",
+    "FLAIR (ResNet-50 vision encoder)",
+    "resnet50",
+    mean=NO_NORM[0],
+    std=NO_NORM[1],
+    resolution=512,
+    interpolation=None,
+    resize="longer side to 512, aspect kept, zero padding right and bottom",
+    source="https://github.com/jusiro/FLAIR (flair_resnet.pth)",
+    license="mit",
+)
 PEERS: dict[str, tuple[PeerInfo, Callable[[object], dict]]] = {
     "retfound": (
         PeerInfo(
@@ -173,33 +185,14 @@ PEERS: dict[str, tuple[PeerInfo, Callable[[object], dict]]] = {
         ),
         _teacher,
     ),
-    "flair": (
-        PeerInfo(
-            "flair",
-            "FLAIR (ResNet-50 vision encoder)",
-            "resnet50",
-            mean=NO_NORM[0],
-            std=NO_NORM[1],
-            resolution=512,
-            interpolation=None,
-            resize="longer side to 512, aspect kept, zero padding right and bottom",
-            source="https://github.com/jusiro/FLAIR (flair_resnet.pth)",
-            license="mit",
-        ),
-        _vision_model,
-    ),
+    "flair": (FLAIR_INFO, _vision_model),
     "keepfit": (
-        PeerInfo(
-            "keepfit",
-            "KeepFIT (ResNet-50 vision encoder)",
-            "resnet50",
-            mean=NO_NORM[0],
-            std=NO_NORM[1],
-            resolution=512,
-            interpolation=None,
-            resize="longer side to 512, aspect kept, zero padding right and bottom",
+        replace(
+            FLAIR_INFO,
+            name="keepfit",
+            title="KeepFIT (ResNet-50 vision encoder)",
             source="https://github.com/Wang-Naiyu/KeepFIT",
-            license="mit",
+            license=None,
         ),
         _vision_model,
     ),
