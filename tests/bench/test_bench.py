@@ -24,6 +24,7 @@ QUICK_ROWS = {
     "a.cpu.96",
     "a.cpu.64.w1p",
     "b",
+    "b.grid",
     "c.64.eager",
     "c.64.onnxruntime",
     "c.64.torch.compile",
@@ -46,8 +47,8 @@ def test_quick_run_prints_table_and_writes_every_row(tmp_path: Path):
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     rows = {r["id"]: r for r in report["rows"]}
-    assert set(rows) == {"b", "d"}
-    check_quick_rows(rows, ["b", "d"])
+    assert set(rows) == {"b", "b.grid", "d"}
+    check_quick_rows(rows, ["b", "b.grid", "d"])
     memory = rows["d"]["values"]
     assert memory["peak_mb_small"] > 0 and memory["peak_mb_large"] > 0
     assert rows["b"]["values"]["cells"] == 4  # 2 folds x 2 fractions
@@ -70,6 +71,51 @@ def check_quick_rows(rows: dict, wanted) -> None:
         assert r["status"] == "ok", (rid, r["reason"])
         assert r["ratio"] is not None and math.isfinite(r["ratio"]) and r["ratio"] > 0, rid
         assert r["figure"] and r["setting"] and r["goal"]
+
+
+def test_lf_row_runs_a_timm_arch_at_the_preset_resolution(tmp_path: Path):
+    """`--set lf_arch=... --set lf_resolution=...`: row b builds that model at that size and
+    names it; b.grid has the extraction's images/s and the grid / one-pass ratio."""
+    out = tmp_path / "bench.json"
+    sets = ["lf_arch=timm:vit_tiny_patch16_224", "lf_resolution=32", "images=12"]
+    args = ["bench", "run", "--quick", "--only", "lf", *(a for s in sets for a in ("--set", s))]
+    result = CliRunner().invoke(app, [*args, "--json", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["command"].endswith(" --set ".join(["", *sets]))
+    rows = {r["id"]: r for r in report["rows"]}
+    assert set(rows) == {"b", "b.grid"}
+    check_quick_rows(rows, ["b", "b.grid"])
+    for r in rows.values():
+        assert r["setting"].startswith("timm:vit_tiny_patch16_224, 32 px, 12 images, 2 folds")
+    v = rows["b.grid"]["values"]
+    assert (v["arch"], v["resolution"], v["images"], v["cells"]) == (
+        "timm:vit_tiny_patch16_224",
+        32,
+        12,
+        4,
+    )
+    assert v["feature_dim"] == 192  # ViT-Ti/16's width: the timm model was built
+    assert v["extract_images_per_s"] > 0 and rows["b.grid"]["ratio"] >= 1
+    assert rows["b.grid"]["ratio"] == v["lf_cost_vs_one_extraction"]
+    assert rows["b.grid"]["goal"] == "<= 1.30"
+    grid_line = next(line for line in result.stdout.splitlines() if line.startswith("b.grid"))
+    assert "timm:vit_tiny_patch16_224, 32 px" in grid_line and " img/s " in grid_line
+
+
+def test_set_changes_preset_fields_by_their_types():
+    from fundusfm.bench.presets import PRESETS, with_changes
+
+    changes = ["lf_arch=timm:vit_large_patch16_224", "lf_resolution=224", "lf_fractions=0.5,1"]
+    p = with_changes(PRESETS["quick"], [*changes, "memory_sizes=3,30"])
+    assert p.lf_arch == "timm:vit_large_patch16_224" and p.lf_resolution == 224
+    assert p.lf_fractions == (0.5, 1.0)
+    assert p.memory_sizes == (3, 30) and p.arch == "resnet10"  # the rest as the preset has it
+    assert with_changes(p, ["lf_arch=none"]).lf_arch is None
+    with pytest.raises(ConfigError, match="not a valid int"):
+        with_changes(p, ["images=many"])
+    with pytest.raises(ConfigError, match="FIELD one of arch, images"):
+        with_changes(p, ["lf_size=224"])
 
 
 def test_screening_rows_say_why_a_backend_cannot_run(monkeypatch):

@@ -138,10 +138,12 @@ def bench_lf(
 ) -> dict:
     """LF via the feature cache vs training heads on a frozen backbone every epoch.
 
-    Measured in one run: one feature-extraction pass over the dataset; fitting the
+    Measured in one run: one feature-extraction pass over the dataset (of `cfg.model.arch`,
+    any timm:NAME too, built for `cfg.data.resolution` inputs); fitting the
     logistic-regression probes of every fold x fraction on those features; and one epoch of
     frozen-backbone head training (fold 0, fraction 1), whose per-image cost is multiplied
     out to `epochs_baseline` epochs of every fold x fraction training part (stated as such).
+    `lf_cost_vs_one_extraction`: the whole grid through the features over the one pass.
     """
     device = resolve_device(cfg.train.device)
     data = load_fold(cfg.data, progress=False)
@@ -161,9 +163,13 @@ def bench_lf(
     t_baseline = per_image * epochs_baseline * sum(train_sizes)
     lf_total = t_extract + t_probes
     return {
+        "arch": backbone.arch,
+        "resolution": cfg.data.resolution,
         "images": len(rows),
+        "feature_dim": int(features.shape[1]),
         "cells": len(train_sizes),
         "extract_s": t_extract,
+        "extract_images_per_s": len(rows) / t_extract,
         "probes_s": t_probes,
         "lf_via_features_s": lf_total,
         "lf_cost_vs_one_extraction": lf_total / t_extract,

@@ -3,11 +3,16 @@
 `default` uses the paper's model and the sizes the issue names; `quick` is a smoke-test
 preset (ResNet-10, a handful of images, small memory row); `gpu` runs rows a and c on CUDA
 only (AMP + channels_last at 512 px), sized for the few minutes of `benchmarks/gpu_check.py`.
+`bench run --set FIELD=VALUE` changes one field of the preset chosen (`with_changes`), e.g.
+`--set lf_arch=timm:vit_large_patch16_224 --set lf_resolution=224 --set images=48`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 
 from fundusfm.errors import ConfigError
@@ -24,6 +29,7 @@ class Preset:
     rounds: int = 3  # loader epoch / in-memory epoch pairs, in the order A B, B A, A B ...
     cpu_variant_workers: int = 2  # one more row: this many persistent workers (0: none)
     pipeline_resolutions: tuple[int, ...] = (128, 224)
+    lf_arch: str | None = None  # row b's model (any timm:NAME; a ViT at lf_resolution); None: arch
     lf_resolution: int = 224
     lf_folds: int = 5
     lf_fractions: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -104,3 +110,34 @@ def preset_named(name: str | None, quick: bool = False) -> Preset:
     if name not in PRESETS:
         raise ConfigError(f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def _parse(name: str, kind, text: str):
+    """`text` as a value of the field's type (`kind`): int, float, str, `X | None` (`none`:
+    None), tuples as comma-separated items."""
+    args = typing.get_args(kind)
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        if text.strip().lower() in ("", "none", "null"):
+            return None
+        return _parse(name, next(a for a in args if a is not type(None)), text)
+    if typing.get_origin(kind) is tuple:
+        items = [t for t in text.split(",") if t.strip()]
+        return tuple(_parse(name, args[0], t) for t in items)
+    try:
+        return kind(text.strip())
+    except ValueError:
+        raise ConfigError(f"--set {name}: {text!r} is not a valid {kind.__name__}") from None
+
+
+def with_changes(preset: Preset, changes: list[str] | None) -> Preset:
+    """`preset` with each `FIELD=VALUE` of `bench run --set` applied."""
+    hints = typing.get_type_hints(Preset)
+    values = {}
+    for change in changes or []:
+        name, sep, text = change.partition("=")
+        name = name.strip()
+        if not sep or name not in hints or name == "name":
+            fields = ", ".join(f for f in hints if f != "name")
+            raise ConfigError(f"--set {change!r}: expected FIELD=VALUE, FIELD one of {fields}")
+        values[name] = _parse(name, hints[name], text)
+    return dataclasses.replace(preset, **values)

@@ -41,6 +41,14 @@ def bench_run_cmd(
         int | None, typer.Option(help="Loader / in-memory epoch alternations in row a.")
     ] = None,
     arch: Annotated[str | None, typer.Option(help="Model of rows a-c (e.g. resnet18).")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Change one preset field, e.g. --set lf_arch=timm:vit_large_patch16_224 "
+            "--set lf_resolution=224 --set images=48 (tuples comma-separated).",
+        ),
+    ] = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Every benchmark row side by side: input pipeline, LF, screening backends, memory.
@@ -50,7 +58,7 @@ def bench_run_cmd(
     """
     import dataclasses
 
-    from fundusfm.bench.presets import preset_named
+    from fundusfm.bench.presets import preset_named, with_changes
     from fundusfm.bench.runner import format_table, parse_only, run_bench
 
     command = "fundusfm bench run" + "".join(f" {flag}" for flag, on in [("--quick", quick)] if on)
@@ -58,10 +66,12 @@ def bench_run_cmd(
         command += f" {flag} {value}" if value is not None else ""
     command += f" --rounds {rounds}" if rounds is not None else ""
     command += f" --arch {arch}" if arch else ""
+    command += "".join(f" --set {change}" for change in set_ or [])
     with user_errors():
         preset = preset_named(preset_name, quick)
         changes = {"workers": workers, "rounds": rounds, "arch": arch}
         preset = dataclasses.replace(preset, **{k: v for k, v in changes.items() if v is not None})
+        preset = with_changes(preset, set_)
         rows = parse_only(only)
         report = run_bench(preset, rows, say=lambda m: typer.echo(m, err=True), command=command)
     typer.echo(format_table(report))
