@@ -1,7 +1,10 @@
 """Grad-CAM for classifier bundles (`fundusfm explain gradcam`, `predict --gradcam`).
 
-Maps come from pytorch-grad-cam's GradCAM on the last residual stage (`layer4`), for the
-predicted class, a chosen class, or (multilabel) every label. Each map is scored for
+Maps come from pytorch-grad-cam's GradCAM, for the predicted class, a chosen class, or
+(multilabel) every label, on the layer `cam_layer` picks for the backbone: a torchvision
+ResNet's last residual block (`layer4[-1]`); a timm ViT's last block's `norm1`, its tokens
+laid back on the patch grid (`TokenGrid`: prefix tokens dropped, as pytorch-grad-cam's ViT
+recipe); a timm CNN's last feature stage (`feature_info[-1]`). Each map is scored for
 faithfulness with ROAD (Rong et al., 2022: pytorch-grad-cam's ROADCombined over 20-80%
 of pixels removed, most- and least-relevant first; higher means the map points at what
 the model uses), measured on the probability the bundle reports (a softmax over classes;
@@ -12,6 +15,7 @@ image they cover.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +39,10 @@ from fundusfm.data.transforms import normalise, to_tensor
 from fundusfm.errors import ConfigError, DataError, WeightsError
 from fundusfm.inference import scorer
 from fundusfm.io import read_json, write_csv, write_json, write_npy
+from fundusfm.models.backbone import Backbone
+from fundusfm.models.heads import Classifier
 from fundusfm.models.loaded import Bundle, load_bundle
+from fundusfm.models.timm_backbone import TimmBackbone
 
 
 def _inputs(bundle: Bundle, images: list[np.ndarray]) -> torch.Tensor:
@@ -65,6 +72,66 @@ def probability_targets(kind: str, targets: list[int]) -> list:
     return [make(t) for t in targets]
 
 
+SUPPORTED = (
+    "Grad-CAM supports classifiers on torchvision ResNets (resnet10/18/34/50/101), timm ViTs "
+    "(timm:vit_*, DINOv2 and other ViTs with a class or register tokens) and timm CNNs with "
+    "NCHW feature maps (timm:convnext_*, timm:efficientnet_*, ...)"
+)
+
+
+class TokenGrid:
+    """A ViT's tokens (N x L x C) as feature maps (N x C x H x W): the `prefix` tokens (class,
+    registers) dropped, the patch tokens laid out row by row on the H x W patch grid."""
+
+    def __init__(self, prefix: int, grid: tuple[int, int]):
+        self.prefix, self.grid = int(prefix), (int(grid[0]), int(grid[1]))
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        (n, length, c), (h, w) = tokens.shape, self.grid
+        if length - self.prefix != h * w:
+            raise ConfigError(
+                f"a ViT with {length} tokens has not {self.prefix} prefix tokens and a "
+                f"{h}x{w} patch grid; Grad-CAM needs images at the bundle's resolution"
+            )
+        return tokens[:, self.prefix :].reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+Reshape = Callable[[torch.Tensor], torch.Tensor] | None
+
+
+def cam_layer(model: torch.nn.Module) -> tuple[torch.nn.Module, Reshape]:
+    """The layer Grad-CAM reads (module docstring) and how its output becomes N x C x H x W
+    (None: it already is); a `ConfigError` naming what is supported for anything else."""
+    if not isinstance(model, Classifier):
+        raise ConfigError(
+            "Grad-CAM explains classifiers: this bundle has no classes (a backbone alone, "
+            "imported weights): fine-tune it first, e.g. `fundusfm finetune --set model.init=...`"
+        )
+    backbone = model.backbone
+    if isinstance(backbone, Backbone):
+        return backbone.net.layer4[-1], None
+    if isinstance(backbone, TimmBackbone):
+        return _vit_layer(backbone) if backbone.is_vit else _cnn_layer(backbone)
+    raise ConfigError(f"{SUPPORTED}; this backbone is a {type(backbone).__name__}")
+
+
+def _vit_layer(backbone: TimmBackbone) -> tuple[torch.nn.Module, Reshape]:
+    net = backbone.net
+    block = net.blocks[-1]
+    grid = getattr(net.patch_embed, "grid_size", None)
+    if not hasattr(block, "norm1") or grid is None or not hasattr(net, "num_prefix_tokens"):
+        raise ConfigError(f"{SUPPORTED}; {backbone.arch} is not a ViT of timm's layout")
+    return block.norm1, TokenGrid(net.num_prefix_tokens, tuple(grid))
+
+
+def _cnn_layer(backbone: TimmBackbone) -> tuple[torch.nn.Module, Reshape]:
+    net = backbone.net
+    info = getattr(net, "feature_info", None)
+    if not info or getattr(net, "output_fmt", "NCHW") != "NCHW":
+        raise ConfigError(f"{SUPPORTED}; {backbone.arch} is not one of them")
+    return net.get_submodule(info[-1]["module"]), None
+
+
 def gradcam_maps(bundle: Bundle, images: list[np.ndarray], targets: list[int]) -> np.ndarray:
     """Grad-CAM maps (N x R x R, each scaled to [0, 1]) for preprocessed RxRx3 images.
 
@@ -72,8 +139,8 @@ def gradcam_maps(bundle: Bundle, images: list[np.ndarray], targets: list[int]) -
     For a multilabel label this gives the same map as its sigmoid would: the sigmoid's slope
     is one positive factor per image, which the scaling of each map to [0, 1] removes.
     """
-    layer = bundle.model.backbone.net.layer4[-1]
-    with GradCAM(model=bundle.model, target_layers=[layer]) as cam:
+    layer, reshape = cam_layer(bundle.model)
+    with GradCAM(model=bundle.model, target_layers=[layer], reshape_transform=reshape) as cam:
         return cam(
             input_tensor=_inputs(bundle, images),
             targets=[ClassifierOutputTarget(t) for t in targets],
@@ -228,6 +295,12 @@ def _classifier(bundle_path: Path, class_name: str | None) -> Bundle:
         raise WeightsError(
             f"Grad-CAM explains classifiers; {bundle_path} segments vessels (give a "
             "classifier bundle)"
+        )
+    if bundle.kind == "features":
+        raise ConfigError(
+            f"Grad-CAM explains classifiers; {bundle_path} is a backbone alone (imported "
+            "weights, no classes): fine-tune it first, e.g. `fundusfm finetune --set "
+            f"model.init={bundle_path}`"
         )
     if class_name is not None and class_name not in bundle.classes:
         raise ConfigError(
