@@ -201,6 +201,13 @@ class TrainConfig(LoopConfig):
     class_weighted_loss: bool = False
     balanced_sampler: bool = False
     select_metric: str = Field("auroc", description="validation metric for model selection")
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="layer-wise lr decay of a timm backbone (ViT), the RETFound recipe: a layer "
+        "k below the top trains at lr * layer_decay**k (RETFound 0.65, BEiT 0.75); None = off",
+    )
     augment: AugmentConfig = AugmentConfig()
 
 

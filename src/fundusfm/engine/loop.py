@@ -50,7 +50,9 @@ class Job:
     its augmentation; `loss(logits, targets)` gets the targets on the device; `validate(model,
     runtime)` returns the epoch's validation metrics (every rank calls it; it gathers across
     ranks itself) and `select` names the one that picks the best epoch; `sampler(generator)`
-    gives the training order (default: a shuffle); `frozen` modules stay in eval mode.
+    gives the training order (default: a shuffle); `frozen` modules stay in eval mode;
+    `param_groups` (the optimiser's groups, each with its own `lr`/`weight_decay`, e.g. layer-wise
+    lr decay) replace the one group of all trainable parameters; frozen ones are left out.
     """
 
     model: nn.Module
@@ -61,6 +63,7 @@ class Job:
     lower_is_better: bool = True  # as for the default, a loss; say False for Dice, AUROC...
     sampler: Callable[[torch.Generator], Sampler[int]] | None = None
     frozen: list[nn.Module] = field(default_factory=list)
+    param_groups: list[dict] | None = None
 
 
 def train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
@@ -80,7 +83,21 @@ def cosine_with_warmup(total: int, warmup: int) -> Callable[[int], float]:
     return factor
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: LoopConfig) -> torch.optim.Optimizer:
+def optimizer_params(job: Job) -> list[nn.Parameter] | list[dict]:
+    """What the optimiser trains: the job's groups (trainable parameters only, empty groups
+    dropped) or, without groups, every trainable parameter of the model in one group."""
+    if job.param_groups is None:
+        return [p for p in job.model.parameters() if p.requires_grad]
+    groups = [
+        {**g, "params": [p for p in g["params"] if p.requires_grad]} for g in job.param_groups
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(
+    params: list[nn.Parameter] | list[dict], cfg: LoopConfig
+) -> torch.optim.Optimizer:
+    """AdamW or SGD at `cfg.lr`/`cfg.weight_decay`; a group's own `lr`/`weight_decay` win."""
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(
@@ -121,8 +138,7 @@ class Trainer:
         if rt.channels_last:
             job.model.to(memory_format=torch.channels_last)
         self.trained = ddp.wrap(job.model, rt.device, cfg.sync_batchnorm)  # model with 1 process
-        params = [p for p in job.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(params, cfg)
+        self.optimizer = make_optimizer(optimizer_params(job), cfg)
         steps = math.ceil(batches_per_epoch / cfg.grad_accum)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,

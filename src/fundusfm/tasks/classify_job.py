@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import torch
+from timm.optim import param_groups_layer_decay
 from torch import nn
 from torch.utils.data import RandomSampler, WeightedRandomSampler
 
@@ -19,8 +20,10 @@ from fundusfm.engine.predict import predict
 from fundusfm.errors import ConfigError, DataError
 from fundusfm.evaluation.metrics import classification_metrics, validation_loss
 from fundusfm.models.heads import Classifier
+from fundusfm.models.timm_backbone import TimmBackbone
 
 LOWER_IS_BETTER = {"brier", "loss"}
+MATCH_PREV_GROUP = (99999,)  # timm's mark of a group folded into the one before it
 
 
 def set_trainable(model: Classifier, method: str, partial_stages: int = 1) -> list[nn.Module]:
@@ -102,15 +105,75 @@ def classification_loss(kind: str, criterion: nn.Module):
     return loss
 
 
+class _OwnTopNorm:
+    """A ViT as timm's layer decay sees it, but with the final norm a layer of its own on top
+    (BEiT, MAE, RETFound): timm's ViT matcher folds it into the last block, which would then
+    train at the full lr instead of lr * decay."""
+
+    def __init__(self, net: nn.Module):
+        self.net = net
+
+    def named_parameters(self, *args, **kwargs):
+        return self.net.named_parameters(*args, **kwargs)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        def own(spec):
+            if not isinstance(spec, list | tuple):
+                return spec
+            top = (MATCH_PREV_GROUP[0] - 1,)
+            return [
+                (regex, top if suffix == MATCH_PREV_GROUP else suffix) for regex, suffix in spec
+            ]
+
+        return {k: own(v) for k, v in self.net.group_matcher(coarse=coarse).items()}
+
+
+def optimizer_groups(model: Classifier, cfg: TrainConfig) -> list[dict] | None:
+    """The optimiser's parameter groups: None (all trainable parameters, one group) unless
+    `train.layer_decay` is set. Then layer-wise lr decay: timm's groups of the backbone
+    (`param_groups_layer_decay`; a ViT's stem, i.e. patch embedding, class token and position
+    embedding, is layer 0, block k layer k + 1, its final norm the top) at
+    lr * layer_decay ** (top - layer), no weight decay on 1-d parameters and those the timm
+    model names in `no_weight_decay()`, and the head (all outside the backbone) at the full lr.
+    Only trainable parameters appear (freeze first); a model gives the same groups every run,
+    so that a resumed optimiser state fits."""
+    if cfg.layer_decay is None:
+        return None
+    backbone = model.backbone
+    if not isinstance(backbone, TimmBackbone) or not hasattr(backbone.net, "group_matcher"):
+        raise ConfigError(
+            f"train.layer_decay applies to timm backbones (ViTs, model.arch=timm:NAME) only; "
+            f"{backbone.arch} has no layers for it: unset train.layer_decay"
+        )
+    net = backbone.net
+    groups = param_groups_layer_decay(
+        _OwnTopNorm(net) if backbone.is_vit else net,
+        weight_decay=cfg.weight_decay,
+        no_weight_decay_list=getattr(net, "no_weight_decay", set)(),
+        layer_decay=cfg.layer_decay,
+    )
+    for group in groups:
+        group["lr"] = cfg.lr * group["lr_scale"]
+    in_net = {id(p) for p in net.parameters()}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_net]
+    if rest:
+        groups.append(
+            {"params": rest, "lr": cfg.lr, "lr_scale": 1.0, "weight_decay": cfg.weight_decay}
+        )
+    return groups
+
+
 def classification_job(
     model: Classifier, data: FoldData, cfg: TrainConfig, method: str, partial_stages: int = 1
 ) -> Job:
-    """The loop's job for one fold: train on `data`'s training part, select on its validation."""
+    """The loop's job for one fold: train on `data`'s training part, select on its validation;
+    with `train.layer_decay`, layer-wise lr decay (`optimizer_groups`)."""
     kind, n_classes = data.task.kind, len(data.task.class_names)
     train_labels = data.labels[data.parts["train"]]
     check_select_metric(kind, cfg.select_metric, data.labels[data.parts["val"]], n_classes)
     criterion = make_loss(kind, cfg, train_labels, n_classes)
     val_set = data.dataset("val")
+    frozen = set_trainable(model, method, partial_stages)  # before the groups: trainable only
 
     def validate(m: nn.Module, rt: Runtime) -> dict[str, float]:
         scores, labels, _ = ddp.gather_predictions(*predict(m, ddp.shard(val_set), rt, kind))
@@ -119,7 +182,8 @@ def classification_job(
 
     return Job(
         model=model,
-        frozen=set_trainable(model, method, partial_stages),
+        frozen=frozen,
+        param_groups=optimizer_groups(model, cfg),
         train_set=data.dataset("train", cfg.augment, cfg.seed),
         loss=classification_loss(kind, criterion),
         validate=validate,
