@@ -28,8 +28,9 @@ from torch.utils.data import DistributedSampler, RandomSampler
 from fundusfm.config.core import FinetuneConfig, SplitConfig, dump_config, load_config
 from fundusfm.data.manifest import load_manifest
 from fundusfm.data.splits import make_splits
-from fundusfm.engine.distributed import local_batch, shard_order, wrap
+from fundusfm.engine.distributed import convert_sync_batchnorm, local_batch, shard_order, wrap
 from fundusfm.errors import ConfigError
+from fundusfm.models.backbone import build_backbone
 from fundusfm.tasks.classify import finetune
 from tests.conftest import TINY_ARCH
 
@@ -248,3 +249,14 @@ def test_a_vit_fully_fine_tuned_by_two_processes_equals_one(setup, tmp_path):
     args = ["finetune", "-q", "--config", str(dump_config(two, tmp_path / "two.yaml"))]
     finished(torchrun(args))
     assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_sync_batchnorm_keeps_the_activation_of_timms_batchnorm_act():
+    """timm's EfficientNet fuses BatchNorm and activation (BatchNormAct2d); torch's own
+    conversion would drop the activation, timm's (the one `wrap` uses) keeps it."""
+    net = build_backbone("timm:efficientnet_b0").net
+    fused = sum(type(m).__name__ == "BatchNormAct2d" for m in net.modules())
+    converted = convert_sync_batchnorm(net)
+    kinds = [type(m).__name__ for m in converted.modules()]
+    assert fused > 0 and kinds.count("SyncBatchNormAct") == fused
+    assert "BatchNormAct2d" not in kinds

@@ -17,6 +17,8 @@ from fundusfm.data.transforms import normalise
 from fundusfm.errors import WeightsError
 from fundusfm.models.inits import file_backbone
 
+VFM_MEAN = (0.423737496137619, 0.2609460651874542, 0.128403902053833)  # utils.get_stats
+VFM_STD = (0.29482534527778625, 0.20167365670204163, 0.13668020069599152)
 EPS = 1e-6  # every source's ViT: partial(nn.LayerNorm, eps=1e-6)
 IMAGES = torch.randint(
     0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
@@ -54,11 +56,15 @@ def vit_state(width: int, depth: int, patch: int, grid: int, layer_scale: bool =
 
 
 def reference_blocks(s: dict, x: torch.Tensor, heads: int, patch: int) -> list[torch.Tensor]:
-    """Each block's output tokens: the ViT forward of MAE's, DINO's and DINOv2's code."""
+    """Each block's output tokens: the ViT forward of MAE's, DINO's and DINOv2's code (with
+    DINOv2's register tokens, when the state has them, placed after the class token)."""
     width = s["cls_token"].shape[-1]
     x = F.conv2d(x, s["patch_embed.proj.weight"], s["patch_embed.proj.bias"], stride=patch)
     x = x.flatten(2).transpose(1, 2)
     x = torch.cat([s["cls_token"].expand(len(x), -1, -1), x], dim=1) + s["pos_embed"]
+    if "register_tokens" in s:
+        registers = s["register_tokens"].expand(len(x), -1, -1)
+        x = torch.cat([x[:, :1], registers, x[:, 1:]], dim=1)
     outs, depth = [], len({k.split(".")[1] for k in s if k.startswith("blocks.")})
     for i in range(depth):
         p = f"blocks.{i}."
@@ -143,9 +149,7 @@ def test_visionfm_teacher_gives_the_last_four_class_tokens(tmp_path):
         "module.backbone.masked_embed": torch.zeros(192),
     }
     file = save({"teacher": teacher, "student": teacher, "epoch": 100}, tmp_path / "vfm.pth")
-    blocks = reference_blocks(
-        encoder, source_input((0.4237, 0.2609, 0.1284), (0.2948, 0.2017, 0.1367)), 3, 16
-    )
+    blocks = reference_blocks(encoder, source_input(VFM_MEAN, VFM_STD), 3, 16)
     expected = torch.cat([final_norm(encoder, b)[:, 0] for b in blocks[-4:]], dim=1)
     got = ours("visionfm", file, "timm:vit_tiny_patch16_224")
     assert got.shape == (2, 4 * 192)
@@ -227,7 +231,8 @@ def test_flair_and_keepfit_vision_encoders_on_unnormalised_pixels(tmp_path, init
 def test_a_plain_timm_state_dict_loads_as_file(tmp_path):
     encoder = vit_state(width=192, depth=12, patch=16, grid=2)
     file = save({"state_dict": {**encoder, "head.weight": torch.randn(5, 192)}}, tmp_path / "t.pth")
-    x = reference_blocks(encoder, normalise(IMAGES), 3, 16)[-1]
+    # the file carries no preprocessing: timm's pretrained_cfg for the name says mean/std 0.5
+    x = reference_blocks(encoder, source_input((0.5,) * 3, (0.5,) * 3), 3, 16)[-1]
     got = ours("file", file, "timm:vit_tiny_patch16_224")  # timm's default: the class token
     torch.testing.assert_close(got, final_norm(encoder, x)[:, 0], atol=1e-5, rtol=0)
 
@@ -252,3 +257,56 @@ def test_a_missing_or_unexpected_key_is_named(tmp_path):
     file = save(mae_checkpoint(extra), tmp_path / "b.pth")
     with pytest.raises(WeightsError, match=r"unexpected key .blocks\.0\.attn\.q_norm\.weight."):
         file_backbone("retfound", file, "timm:vit_tiny_patch16_224", 32)
+
+
+def test_dinov2_chunked_blocks_and_registers(tmp_path):
+    """DINOv2's training code keeps blocks in chunks (`blocks.C.I.`, I the block's own index)
+    and registers as `register_tokens`, with a position for the class token that timm's
+    register models fold into `cls_token`."""
+    encoder = vit_state(width=384, depth=12, patch=14, grid=2, layer_scale=True)
+    encoder["register_tokens"] = torch.randn(1, 4, 384) * 0.05
+    chunked = {
+        (f"blocks.{int(k.split('.')[1]) // 3}.{k[len('blocks.') :]}" if k.startswith("blocks.")
+         else k): v
+        for k, v in encoder.items()
+    }  # fmt: skip
+    file = save(dinov2_teacher(chunked), tmp_path / "dinov2.pth")
+    arch = "timm:vit_small_patch14_reg4_dinov2"
+    backbone = file_backbone("retfound-dinov2", file, arch, 28).eval()
+    x = normalise(IMAGES[..., :28, :28])
+    with torch.no_grad():
+        got = backbone.pool(x)
+    expected = final_norm(encoder, reference_blocks(encoder, x, 6, 14)[-1])[:, 0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_resampled_position_embeddings_are_retfounds_interpolation(tmp_path):
+    """RETFound's `interpolate_pos_embed`: the grid's embeddings resized bicubic
+    (align_corners False, no antialiasing), the class token's kept."""
+    encoder = vit_state(width=192, depth=12, patch=16, grid=14)  # 224 px
+    file = save(mae_checkpoint(encoder), tmp_path / "c.pth")
+    backbone = file_backbone("retfound", file, "timm:vit_tiny_patch16_224", 64)  # 4x4 grid
+    pos = encoder["pos_embed"]
+    grid = pos[:, 1:].reshape(1, 14, 14, 192).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)
+    expected = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+    torch.testing.assert_close(backbone.net.pos_embed.detach(), expected, atol=1e-6, rtol=0)
+    assert backbone.origin["notes"] == ["position embeddings resampled 14x14 -> 4x4 (bicubic)"]
+
+
+def test_flair_and_keepfit_are_told_apart(tmp_path):
+    state = {f"vision_model.model.{k}": v for k, v in resnet_keys("resnet18").items()}
+    flair = save(state, tmp_path / "flair.pth")
+    with pytest.raises(WeightsError, match=r"expected a keepfit checkpoint.*'flair'"):
+        file_backbone("keepfit", flair, "resnet18", 32)
+    keepfit = save({**state, "attention.W_q.weight": torch.randn(4, 4)}, tmp_path / "k.pth")
+    with pytest.raises(WeightsError, match=r"expected a flair checkpoint.*'keepfit'"):
+        file_backbone("flair", keepfit, "resnet18", 32)
+
+
+def test_a_truncated_download_is_not_called_a_pickle(tmp_path):
+    whole = save(mae_checkpoint(vit_state(width=192, depth=12, patch=16, grid=2)), tmp_path / "a")
+    cut = tmp_path / "RETFound_cfp_weights.pth"
+    cut.write_bytes(whole.read_bytes()[:5000])
+    with pytest.raises(WeightsError, match=r"not a readable PyTorch checkpoint.*download"):
+        file_backbone("retfound", cut, "timm:vit_tiny_patch16_224", 32)

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.layers import convert_sync_batchnorm  # timm's BatchNormAct2d keeps its act
 from torch import nn
 from torch.utils.data import Dataset, Sampler, Subset
 
@@ -188,7 +189,7 @@ def wrap(model: nn.Module, device: torch.device, sync_batchnorm: bool) -> nn.Mod
                 "train.sync_batchnorm needs CUDA GPUs: PyTorch's SyncBatchNorm has no CPU "
                 "implementation; leave it off for CPU runs"
             )
-        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place: the root is no BatchNorm
+        convert_sync_batchnorm(model)  # in place: the root is no BatchNorm
     return nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None
     )

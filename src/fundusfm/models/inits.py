@@ -32,7 +32,14 @@ from fundusfm.bundle import read_bundle
 from fundusfm.errors import ConfigError, WeightsError, WeightsNotFound
 from fundusfm.io import file_sha256
 from fundusfm.models.backbone import ARCHS, Backbone, build_backbone
-from fundusfm.models.peers import IMAGENET, PEERS, PeerInfo, peer_state, read_checkpoint
+from fundusfm.models.peers import (
+    IMAGENET,
+    PEERS,
+    PeerInfo,
+    file_info,
+    peer_state,
+    read_checkpoint,
+)
 from fundusfm.models.timm_backbone import TIMM_PREFIX, TimmBackbone
 
 INITS = ("scratch", "imagenet", "fundus", "imagenet+fundus", *PEERS, "file")
@@ -131,6 +138,7 @@ def file_backbone(
         raise ConfigError(f"init {init!r} needs model.init_file=PATH: the checkpoint ({where})")
     info, state = peer_state(init, read_checkpoint(Path(file), trust_pickle))
     arch = peer_arch(info, arch)
+    info = file_info(arch) if init == "file" else info
     own_norm = (info.mean, info.std) != IMAGENET
     timm_model = arch.startswith(TIMM_PREFIX)
     backbone = build_backbone(

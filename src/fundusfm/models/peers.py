@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import timm
 import torch
 
 from fundusfm.errors import PickleRefused, WeightsError, WeightsNotFound
@@ -69,8 +70,14 @@ def read_checkpoint(path: Path, trust_pickle: bool = False):
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError) as exc:
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError, OSError) as exc:
         refused = exc
+    if "weights only load failed" not in str(refused).lower():  # not a pickle: a bad file
+        first = str(refused).strip().splitlines()[0] if str(refused).strip() else "empty"
+        raise WeightsError(
+            f"{path} is not a readable PyTorch checkpoint ({type(refused).__name__}: {first}); "
+            "was the download complete? (compare its sha256 with the publisher's)"
+        ) from refused
     if trust_pickle:  # the one place that unpickles: the user vouched for the file
         return torch.load(path, map_location="cpu", weights_only=False)
     raise PickleRefused(
@@ -153,7 +160,7 @@ def _file(obj) -> dict[str, torch.Tensor]:
 
 FLAIR_INFO = PeerInfo(
     "flair",
-    "FLAIR (ResNet-50 vision encoder)",
+    "FLAIR (ResNet-50 vision encoder; the 2048-d average before FLAIR's 512-d projection)",
     "resnet50",
     mean=NO_NORM[0],
     std=NO_NORM[1],
@@ -202,8 +209,8 @@ PEERS: dict[str, tuple[PeerInfo, Callable[[object], dict]]] = {
             "VisionFM (fundus ViT-B/16, teacher)",
             "timm:vit_base_patch16_224",
             pool="cls_last4",
-            mean=(0.4237, 0.2609, 0.1284),
-            std=(0.2948, 0.2017, 0.1367),
+            mean=(0.423737496137619, 0.2609460651874542, 0.128403902053833),
+            std=(0.29482534527778625, 0.20167365670204163, 0.13668020069599152),
             resize="square resize to 224",
             source="https://github.com/ABILab-CUHK/VisionFM (VFM_Fundus_weights.pth)",
         ),
@@ -216,6 +223,7 @@ PEERS: dict[str, tuple[PeerInfo, Callable[[object], dict]]] = {
             "timm:vit_base_patch16_224",
             timm_kwargs={"global_pool": "avg"},
             source="https://github.com/yukkai/UrFound",
+            license="mit",
         ),
         lambda obj: _mae_vit(obj, ("bert_encoder.", "bert_mlp.")),
     ),
@@ -223,11 +231,29 @@ PEERS: dict[str, tuple[PeerInfo, Callable[[object], dict]]] = {
 FILE = PeerInfo("file", "a state dict of model.arch", "", resize="fundusfm's FOV crop")
 
 
+def file_info(arch: str) -> PeerInfo:
+    """What a plain state dict of `arch` expects: for a timm model, the preprocessing of
+    timm's own pretrained_cfg for that name (e.g. mean/std 0.5 for `vit_base_patch16_224`),
+    since the file carries none; for a torchvision ResNet, ImageNet's."""
+    cfg = timm.get_pretrained_cfg(arch.removeprefix("timm:")) if arch.startswith("timm:") else None
+    if cfg is None:
+        return FILE
+    return replace(
+        FILE,
+        title=f"a state dict of {arch} (preprocessing: timm's pretrained_cfg for it)",
+        mean=tuple(cfg.mean),
+        std=tuple(cfg.std),
+        resolution=cfg.input_size[-1],
+        interpolation=cfg.interpolation,
+        resize=f"timm's: resize, centre crop {cfg.crop_pct:g}",
+    )
+
+
 def peer_state(name: str, obj) -> tuple[PeerInfo, dict[str, torch.Tensor]]:
     """The init's description and the checkpoint's backbone tensors in timm's (or torchvision's)
     names. A checkpoint of another kind is refused naming the kind it looks like."""
     if name == "file":
-        return FILE, _file(obj)
+        return FILE, _file(obj)  # its preprocessing: `file_info(arch)`
     if name not in PEERS:
         raise WeightsError(f"unknown checkpoint kind {name!r}; choose one of {[*PEERS, 'file']}")
     found = kind_of(obj)

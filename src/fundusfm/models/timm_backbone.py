@@ -72,7 +72,9 @@ class TimmBackbone(nn.Module):
         self.timm_kwargs = dict(timm_kwargs or {})
         kwargs = {"pretrained": False, "num_classes": 0, **self.timm_kwargs}
         self.net = timm.create_model(name, **kwargs)
-        if self.is_vit and img_size and tuple(self.net.patch_embed.img_size) != (img_size,) * 2:
+        size = getattr(getattr(self.net, "patch_embed", None), "img_size", None)
+        if img_size and size is not None and tuple(size) != (img_size,) * 2:
+            # a fixed-size model (ViT, Swin...) is built for the run's resolution
             self.net = timm.create_model(name, img_size=img_size, **kwargs)
         if self.pool_rule == "cls_last4" and not self.is_vit:
             raise ConfigError(f"pool=cls_last4 needs a ViT; {arch} is not one")
@@ -152,6 +154,8 @@ class TimmBackbone(nn.Module):
         own = self.net.state_dict()
         state = {k: v for k, v in state.items() if k in own or not _is_head(k)}
         notes = []
+        if getattr(self.net, "no_embed_class", False) and "pos_embed" in state:
+            state = _fold_class_position(state, own)
         if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
             state["pos_embed"], note = self._resample(state["pos_embed"])
             notes.append(note)
@@ -174,6 +178,11 @@ class TimmBackbone(nn.Module):
         prefix = 0 if getattr(net, "no_embed_class", False) else net.num_prefix_tokens
         grid = list(net.patch_embed.grid_size)
         old = round((pos.shape[1] - prefix) ** 0.5)
+        if old * old != pos.shape[1] - prefix:
+            raise WeightsError(
+                f"weights do not fit {self.arch}: pos_embed holds {pos.shape[1]} positions, "
+                f"not {prefix} prefix tokens and a square grid"
+            )
         out = resample_abs_pos_embed(
             pos, new_size=grid, num_prefix_tokens=prefix, interpolation="bicubic", antialias=False
         )
@@ -182,3 +191,14 @@ class TimmBackbone(nn.Module):
 
 def _is_head(key: str) -> bool:
     return key.split(".")[0] in ("head", "fc", "classifier", "head_dist")
+
+
+def _fold_class_position(state: dict, own: dict) -> dict:
+    """DINOv2 with registers as timm builds it (`no_embed_class`): the class token's own
+    position embedding (the first of DINOv2's `pos_embed`) is added to `cls_token` and
+    dropped, as timm's DINOv2 conversion does; a state already in timm's layout is kept."""
+    pos, grid = state["pos_embed"], own["pos_embed"].shape[1]
+    square = round(pos.shape[1] ** 0.5) ** 2 == pos.shape[1]
+    if square or pos.shape[1] == grid or "cls_token" not in state:
+        return state
+    return {**state, "cls_token": state["cls_token"] + pos[:, :1], "pos_embed": pos[:, 1:]}
