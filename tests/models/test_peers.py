@@ -15,7 +15,8 @@ import torchvision
 
 from fundusfm.data.transforms import normalise
 from fundusfm.errors import WeightsError
-from fundusfm.models.inits import file_backbone
+from fundusfm.grid.cells import _init_digest
+from fundusfm.models.inits import create_backbone, file_backbone
 
 VFM_MEAN = (0.423737496137619, 0.2609460651874542, 0.128403902053833)  # utils.get_stats
 VFM_STD = (0.29482534527778625, 0.20167365670204163, 0.13668020069599152)
@@ -310,3 +311,19 @@ def test_a_truncated_download_is_not_called_a_pickle(tmp_path):
     cut.write_bytes(whole.read_bytes()[:5000])
     with pytest.raises(WeightsError, match=r"not a readable PyTorch checkpoint.*download"):
         file_backbone("retfound", cut, "timm:vit_tiny_patch16_224", 32)
+
+
+def test_a_published_init_names_its_file_in_the_init_itself(tmp_path):
+    """`retfound:PATH` (a grid's init axis holds several files this way) is the same init
+    as `retfound` with `model.init_file=PATH`; the grid's fingerprint follows the file."""
+    file = save(mae_checkpoint(vit_state(width=192, depth=12, patch=16, grid=2)), tmp_path / "a")
+    named = create_backbone("timm:vit_tiny_patch16_224", f"retfound:{file}", img_size=32)
+    given = create_backbone("timm:vit_tiny_patch16_224", "retfound", init_file=file, img_size=32)
+    for a, b in zip(named.state_dict().values(), given.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert named.origin == given.origin and named.origin["file"] == "a"
+    before = (_init_digest(f"retfound:{file}", None), _init_digest("retfound", None, file))
+    save(mae_checkpoint(vit_state(width=192, depth=12, patch=16, grid=3)), file)
+    after = (_init_digest(f"retfound:{file}", None), _init_digest("retfound", None, file))
+    assert before[0] != after[0] and before[1] != after[1]
+    assert _init_digest("scratch", None) == "scratch"  # a name is its own digest, as before

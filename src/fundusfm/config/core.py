@@ -135,7 +135,8 @@ class EncoderInit(Strict):
     init: str | None = Field(
         None,
         description="scratch | imagenet | fundus | imagenet+fundus | retfound | "
-        "retfound-dinov2 | flair | keepfit | visionfm | urfound | file | path; unset: imagenet",
+        "retfound-dinov2 | flair | keepfit | visionfm | urfound | file (the published ones "
+        "with model.init_file, or as NAME:FILE) | path of a bundle; unset: imagenet",
     )
     init_file: Path | None = Field(
         None, description="the checkpoint file of a published init (retfound, ...) or `file`"

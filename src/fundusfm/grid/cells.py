@@ -162,12 +162,16 @@ def content_digest(path: Path | None) -> str | None:
     return _digest(str(path.resolve()), version)
 
 
-def _init_digest(init: str | None, init_bundle: Path | None) -> str | None:
-    """The weights a cell starts from: a bundle's weights sha256 (a name is its own digest)."""
+def _init_digest(init: str | None, init_bundle: Path | None, init_file=None) -> str | None:
+    """The weights a cell starts from: a bundle's weights sha256, a published checkpoint's
+    file sha256 (`retfound:PATH` or `model.init_file`); a name is its own digest."""
     for candidate in (init_bundle, init):
         if candidate and (Path(candidate) / "bundle.json").is_file():
             return read_json(Path(candidate) / "bundle.json").get("weights_sha256")
-    return init
+    name, sep, path = (init or "").partition(":")
+    if sep and Path(path).is_file():
+        return f"{name}:{content_digest(Path(path))}"
+    return f"{init}:{content_digest(init_file)}" if init_file else init
 
 
 def fingerprint(cfg: GridConfig, cell: Cell) -> str:
@@ -193,7 +197,9 @@ def fingerprint(cfg: GridConfig, cell: Cell) -> str:
         "probe": probe.model_dump(mode="json"),
         "external": [{**unset, **e.model_dump(mode="json")} for e in cfg.external],
         "files": [content_digest(f) for f in files],
-        "init": _init_digest(c.model.init, getattr(c.model, "init_bundle", None)),
+        "init": _init_digest(
+            c.model.init, getattr(c.model, "init_bundle", None), c.model.init_file
+        ),
         "fov_rule": FOV_RULE,
     }
     return value_sha256(blob)

@@ -10,7 +10,8 @@ Inits, named the same in configs, grid axes and reports:
                      foundation model's: `fundusfm weights import`)
     retfound, retfound-dinov2, flair, keepfit, visionfm, urfound
                      a published foundation model from the file its publisher releases
-                     (`model.init_file`), keys mapped by `models.peers`; it brings its own
+                     (`model.init_file`, or in the name: `retfound:PATH`, as a grid's init
+                     axis names several), keys mapped by `models.peers`; it brings its own
                      architecture (model.arch replaces it only with one of the same family:
                      a timm: name for a ViT, a ResNet for a ResNet), pooling and normalisation
     file             a plain state dict of model.arch in timm's or torchvision's layout
@@ -117,7 +118,8 @@ def resolve_bundle(init: str, init_bundle: Path | None) -> Path:
     if (path / "bundle.json").is_file():
         return path
     raise ConfigError(
-        f"unknown init {init!r}: use one of {', '.join(INITS)} or the path of a bundle folder"
+        f"unknown init {init!r}: use one of {', '.join(INITS)} (a published one with its "
+        "file: retfound:PATH) or the path of a bundle folder"
     )
 
 
@@ -193,7 +195,11 @@ def create_backbone(
     img_size: int | None = None,
 ) -> Backbone | TimmBackbone:
     """A backbone with the named initialisation (see module docstring); `img_size`: the
-    input resolution a ViT is built for."""
+    input resolution a ViT is built for. A published init may name its file itself,
+    `retfound:PATH` (so that a grid's init axis can hold several), else `init_file`."""
+    name, sep, path = init.partition(":")
+    if sep and name in FILE_INITS:
+        return file_backbone(name, Path(path), arch, img_size)
     if init in FILE_INITS:
         return file_backbone(init, init_file, arch, img_size)
     if init not in ("scratch", "imagenet"):
