@@ -102,3 +102,21 @@ def test_dataset_names_come_from_the_sidecar_else_the_folder_and_are_unique(
         "dataset",
         "drive-2-2",
     ]
+
+
+def test_a_manifest_can_name_its_own_split(tiny_bundle: Path, synth_set: Path, other_set: Path,
+                                          tmp_path: Path):  # fmt: skip
+    """`PATH:SPLIT` (PATH:all: every row) beside --split: one call scores DRIVE's test part
+    and the whole of CHASE_DB1."""
+    m = load_manifest(synth_set)
+    table = m.table.assign(split=["test"] * 10 + ["train"] * (len(m.table) - 10))
+    split_set = save_manifest(table, m.spec.model_copy(update={"root": str(m.root)}),
+                              tmp_path / "split" / "manifest.csv")  # fmt: skip
+    args = ["segment", "eval", str(tiny_bundle), str(split_set), f"{other_set}:all"]
+    result = CliRunner().invoke(
+        app, [*args, "--out", str(tmp_path / "t"), "--split", "test", "--device", "cpu", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    scored = pd.read_csv(tmp_path / "t" / "transfer.csv")
+    assert scored.images.tolist() == [10, 5]  # 10 test rows; all 6 rows, one without a mask
+    assert list(scored.manifest) == [str(split_set), str(other_set)]

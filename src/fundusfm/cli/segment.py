@@ -82,7 +82,8 @@ def evaluate(
         list[Path],
         typer.Argument(
             help="Vessel manifest(s) (fundusfm data import); with several, each is scored "
-            "into OUT/<dataset>/ and OUT/transfer.csv and transfer.png compare them."
+            "into OUT/<dataset>/ and OUT/transfer.csv and transfer.png compare them. "
+            "PATH:SPLIT scores that one on its own split (PATH:all: every row)."
         ),
     ],
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/segment_eval"),

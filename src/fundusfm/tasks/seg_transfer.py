@@ -95,25 +95,37 @@ def transfer_figure(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def manifest_split(entry: Path | str, split: str | None) -> tuple[Path, str | None]:
+    """`PATH` (scored on `split`) or `PATH:SPLIT`, its own split (`all`: every row), so that
+    one call scores DRIVE's test images and all of CHASE_DB1."""
+    text = str(entry)
+    path, sep, own = text.rpartition(":")
+    if sep and own and "/" not in own and not Path(text).exists():
+        return Path(path), None if own == "all" else own
+    return Path(text), split
+
+
 def evaluate_transfer(
     bundle_path: Path,
-    manifests: list[Path],
+    manifests: list[Path | str],
     out: Path,
     split: str | None = "test",
     device: str = "auto",
     progress: bool = True,
     tta_flips: bool | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
-    """Score a segmentation bundle on every manifest into `<out>/<dataset>/`, then write
-    transfer.csv and transfer.png; returns the table and the runs' notes (each once)."""
+    """Score a segmentation bundle on every manifest (each on `split` or its own, `PATH:SPLIT`)
+    into `<out>/<dataset>/`, then write transfer.csv and transfer.png; returns the table and
+    the runs' notes (each once)."""
     out = Path(out)
-    names = unique_names([dataset_name(m) for m in manifests])  # every manifest read first
+    entries = [manifest_split(m, split) for m in manifests]
+    names = unique_names([dataset_name(m) for m, _ in entries])  # every manifest read first
     rows, notes = [], []
-    for name, manifest in zip(names, manifests, strict=True):
+    for name, (manifest, own) in zip(names, entries, strict=True):
         if progress:
-            tqdm.write(f"{name}: {manifest}")
+            tqdm.write(f"{name}: {manifest} ({own or 'all'} rows)")
         metrics = evaluate_segmentation(
-            bundle_path, manifest, out / name, split, device, progress, tta_flips
+            bundle_path, manifest, out / name, own, device, progress, tta_flips
         )
         rows.append(transfer_row(name, manifest, metrics))
         notes += [n for n in metrics.get("notes", []) if n not in notes]
