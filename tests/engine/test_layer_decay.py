@@ -19,10 +19,9 @@ from pydantic import ValidationError
 
 from fundusfm.config.core import TrainConfig
 from fundusfm.engine.loop import Trainer, runtime
-from fundusfm.errors import ConfigError
 from fundusfm.models.backbone import build_backbone
 from fundusfm.models.heads import Classifier, make_head
-from fundusfm.tasks.classify_job import classification_job, optimizer_groups
+from fundusfm.tasks.classify_job import classification_job
 from tests.conftest import TINY_ARCH
 
 VIT = "timm:vit_tiny_patch16_224"
@@ -118,12 +117,18 @@ def test_without_layer_decay_the_optimiser_is_one_group_of_all_trainable_params(
     assert "lr_scale" not in group
 
 
-def test_layer_decay_on_a_resnet_is_refused():
+def test_layer_decay_on_a_resnet_decays_by_stage():
+    """So that a grid mixing ResNets and ViTs can set it once: stem layer 0, stage k layer k,
+    the head on top; every parameter in one group, weight decay as without it."""
     model = classifier(TINY_ARCH)
-    with pytest.raises(ConfigError, match="timm backbones"):
-        optimizer_groups(model, config(layer_decay=DECAY))
-    with pytest.raises(ConfigError, match="timm backbones"):
-        classification_job(model, fold_data(), config(layer_decay=DECAY), "ff")
+    groups = trainer(model, config(layer_decay=DECAY)).optimizer.param_groups
+    lr = {id(p): g["initial_lr"] for g in groups for p in g["params"]}  # before the warm-up
+    layer = {"conv1": 0, "bn1": 0, "layer1": 1, "layer2": 2, "layer3": 3, "layer4": 4}
+    for name, p in model.named_parameters():
+        part = name.split(".")[2] if name.startswith("backbone.") else "head"
+        expected = BASE_LR * DECAY ** (5 - layer[part]) if part in layer else BASE_LR
+        assert lr[id(p)] == pytest.approx(expected), name
+    assert len(lr) == len(list(model.parameters()))
 
 
 @pytest.mark.parametrize("value", [0, -0.5, 1.5])

@@ -135,15 +135,18 @@ def optimizer_groups(model: Classifier, cfg: TrainConfig) -> list[dict] | None:
     embedding, is layer 0, block k layer k + 1, its final norm the top) at
     lr * layer_decay ** (top - layer), no weight decay on 1-d parameters and those the timm
     model names in `no_weight_decay()`, and the head (all outside the backbone) at the full lr.
-    Only trainable parameters appear (freeze first); a model gives the same groups every run,
-    so that a resumed optimiser state fits."""
+    A torchvision ResNet decays by stage (`_stage_groups`). Only trainable parameters appear
+    (freeze first); a model gives the same groups every run, so that a resumed optimiser
+    state fits."""
     if cfg.layer_decay is None:
         return None
     backbone = model.backbone
-    if not isinstance(backbone, TimmBackbone) or not hasattr(backbone.net, "group_matcher"):
+    if not isinstance(backbone, TimmBackbone):
+        return _stage_groups(model, cfg)
+    if not hasattr(backbone.net, "group_matcher"):
         raise ConfigError(
-            f"train.layer_decay applies to timm backbones (ViTs, model.arch=timm:NAME) only; "
-            f"{backbone.arch} has no layers for it: unset train.layer_decay"
+            f"train.layer_decay: {backbone.arch} has no layer grouping in timm; "
+            "unset train.layer_decay"
         )
     net = backbone.net
     groups = param_groups_layer_decay(
@@ -161,6 +164,22 @@ def optimizer_groups(model: Classifier, cfg: TrainConfig) -> list[dict] | None:
             {"params": rest, "lr": cfg.lr, "lr_scale": 1.0, "weight_decay": cfg.weight_decay}
         )
     return groups
+
+
+def _stage_groups(model: Classifier, cfg: TrainConfig) -> list[dict]:
+    """A torchvision ResNet's layer-wise decay, so that one grid can mix it with ViTs: its
+    stem is layer 0, residual stage k layer k, the head the top (5): lr * decay ** (5 - k);
+    weight decay as without it (every parameter)."""
+    stages = model.backbone.stages()
+    groups = []
+    for k, stage in enumerate(stages):
+        params = [p for p in stage.parameters() if p.requires_grad]
+        scale = cfg.layer_decay ** (len(stages) - k)
+        groups.append({"params": params, "lr": cfg.lr * scale, "lr_scale": scale,
+                       "weight_decay": cfg.weight_decay})  # fmt: skip
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    groups.append({"params": head, "lr": cfg.lr, "lr_scale": 1.0, "weight_decay": cfg.weight_decay})
+    return [g for g in groups if g["params"]]
 
 
 def classification_job(
