@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fundusfm.config.segment import SegModelConfig
-from fundusfm.errors import WeightsNotFound
+from fundusfm.errors import ConfigError, WeightsNotFound
+from fundusfm.models.backbone import build_backbone
 from fundusfm.models.inits import create_backbone
 from fundusfm.models.unet import create_unet, encoder_state_equal
 
@@ -44,3 +45,21 @@ def test_a_wrong_setting_or_wrong_weights_are_typed_errors(tiny_arch):
     wider = create_backbone("resnet18", "scratch").net.state_dict()
     with pytest.raises(WeightsError, match="another architecture"):
         create_backbone(tiny_arch, "scratch").load_net_state(wider)
+
+
+def test_timm_names_build_behind_the_seam_and_a_typo_lists_close_matches():
+    """Any timm model is `timm:NAME`: pooled features of `num_features`, five stages holding
+    every parameter once; a misspelt name is refused with the names it was close to."""
+    for arch in (
+        "timm:convnext_atto",
+        "timm:efficientnet_b0",
+        "timm:vit_small_patch14_reg4_dinov2",
+    ):
+        size = 28 if "patch14" in arch else 32
+        backbone = build_backbone(arch, size).eval()
+        with torch.no_grad():
+            assert backbone.pool(torch.randn(2, 3, size, size)).shape == (2, backbone.num_features)
+        ids = [id(p) for stage in backbone.stages() for p in stage.parameters()]
+        assert sorted(ids) == sorted(id(p) for p in backbone.parameters())
+    with pytest.raises(ConfigError, match="close matches: timm:vit_base_patch16_224"):
+        build_backbone("timm:vit_bse_patch16_224")
