@@ -71,11 +71,12 @@ class TimmBackbone(nn.Module):
         self.arch, self.pool_rule = TIMM_PREFIX + name, pool or "timm"
         self.timm_kwargs = dict(timm_kwargs or {})
         kwargs = {"pretrained": False, "num_classes": 0, **self.timm_kwargs}
-        self.net = timm.create_model(name, **kwargs)
-        size = getattr(getattr(self.net, "patch_embed", None), "img_size", None)
+        with torch.device("meta"):  # no weights allocated: only which size it is built for
+            shape = timm.create_model(name, **kwargs)
+        size = getattr(getattr(shape, "patch_embed", None), "img_size", None)
         if img_size and size is not None and tuple(size) != (img_size,) * 2:
-            # a fixed-size model (ViT, Swin...) is built for the run's resolution
-            self.net = timm.create_model(name, img_size=img_size, **kwargs)
+            kwargs["img_size"] = img_size  # a fixed-size model (ViT, Swin...) at the run's size
+        self.net = timm.create_model(name, **kwargs)
         if self.pool_rule == "cls_last4" and not self.is_vit:
             raise ConfigError(f"pool=cls_last4 needs a ViT; {arch} is not one")
         width = getattr(self.net, "head_hidden_size", None) or self.net.num_features
