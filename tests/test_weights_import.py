@@ -10,11 +10,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fundusfm.card import _source
 from fundusfm.cli import app
 from fundusfm.data.transforms import normalise
 from fundusfm.errors import WeightsError
-from fundusfm.models.inits import file_backbone
+from fundusfm.models.inits import create_backbone, file_backbone
 from fundusfm.models.loaded import load_bundle
+from tests.explain.test_gradcam_vit import random_bundle
 from tests.models.test_peers import IMAGES, mae_checkpoint, vit_state
 from tests.test_weights import authors_model
 
@@ -75,3 +77,11 @@ def test_import_legacy_is_the_authors_classifier_import(tmp_path):
     with torch.no_grad():
         expected = torch.softmax(legacy(normalise(x)), 1).numpy()
     np.testing.assert_allclose(bundle.predict(x), expected, atol=1e-5)
+
+
+def test_a_bundle_without_a_published_source_gives_no_source_line(tmp_path):
+    """Fine-tuning from a plain bundle (e.g. `fundusfm pretrain`'s) records no init source, so
+    its card claims no published checkpoint."""
+    plain = random_bundle(tmp_path / "plain", "resnet10", outputs=2)
+    assert getattr(create_backbone("resnet10", str(plain)), "origin", None) is None
+    assert _source(load_bundle(plain).meta) == []

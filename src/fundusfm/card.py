@@ -140,8 +140,8 @@ def _description(meta: BundleMeta, parameters: int) -> str:
 def _source(meta: BundleMeta) -> list[str]:
     """The published checkpoint the backbone started from, and its publisher's recipe."""
     src = meta.provenance.init_source
-    if src is None:
-        return []
+    if src is None or src.init is None:
+        return [f"- **On load:** {'; '.join(src.notes)}"] if src and src.notes else []
     recipe = (
         f"{src.resize}, {src.resolution} px, interpolation {src.interpolation or 'not stated'}, "
         f"mean {list(src.mean or ())}, std {list(src.std or ())} (the backbone maps fundusfm's "

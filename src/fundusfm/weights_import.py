@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fundusfm.bundle import BundleMeta, file_sha256, provenance, save_bundle
+from fundusfm.bundle import BundleMeta, provenance, save_bundle
 from fundusfm.config.core import CropConfig
 from fundusfm.data.preprocess import FOV_RULE
 from fundusfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -21,7 +21,7 @@ from fundusfm.errors import ConfigError
 from fundusfm.legacy import import_legacy
 from fundusfm.models.inits import FILE_INITS, file_backbone
 from fundusfm.models.loaded import Features
-from fundusfm.models.peers import FILE, PEERS
+from fundusfm.models.peers import PEERS, file_info
 
 IMPORTS = (*FILE_INITS, "legacy")
 
@@ -40,9 +40,9 @@ def import_checkpoint(
         return import_legacy(file, out, trust_pickle, None, resolution or 512, license)
     if name not in FILE_INITS:
         raise ConfigError(f"unknown checkpoint kind {name!r}; choose one of {', '.join(IMPORTS)}")
-    info = PEERS[name][0] if name in PEERS else FILE
     if name == "file" and not arch:
         raise ConfigError("weights import file needs --arch (e.g. resnet50 or timm:NAME)")
+    info = PEERS[name][0] if name in PEERS else file_info(arch)
     resolution = resolution or info.resolution
     backbone = file_backbone(name, file, arch or info.arch, resolution, trust_pickle)
     raw = {
@@ -62,8 +62,8 @@ def import_checkpoint(
         },
         "provenance": {
             **provenance({"imported_from": str(file), "kind": name}, None),
-            "source_file": Path(file).name,
-            "source_sha256": file_sha256(Path(file)),
+            "source_file": backbone.origin["file"],
+            "source_sha256": backbone.origin["sha256"],  # hashed once, by file_backbone
             "loaded_by": "unpickling (--trust-pickle)" if trust_pickle else "weights-only",
             "license": license or info.license,
             "init_source": backbone.origin,

@@ -31,7 +31,7 @@ from fundusfm.evaluation.stats import CLUSTERED_DELONG, clustered_delong_test
 from fundusfm.grid.cells import cell_dir, expand, fingerprint, parse_shard, shard, status
 from fundusfm.grid.report import build_report
 from fundusfm.grid.runner import run_grid
-from fundusfm.grid.tables import at_axis_resolutions
+from fundusfm.grid.tables import at_axis_resolutions, once_per_pair
 from fundusfm.models.inits import create_backbone
 from fundusfm.tasks.classify import pretrain
 from fundusfm.tasks.features import feature_key
@@ -107,6 +107,20 @@ def test_an_init_at_its_own_resolution_runs_there_and_meets_the_others_at_each(s
     spread = at_axis_resolutions(preds, cfg)
     rows = set(zip(spread.init, spread.resolution, spread.input_resolution, strict=True))
     assert rows == {("a", 64, 64), ("a", 128, 128), ("vit", 64, 32), ("vit", 128, 32)}
+    two = grid_config(
+        setup,
+        tmp_path,
+        **{
+            "axes.init": "{a: scratch, v: scratch, w: scratch}",
+            "axes.resolution": "[64, 128]",
+            "axes.init_resolution": "{v: 32, w: 32}",
+        },
+    )
+    pairs = pd.DataFrame({"init_a": ["a", "a", "v", "v"], "init_b": ["v", "v", "w", "w"],
+                          "resolution": [64, 128, 64, 128]})  # fmt: skip
+    kept = once_per_pair(pairs, two)  # v and w, both at their own 32 px: tested once
+    assert list(zip(kept.init_a, kept.resolution, strict=True)) == [("a", 64), ("a", 128),
+                                                                    ("v", 64)]  # fmt: skip
     with pytest.raises(ConfigError, match=r"init_resolution names \['vt'\]"):
         grid_config(setup, tmp_path, **own, **{"axes.init_resolution": "{vt: 32}"})
 

@@ -206,8 +206,9 @@ class TrainConfig(LoopConfig):
         None,
         gt=0,
         le=1,
-        description="layer-wise lr decay of a timm backbone (ViT), the RETFound recipe: a layer "
-        "k below the top trains at lr * layer_decay**k (RETFound 0.65, BEiT 0.75); None = off",
+        description="layer-wise lr decay, the RETFound recipe: a layer k below the top trains "
+        "at lr * layer_decay**k (timm's layers for a ViT; a ResNet's stages); RETFound 0.65, "
+        "BEiT 0.75; None = off",
     )
     augment: AugmentConfig = AugmentConfig()
 

@@ -70,6 +70,7 @@ from fundusfm.grid.tables import (
     external_metrics,
     in_groups,
     incomplete_lines,
+    once_per_pair,
 )
 from fundusfm.io import read_json, write_csv, write_text_atomic
 
@@ -340,7 +341,8 @@ def build_report(cfg: GridConfig, n_boot: int = 1000, allow_incomplete: bool = F
     compared = preds if allow_incomplete else preds[~in_groups(preds, incomplete)]
     compared = at_axis_resolutions(compared, cfg)
     lacking = at_axis_resolutions(incomplete, cfg)
-    comparisons = add_holm(compare(compared, tasks, patients, n_boot, lacking), "p_value")
+    pairs = once_per_pair(compare(compared, tasks, patients, n_boot, lacking), cfg)
+    comparisons = add_holm(pairs, "p_value")
     external = external_table(cfg, results, tasks, n_boot)
     if not external.empty:
         external = groups[[*KEYS, "complete"]].merge(external, how="inner")

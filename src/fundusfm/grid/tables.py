@@ -68,6 +68,17 @@ def at_axis_resolutions(frame: pd.DataFrame, cfg: GridConfig) -> pd.DataFrame:
     return pd.concat([frame[~mine], *copies], ignore_index=True)
 
 
+def once_per_pair(comparisons: pd.DataFrame, cfg: GridConfig) -> pd.DataFrame:
+    """Two inits that both run at their own size meet at every axis resolution with the same
+    images and scores: keep that pair at the first one only, so it is tested (and counted in
+    a Holm family) once."""
+    own = list(getattr(cfg.axes, "init_resolution", {}))
+    if len(own) < 2 or comparisons.empty:
+        return comparisons
+    both = comparisons["init_a"].isin(own) & comparisons["init_b"].isin(own)
+    return comparisons[~both | (comparisons["resolution"] == cfg.axes.resolution[0])]
+
+
 def completeness(cfg: GridConfig) -> pd.DataFrame:
     """Per group (KEYS): folds done vs expected, `complete`, and the folds not done by state.
 

@@ -179,9 +179,10 @@ def _bundle_backbone(init: str, init_bundle: Path | None, arch: str, img_size: i
     notes = backbone.load_net_state(
         {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     )
-    origin = meta.provenance.init_source
-    backbone.origin = {**(origin.model_dump() if origin else {}), "bundle": str(init)}
-    backbone.origin["notes"] = [*backbone.origin.get("notes", []), *notes]
+    origin = meta.provenance.init_source  # a published checkpoint behind the bundle, if any
+    if origin is not None or notes:
+        src = origin.model_dump() if origin else {}
+        backbone.origin = {**src, "bundle": str(init), "notes": [*src.get("notes", []), *notes]}
     return backbone
 
 

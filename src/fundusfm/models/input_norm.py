@@ -22,8 +22,10 @@ class InputNorm(nn.Module):
         m_in, s_in = torch.tensor(IMAGENET_MEAN, dtype=f64), torch.tensor(IMAGENET_STD, dtype=f64)
         m = torch.tensor(self.mean or IMAGENET_MEAN, dtype=f64)
         s = torch.tensor(self.std or IMAGENET_STD, dtype=f64)
-        self.register_buffer("scale", (s_in / s).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("shift", ((m_in - m) / s).view(1, 3, 1, 1), persistent=False)
+        # stored as float32 (MPS has no float64); the map is x * scale + shift
+        scale, shift = (s_in / s).float(), ((m_in - m) / s).float()
+        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
 
     @property
     def identity(self) -> bool:

@@ -41,8 +41,9 @@ def feature_key(backbone: Backbone, data: FoldData) -> str:
         entry = data.cache.index[str(source)]
         rows.append([str(source), int(entry["size"]), int(entry["mtime_ns"])])
     blob = {"weights": weights_digest(backbone), "cache": data.cache.dir.name, "rows": rows}
-    if backbone.spec() != {"arch": backbone.arch, "input_mean": None, "input_std": None}:
-        blob["spec"] = backbone.spec()  # pooling and normalisation (a ResNet's keys unchanged)
+    spec = {k: v for k, v in backbone.spec().items() if k != "arch" and v is not None}
+    if spec:  # pooling, timm settings, normalisation (a plain ResNet's keys are unchanged)
+        blob["spec"] = spec
     return value_sha256(blob)[:20]
 
 
